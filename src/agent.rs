@@ -1,0 +1,146 @@
+//! The agent process: its explicit environment, how it is started as the unprivileged user,
+//! and what happens when it exits.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::secrets::Secrets;
+use crate::sys;
+use crate::users::AgentUser;
+
+/// PATH for the agent: no user-writable directory first.
+pub const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Secrets the agent reads from its environment by design (Claude Code authenticates with it).
+const AGENT_ENV_SECRETS: [&str; 1] = ["CLAUDE_CODE_OAUTH_TOKEN"];
+
+/// Everything needed to start the agent.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub argv: Vec<String>,
+    pub user: AgentUser,
+    pub workdir: PathBuf,
+    /// The complete environment: nothing of cordon's own environment leaks into the agent.
+    pub env: Vec<(String, String)>,
+}
+
+/// The agent's environment, built from nothing.
+pub fn agent_env(user: &AgentUser, boot_env: &BTreeMap<String, String>, secrets: &Secrets) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("HOME".to_string(), user.home.display().to_string()),
+        ("USER".into(), user.name.clone()),
+        ("LOGNAME".into(), user.name.clone()),
+        ("SHELL".into(), user.shell.display().to_string()),
+        ("PATH".into(), AGENT_PATH.into()),
+        ("LANG".into(), boot_env.get("LANG").cloned().unwrap_or_else(|| "C.UTF-8".into())),
+        ("TERM".into(), "xterm-256color".into()),
+        ("COLORTERM".into(), "truecolor".into()),
+    ];
+    for name in AGENT_ENV_SECRETS {
+        if let Some(s) = secrets.get(name) {
+            env.push((name.into(), s.expose().into()));
+        }
+    }
+    env
+}
+
+/// Starts the agent as its own process group (so signals reach its children too), with an
+/// empty signal mask, no inherited descriptors, and every privilege dropped before exec.
+pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = std::process::Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.workdir)
+        .stdin(std::process::Stdio::null())
+        .process_group(0);
+    let (uid, gid) = (spec.user.uid, spec.user.gid);
+    let groups = [gid];
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // syscalls (sigprocmask, close_range, prctl, set*id, capset); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::unblock_all_signals()?;
+            sys::cloexec_from_3()?;
+            sys::drop_privileges(uid, gid, &groups)
+        });
+    }
+    tokio::process::Command::from(cmd).spawn()
+}
+
+/// Crash-loop accounting for `on_exit = "restart"`: backoff 1 s doubling to 30 s; more than
+/// [`RestartPolicy::LIMIT`] exits within [`RestartPolicy::WINDOW`] and it gives up.
+#[derive(Debug, Default)]
+pub struct RestartPolicy {
+    exits: VecDeque<Instant>,
+}
+
+impl RestartPolicy {
+    pub const LIMIT: usize = 5;
+    pub const WINDOW: Duration = Duration::from_secs(300);
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+    /// Records an exit at `now`: the delay before the next start, or None to stop restarting.
+    pub fn on_exit(&mut self, now: Instant) -> Option<Duration> {
+        while self.exits.front().is_some_and(|t| now.duration_since(*t) > Self::WINDOW) {
+            self.exits.pop_front();
+        }
+        self.exits.push_back(now);
+        let n = self.exits.len();
+        if n > Self::LIMIT {
+            return None;
+        }
+        Some((Duration::from_secs(1) * (1 << (n - 1))).min(Self::MAX_BACKOFF))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_then_give_up_after_five_crashes_in_five_minutes() {
+        let mut p = RestartPolicy::default();
+        let t0 = Instant::now();
+        let delays: Vec<Option<u64>> =
+            (0..6).map(|i| p.on_exit(t0 + Duration::from_secs(i)).map(|d| d.as_secs())).collect();
+        assert_eq!(delays, [Some(1), Some(2), Some(4), Some(8), Some(16), None]);
+    }
+
+    #[test]
+    fn crashes_older_than_the_window_are_forgotten() {
+        let mut p = RestartPolicy::default();
+        let t0 = Instant::now();
+        for i in 0..5 {
+            p.on_exit(t0 + Duration::from_secs(i));
+        }
+        assert_eq!(p.on_exit(t0 + Duration::from_secs(400)), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn agent_environment_is_explicit_and_carries_only_the_agent_secret() {
+        let user = AgentUser {
+            name: "agent".into(),
+            uid: 5000,
+            gid: 5000,
+            home: "/home/agent".into(),
+            shell: "/bin/bash".into(),
+        };
+        let boot_env: BTreeMap<String, String> = [("LANG", "en_US.UTF-8"), ("GH_PAT", "ghp_x"), ("SECRET_THING", "y")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut full = boot_env.clone();
+        full.insert("CLAUDE_CODE_OAUTH_TOKEN".into(), "tok".into());
+        let secrets = Secrets::check(&["GH_PAT".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()], &[], &full);
+        let env = agent_env(&user, &boot_env, &secrets);
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "TERM", "COLORTERM", "CLAUDE_CODE_OAUTH_TOKEN"]
+        );
+        assert!(env.contains(&("LANG".into(), "en_US.UTF-8".into())));
+    }
+}

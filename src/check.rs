@@ -1,0 +1,76 @@
+//! `cordon check`: validates the configuration, the allowlist and the presence of required
+//! secrets, and prints the effective configuration with every secret value redacted. It has no
+//! side effects at all.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::boot::{ConfigSource, load_allowlist};
+use crate::config::Config;
+use crate::secrets::{Problem, Secrets};
+
+/// What `check` found: the text to print on stdout, and every problem.
+pub struct CheckReport {
+    pub effective: String,
+    pub problems: Vec<String>,
+}
+
+pub fn check(source: &ConfigSource, env: &BTreeMap<String, String>) -> CheckReport {
+    let mut problems = Vec::new();
+    let mut config = match Config::load(&source.path, source.explicit) {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(e.to_string());
+            // Keep checking what can be checked with the defaults (secrets), so one run
+            // lists as much as possible.
+            Config::default()
+        }
+    };
+    config.apply_env(env);
+    let config_ok = problems.is_empty();
+
+    let mut out = String::new();
+    let origin = if source.path.exists() {
+        source.path.display().to_string()
+    } else {
+        format!("{} (absent: built-in defaults)", source.path.display())
+    };
+    let _ = writeln!(out, "# cordon check: {origin}");
+    let _ = writeln!(out, "# effective configuration: file, then environment overrides; secret values are never shown");
+
+    let entries = load_allowlist(&config);
+    match &entries {
+        Ok(e) => {
+            let _ = writeln!(
+                out,
+                "# allowlist: {} entries ({} + network.allow)",
+                e.len(),
+                config.network.allowlist.display()
+            );
+        }
+        Err(errors) => problems.extend(errors.iter().cloned()),
+    }
+
+    let secrets = Secrets::check(&config.secrets.required, &config.secrets.optional, env);
+    let _ = writeln!(out, "# secrets:");
+    for name in config.secret_names() {
+        let status = match secrets.problems.iter().find(|(n, _)| n == name) {
+            Some((_, Problem::Missing)) => "MISSING",
+            Some((_, Problem::Empty)) => "EMPTY",
+            None if secrets.get(name).is_some() => "set (redacted)",
+            None => "not set (optional)",
+        };
+        let _ = writeln!(out, "#   {name}: {status}");
+    }
+    if let Some(report) = secrets.problem_report() {
+        problems.push(format!("{report}; {}", secrets.problem_hint()));
+    }
+    if config.agent.prompt.is_some() {
+        let _ = writeln!(out, "# agent.prompt: set (redacted; from CLAUDE_PROMPT or the file)");
+    }
+    if config_ok {
+        out.push('\n');
+        out.push_str(&toml::to_string(&config).unwrap_or_else(|e| format!("# cannot render: {e}\n")));
+    }
+    CheckReport { effective: out, problems }
+}

@@ -1,0 +1,503 @@
+//! cordon's configuration: `/etc/cordon/cordon.toml` parsed into validated types, then the
+//! environment variables of the system cordon replaces applied on top. Every key is optional;
+//! with no file at all cordon runs on the built-in defaults.
+
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, ConfigPath, FileMode, Owner, Span};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cordon/cordon.toml";
+pub const DEFAULT_ALLOWLIST_PATH: &str = "/etc/cordon/domains.conf";
+pub const DEFAULT_STATE_DIR: &str = "/run/cordon";
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub secrets: Secrets,
+    pub tmpfs: Tmpfs,
+    pub filesystem: Filesystem,
+    pub network: Network,
+    pub repo: Repo,
+    pub git: Git,
+    pub agent: Agent,
+    pub supervisor: Supervisor,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Secrets {
+    /// Variables that must be present and non-empty; boot fails listing every one missing.
+    pub required: Vec<String>,
+    /// Variables treated as secrets when present: never printed, scrubbed like required ones.
+    pub optional: Vec<String>,
+}
+
+impl Default for Secrets {
+    fn default() -> Self {
+        Secrets { required: vec!["GH_PAT".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()], optional: vec![] }
+    }
+}
+
+/// The `[[tmpfs]]` array. Written in the file, it replaces the default list whole.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Tmpfs(pub Vec<TmpfsMount>);
+
+impl Default for Tmpfs {
+    fn default() -> Self {
+        let mount = |path: &str, size: u64, mode: u32, owner| TmpfsMount {
+            path: path.parse().expect("default tmpfs path"),
+            size: ByteSize(size),
+            mode: FileMode(mode),
+            owner,
+        };
+        Tmpfs(vec![
+            mount("/workspace", 512 << 20, 0o755, Owner::Agent),
+            mount("/tmp", 512 << 20, 0o1777, Owner::Root),
+            mount("~", 1 << 30, 0o700, Owner::Agent),
+        ])
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TmpfsMount {
+    pub path: ConfigPath,
+    pub size: ByteSize,
+    #[serde(default = "default_tmpfs_mode")]
+    pub mode: FileMode,
+    #[serde(default = "default_tmpfs_owner")]
+    pub owner: Owner,
+}
+
+fn default_tmpfs_mode() -> FileMode {
+    FileMode(0o755)
+}
+
+fn default_tmpfs_owner() -> Owner {
+    Owner::Root
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Filesystem {
+    /// Remount every mount of the root read-only, per mount point, once boot has written
+    /// what it needs.
+    pub readonly_root: bool,
+    /// Symlinks to (re)create after the tmpfs mounts hid what the image had there.
+    pub links: Vec<Link>,
+    /// Mounts that stay writable under the read-only root besides the tmpfs mounts, such as a
+    /// volume that keeps work across restarts.
+    pub writable: Vec<ConfigPath>,
+}
+
+impl Default for Filesystem {
+    fn default() -> Self {
+        Filesystem { readonly_root: true, links: vec![], writable: vec![] }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    pub path: ConfigPath,
+    pub target: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// The allowlist file: one domain pattern per line, `#` comments.
+    pub allowlist: PathBuf,
+    /// Patterns allowed in addition to the file's.
+    pub allow: Vec<String>,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network { allowlist: DEFAULT_ALLOWLIST_PATH.into(), allow: vec![] }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Repo {
+    /// `REPO_URL`. None: nothing is cloned.
+    pub url: Option<String>,
+    /// `REPO_BRANCH`. None: the remote's default branch.
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Git {
+    pub user_name: String,
+    pub user_email: String,
+}
+
+impl Default for Git {
+    fn default() -> Self {
+        Git { user_name: "cordon".into(), user_email: "cordon@users.noreply.github.com".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// Start the agent again, with backoff.
+    Restart,
+    /// Stop cordon, exiting with the agent's status.
+    Shutdown,
+    /// Leave it stopped; cordon keeps running.
+    Keep,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Agent {
+    /// The unprivileged user the agent runs as.
+    pub user: String,
+    /// argv of the agent; the first word is looked up in the agent's PATH.
+    pub command: Vec<String>,
+    /// `CLAUDE_PROMPT`: the first prompt. Treated as sensitive: never printed or logged.
+    #[serde(skip_serializing)]
+    pub prompt: Option<String>,
+    pub on_exit: OnExit,
+    /// Working directory of the agent.
+    pub workdir: PathBuf,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Agent {
+            user: "agent".into(),
+            command: vec!["claude".into(), "--dangerously-skip-permissions".into()],
+            prompt: None,
+            on_exit: OnExit::Restart,
+            workdir: "/workspace".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBootFailure {
+    /// Stay up, reaping, so an operator can attach and read what failed.
+    Hold,
+    /// Exit non-zero at once.
+    Exit,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Supervisor {
+    /// How long a graceful stop waits after SIGTERM before SIGKILL.
+    pub stop_grace: Span,
+    pub on_boot_failure: OnBootFailure,
+    /// Boot log, state file, boot lock, control socket.
+    pub state_dir: PathBuf,
+}
+
+impl Default for Supervisor {
+    fn default() -> Self {
+        Supervisor {
+            stop_grace: Span(Duration::from_secs(10)),
+            on_boot_failure: OnBootFailure::Hold,
+            state_dir: DEFAULT_STATE_DIR.into(),
+        }
+    }
+}
+
+/// A configuration problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// Dotted key such as `tmpfs.size`, when it can be named.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The variables of the replaced system that override config keys, in the order applied.
+pub const ENV_OVERRIDES: [(&str, &str); 5] = [
+    ("REPO_URL", "repo.url"),
+    ("REPO_BRANCH", "repo.branch"),
+    ("CLAUDE_PROMPT", "agent.prompt"),
+    ("GIT_USER_NAME", "git.user_name"),
+    ("GIT_USER_EMAIL", "git.user_email"),
+];
+
+impl Config {
+    /// Parses a config file's text. `file` only names the file in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| locate(&e, text, file))?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Reads `path`; a missing file at the default location means "all defaults", while a
+    /// missing file the operator named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Err(e) => Err(ConfigError {
+                file: path.into(),
+                line: None,
+                key: None,
+                message: format!("cannot read the config file: {e}"),
+            }),
+        }
+    }
+
+    /// Applies the environment variables of [`ENV_OVERRIDES`]; an empty variable counts as unset.
+    pub fn apply_env(&mut self, env: &BTreeMap<String, String>) {
+        let get = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
+        if let Some(v) = get("REPO_URL") {
+            self.repo.url = Some(v);
+        }
+        if let Some(v) = get("REPO_BRANCH") {
+            self.repo.branch = Some(v);
+        }
+        if let Some(v) = get("CLAUDE_PROMPT") {
+            self.agent.prompt = Some(v);
+        }
+        if let Some(v) = get("GIT_USER_NAME") {
+            self.git.user_name = v;
+        }
+        if let Some(v) = get("GIT_USER_EMAIL") {
+            self.git.user_email = v;
+        }
+    }
+
+    /// Every variable whose value is a secret: required and optional, in order, deduplicated.
+    pub fn secret_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for n in self.secrets.required.iter().chain(&self.secrets.optional) {
+            if !names.contains(&n.as_str()) {
+                names.push(n);
+            }
+        }
+        names
+    }
+
+    /// Checks the rules serde cannot express: relations between keys.
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let err =
+            |key: &str, message: String| ConfigError { file: file.into(), line: None, key: Some(key.into()), message };
+        for name in self.secrets.required.iter().chain(&self.secrets.optional) {
+            if !is_env_name(name) {
+                return Err(err(
+                    "secrets.required",
+                    format!(
+                        "`{name}` is not a valid environment variable name (letters, digits, _; not starting with a digit)"
+                    ),
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for m in &self.tmpfs.0 {
+            if !seen.insert(&m.path) {
+                return Err(err("tmpfs.path", format!("`{}` is listed twice", m.path)));
+            }
+            if m.path == ConfigPath::Absolute("/".into()) {
+                return Err(err("tmpfs.path", "a tmpfs cannot be mounted over `/`".into()));
+            }
+        }
+        if !self.agent.user.is_empty() && self.agent.user == "root" {
+            return Err(err("agent.user", "the agent must not run as root".into()));
+        }
+        if self.agent.user.is_empty() {
+            return Err(err("agent.user", "must name a user".into()));
+        }
+        if self.agent.command.is_empty() || self.agent.command[0].is_empty() {
+            return Err(err("agent.command", "must name a program, e.g. [\"claude\"]".into()));
+        }
+        if !self.supervisor.state_dir.is_absolute() {
+            return Err(err("supervisor.state_dir", "must be an absolute path".into()));
+        }
+        if !self.agent.workdir.is_absolute() {
+            return Err(err("agent.workdir", "must be an absolute path".into()));
+        }
+        Ok(())
+    }
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Turns toml's error into one that names the line and, where the line shows it, the dotted
+/// key (the table header above the line plus the key on it).
+fn locate(e: &toml::de::Error, text: &str, file: &Path) -> ConfigError {
+    let message = e.message().trim().to_string();
+    let Some(span) = e.span() else {
+        return ConfigError { file: file.into(), line: None, key: None, message };
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line_text = text.lines().nth(line_no - 1).unwrap_or("");
+    let key_on_line = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text
+        .lines()
+        .take(line_no)
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("[[")
+                .and_then(|r| r.strip_suffix("]]"))
+                .or_else(|| l.strip_prefix('[').and_then(|r| r.strip_suffix(']')))
+        })
+        .last()
+        .map(|t| t.trim().to_string());
+    let key = match (table, key_on_line) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    };
+    ConfigError { file: file.into(), line: Some(line_no), key, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("cordon.toml"))
+    }
+
+    #[test]
+    fn empty_file_means_every_default() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.secrets.required, ["GH_PAT", "CLAUDE_CODE_OAUTH_TOKEN"]);
+        let paths: Vec<String> = c.tmpfs.0.iter().map(|m| format!("{} {}", m.path, m.size)).collect();
+        assert_eq!(paths, ["/workspace 512M", "/tmp 512M", "~ 1G"]);
+        assert!(c.filesystem.readonly_root);
+        assert_eq!(c.agent.user, "agent");
+        assert_eq!(c.supervisor.stop_grace, Span(Duration::from_secs(10)));
+        assert_eq!(c.supervisor.on_boot_failure, OnBootFailure::Hold);
+        assert_eq!(c.supervisor.state_dir, Path::new("/run/cordon"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = parse("[supervisor]\nstop_grace = \"5s\"\nstop_grase = \"5s\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.key.as_deref(), Some("supervisor.stop_grase"));
+        assert!(e.message.contains("unknown field `stop_grase`"), "{}", e.message);
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let e = parse("\n[supervisr]\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("supervisr"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_value_names_key_line_and_expectation() {
+        let text = "[[tmpfs]]\npath = \"/workspace\"\nsize = \"12X\"\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.key.as_deref(), Some("tmpfs.size"));
+        assert!(e.message.contains("invalid size `12X`"), "{}", e.message);
+        assert!(e.to_string().starts_with("cordon.toml:3: key `tmpfs.size`: invalid size"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error_not_a_default() {
+        let e = parse("[filesystem]\nreadonly_root = \"yes\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("filesystem.readonly_root"));
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn tmpfs_list_in_file_replaces_the_defaults() {
+        let c = parse("[[tmpfs]]\npath = \"/scratch\"\nsize = \"64M\"\nmode = \"0700\"\nowner = \"agent\"\n").unwrap();
+        assert_eq!(c.tmpfs.0.len(), 1);
+        assert_eq!(c.tmpfs.0[0].mode, FileMode(0o700));
+        assert_eq!(c.tmpfs.0[0].owner, Owner::Agent);
+    }
+
+    #[test]
+    fn relations_between_keys_are_checked() {
+        let twice = "[[tmpfs]]\npath = \"/a\"\nsize = \"1M\"\n[[tmpfs]]\npath = \"/a/\"\nsize = \"2M\"\n";
+        assert!(parse(twice).unwrap_err().message.contains("listed twice"));
+        assert_eq!(parse("[agent]\nuser = \"root\"\n").unwrap_err().key.as_deref(), Some("agent.user"));
+        assert_eq!(parse("[agent]\ncommand = []\n").unwrap_err().key.as_deref(), Some("agent.command"));
+        let bad_name = "[secrets]\nrequired = [\"GH PAT\"]\n";
+        assert!(parse(bad_name).unwrap_err().message.contains("`GH PAT`"));
+    }
+
+    #[test]
+    fn environment_overrides_keys_and_empty_counts_as_unset() {
+        let mut c = parse("[repo]\nurl = \"https://example.com/a.git\"\n[git]\nuser_name = \"file\"\n").unwrap();
+        let env: BTreeMap<String, String> = [
+            ("REPO_URL", "https://github.com/o/r.git"),
+            ("REPO_BRANCH", "dev"),
+            ("CLAUDE_PROMPT", "fix it"),
+            ("GIT_USER_NAME", ""),
+            ("GIT_USER_EMAIL", "a@b.c"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        c.apply_env(&env);
+        assert_eq!(c.repo.url.as_deref(), Some("https://github.com/o/r.git"));
+        assert_eq!(c.repo.branch.as_deref(), Some("dev"));
+        assert_eq!(c.agent.prompt.as_deref(), Some("fix it"));
+        assert_eq!(c.git.user_name, "file");
+        assert_eq!(c.git.user_email, "a@b.c");
+    }
+
+    #[test]
+    fn effective_config_round_trips_without_the_prompt() {
+        let mut c = Config::default();
+        c.agent.prompt = Some("do not print me".into());
+        let text = toml::to_string(&c).unwrap();
+        assert!(!text.contains("do not print me"));
+        let mut back = parse(&text).unwrap();
+        back.agent.prompt = c.agent.prompt.clone();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn shipped_config_parses_and_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cordon.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(Config::parse(&text, &path).unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,14 @@
+//! cordon: a hardened container entrypoint for AI coding agents. See `docs/architecture.md`.
+
+pub mod agent;
+pub mod allowlist;
+pub mod boot;
+pub mod check;
+pub mod config;
+pub mod mounts;
+pub mod reaper;
+pub mod report;
+pub mod secrets;
+pub mod supervisor;
+pub mod sys;
+pub mod users;

@@ -1,0 +1,76 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cordon::boot::ConfigSource;
+use cordon::config::DEFAULT_CONFIG_PATH;
+
+/// Hardened container entrypoint for AI coding agents.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Configuration file [default: /etc/cordon/cordon.toml]
+    #[arg(long, global = true, env = "CORDON_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot the container and supervise it (the default as the entrypoint)
+    Init,
+    /// Validate the configuration, the allowlist and required secrets; no side effects
+    Check,
+    /// Internal: the supervisor process that `init` starts under its reaper
+    #[command(hide = true)]
+    Supervise,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let source = ConfigSource {
+        explicit: cli.config.is_some(),
+        path: cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()),
+    };
+    match cli.command.unwrap_or(Command::Init) {
+        Command::Init => {
+            let mut args = vec!["supervise".into()];
+            if let Some(path) = cli.config {
+                args.extend(["--config".into(), path.into_os_string()]);
+            }
+            cordon::reaper::run(args)
+        }
+        Command::Supervise => ExitCode::from(cordon::supervisor::run(source).clamp(0, 255) as u8),
+        Command::Check => {
+            let env = std::env::vars().collect();
+            let report = cordon::check::check(&source, &env);
+            print!("{}", report.effective);
+            if report.problems.is_empty() {
+                println!("# ok");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("cordon check: {} problem(s):", report.problems.len());
+                for p in &report.problems {
+                    eprintln!("  - {p}");
+                }
+                ExitCode::from(2)
+            }
+        }
+    }
+}
+
+/// Structured logs on stderr: text by default, JSON with `CORDON_LOG_FORMAT=json`; the level
+/// from `CORDON_LOG` (an env-filter directive), default `info`.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("CORDON_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

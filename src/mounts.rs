@@ -1,0 +1,523 @@
+//! Filesystem lockdown: tmpfs mounts (or verification of the runtime's), symlinks the tmpfs
+//! hid, the state directory, and the read-only root. Each part is a plan built from
+//! `/proc/self/mountinfo` and the configuration (pure, table-tested), then applied in one place.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MsFlags, mount};
+
+/// One line of `/proc/self/mountinfo` (proc(5)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub mount_point: PathBuf,
+    /// Per-mount options: `rw`/`ro`, `nosuid`, `nodev`, `noexec`, atime flags.
+    pub options: Vec<String>,
+    pub fstype: String,
+    /// Superblock options, e.g. tmpfs `size=` and `mode=`.
+    pub super_options: Vec<String>,
+}
+
+impl MountInfo {
+    pub fn has(&self, option: &str) -> bool {
+        self.options.iter().any(|o| o == option)
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.has("ro")
+    }
+
+    /// The tmpfs size in bytes, when the superblock states one.
+    pub fn tmpfs_size(&self) -> Option<u64> {
+        let v = self.super_options.iter().find_map(|o| o.strip_prefix("size="))?;
+        let (digits, shift) = match v.as_bytes().last()? {
+            b'k' | b'K' => (&v[..v.len() - 1], 10),
+            b'm' | b'M' => (&v[..v.len() - 1], 20),
+            b'g' | b'G' => (&v[..v.len() - 1], 30),
+            _ => (v, 0),
+        };
+        digits.parse::<u64>().ok().map(|n| n << shift)
+    }
+
+    /// Per-mount flags that a bind remount must carry over: in a user namespace or a container
+    /// they can be locked, and dropping one makes the remount fail with EPERM.
+    fn kept_flags(&self) -> MsFlags {
+        let mut flags = MsFlags::empty();
+        for (name, flag) in [
+            ("nosuid", MsFlags::MS_NOSUID),
+            ("nodev", MsFlags::MS_NODEV),
+            ("noexec", MsFlags::MS_NOEXEC),
+            ("noatime", MsFlags::MS_NOATIME),
+            ("nodiratime", MsFlags::MS_NODIRATIME),
+            ("relatime", MsFlags::MS_RELATIME),
+            ("strictatime", MsFlags::MS_STRICTATIME),
+        ] {
+            if self.has(name) {
+                flags |= flag;
+            }
+        }
+        flags
+    }
+}
+
+/// Decodes the octal escapes (`\040` for a space) the kernel uses in mountinfo paths.
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let l: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            Some(MountInfo {
+                mount_point: PathBuf::from(unescape(l.get(4)?)),
+                options: l.get(5)?.split(',').map(String::from).collect(),
+                fstype: r.first()?.to_string(),
+                super_options: r.get(2).map(|o| o.split(',').map(String::from).collect()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+pub fn read_mountinfo() -> io::Result<Vec<MountInfo>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo")?))
+}
+
+/// The mount that `path` is on: the last (topmost) mount whose mount point is its longest
+/// prefix.
+pub fn mount_of<'a>(mounts: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
+    mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| path.starts_with(&m.mount_point))
+        .max_by_key(|(i, m)| (m.mount_point.components().count(), *i))
+        .map(|(_, m)| m)
+}
+
+/// The topmost mount exactly at `path`.
+pub fn mount_at<'a>(mounts: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// A tmpfs as configured, with owner resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TmpfsSpec {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TmpfsStep {
+    /// Nothing is mounted there: mount a tmpfs.
+    Mount(TmpfsSpec),
+    /// The runtime already provides a tmpfs there: verify it and set owner and mode, adding
+    /// `nosuid`/`nodev` where they are missing.
+    Adopt { spec: TmpfsSpec, missing: Vec<&'static str>, size: Option<u64> },
+}
+
+impl fmt::Display for TmpfsStep {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            TmpfsStep::Mount(s) => write!(
+                f,
+                "mount tmpfs {} size={} mode={:04o} uid={} gid={} nosuid,nodev",
+                s.path.display(),
+                s.size,
+                s.mode,
+                s.uid,
+                s.gid
+            ),
+            TmpfsStep::Adopt { spec: s, .. } => write!(
+                f,
+                "verify runtime tmpfs {} and set mode={:04o} uid={} gid={}",
+                s.path.display(),
+                s.mode,
+                s.uid,
+                s.gid
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{path} is already a {fstype} mount, not a tmpfs")]
+    NotTmpfs { path: PathBuf, fstype: String },
+    #[error("the runtime's tmpfs at {path} is read-only")]
+    ReadOnlyTmpfs { path: PathBuf },
+    #[error("failed to create directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to mount tmpfs at {path}")]
+    MountTmpfs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("failed to set owner and mode of {path}")]
+    Chown {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tmpfs at {path} did not come up as expected: {what}")]
+    Verify { path: PathBuf, what: String },
+    #[error("failed to create symlink {path} -> {target}")]
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} exists and is not a symlink; refusing to replace it")]
+    LinkOccupied { path: PathBuf },
+    #[error("failed to read /proc/self/mountinfo")]
+    Mountinfo(#[source] io::Error),
+    #[error("failed to remount {path} read-only")]
+    Remount {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{path} is still writable after the read-only remount")]
+    StillWritable { path: PathBuf },
+    #[error("a write to / did not fail with EROFS: {0}")]
+    RootWritable(String),
+}
+
+impl FsError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> Option<String> {
+        let perm = |e: &nix::Error| *e == nix::Error::EPERM;
+        match self {
+            FsError::MountTmpfs { source, path } | FsError::Remount { source, path } if perm(source) => Some(format!(
+                "mounting needs CAP_SYS_ADMIN: run the container with --cap-add SYS_ADMIN (and an AppArmor profile that \
+                 allows mounts), or let the runtime provide the mounts (docker --read-only --tmpfs {}:size=...,mode=...) \
+                 and cordon will verify them instead",
+                path.display()
+            )),
+            FsError::CreateDir { path, .. } => Some(format!(
+                "the directory cannot be created (read-only image?): create {} in the image, or provide it from the runtime",
+                path.display()
+            )),
+            FsError::NotTmpfs { path, .. } => Some(format!(
+                "remove {} from [[tmpfs]] if the mount there (a volume?) is intended, and list it in filesystem.writable",
+                path.display()
+            )),
+            FsError::ReadOnlyTmpfs { path } => Some(format!("mount {} read-write in the runtime", path.display())),
+            _ => None,
+        }
+    }
+}
+
+/// Decides, per configured tmpfs, whether to mount or to adopt the runtime's.
+pub fn plan_tmpfs(specs: Vec<TmpfsSpec>, mounts: &[MountInfo]) -> Result<Vec<TmpfsStep>, FsError> {
+    specs
+        .into_iter()
+        .map(|spec| match mount_at(mounts, &spec.path) {
+            None => Ok(TmpfsStep::Mount(spec)),
+            Some(m) if m.fstype != "tmpfs" => Err(FsError::NotTmpfs { path: spec.path, fstype: m.fstype.clone() }),
+            Some(m) if m.read_only() => Err(FsError::ReadOnlyTmpfs { path: spec.path }),
+            Some(m) => Ok(TmpfsStep::Adopt {
+                missing: ["nosuid", "nodev"].into_iter().filter(|o| !m.has(o)).collect(),
+                size: m.tmpfs_size(),
+                spec,
+            }),
+        })
+        .collect()
+}
+
+/// Applies the tmpfs plan. Returns warnings (defence-in-depth flags that could not be added to
+/// a runtime's tmpfs).
+pub fn apply_tmpfs(steps: &[TmpfsStep]) -> Result<Vec<String>, FsError> {
+    let mut warnings = Vec::new();
+    for step in steps {
+        match step {
+            TmpfsStep::Mount(s) => {
+                std::fs::create_dir_all(&s.path)
+                    .map_err(|source| FsError::CreateDir { path: s.path.clone(), source })?;
+                let data = format!("size={},mode={:o},uid={},gid={}", s.size, s.mode, s.uid, s.gid);
+                mount(
+                    Some("tmpfs"),
+                    &s.path,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(data.as_str()),
+                )
+                .map_err(|source| FsError::MountTmpfs { path: s.path.clone(), source })?;
+            }
+            TmpfsStep::Adopt { spec: s, missing, .. } => {
+                if !missing.is_empty() {
+                    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+                    let kept = mount_at(&mounts, &s.path).map(MountInfo::kept_flags).unwrap_or(MsFlags::empty());
+                    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | kept | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+                    if let Err(e) = mount(None::<&str>, &s.path, None::<&str>, flags, None::<&str>) {
+                        warnings.push(format!(
+                            "the runtime's tmpfs at {} lacks {} and cannot be remounted with it ({e}); \
+                             add the options in the runtime (e.g. --tmpfs {}:nosuid,nodev)",
+                            s.path.display(),
+                            missing.join(","),
+                            s.path.display()
+                        ));
+                    }
+                }
+                std::os::unix::fs::chown(&s.path, Some(s.uid), Some(s.gid))
+                    .and_then(|_| std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(s.mode)))
+                    .map_err(|source| FsError::Chown { path: s.path.clone(), source })?;
+            }
+        }
+    }
+    verify_tmpfs(steps, &read_mountinfo().map_err(FsError::Mountinfo)?)?;
+    Ok(warnings)
+}
+
+/// Checks that each tmpfs is in place with the configured owner and mode (and, for those cordon
+/// mounted, size and nosuid,nodev).
+fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo]) -> Result<(), FsError> {
+    for step in steps {
+        let (spec, ours) = match step {
+            TmpfsStep::Mount(s) => (s, true),
+            TmpfsStep::Adopt { spec, .. } => (spec, false),
+        };
+        let bad = |what: String| FsError::Verify { path: spec.path.clone(), what };
+        let m = mount_at(mounts, &spec.path).ok_or_else(|| bad("no mount there".into()))?;
+        if m.fstype != "tmpfs" || m.read_only() {
+            return Err(bad(format!("{} {}", m.fstype, m.options.join(","))));
+        }
+        if ours && (!m.has("nosuid") || !m.has("nodev") || m.tmpfs_size() != Some(spec.size)) {
+            return Err(bad(format!("options {} {}", m.options.join(","), m.super_options.join(","))));
+        }
+        let meta = std::fs::metadata(&spec.path).map_err(|e| bad(e.to_string()))?;
+        if meta.uid() != spec.uid || meta.gid() != spec.gid || meta.mode() & 0o7777 != spec.mode {
+            return Err(bad(format!("owner {}:{} mode {:04o}", meta.uid(), meta.gid(), meta.mode() & 0o7777)));
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path -> target`, replacing an existing symlink. Missing parent directories are
+/// created owned like their nearest existing ancestor (on a tmpfs owned by the agent, the agent).
+pub fn make_link(path: &Path, target: &Path) -> Result<(), FsError> {
+    let err = |source| FsError::Symlink { path: path.into(), target: target.into(), source };
+    if let Some(parent) = path.parent() {
+        let mut ancestor = parent;
+        while !ancestor.exists() {
+            ancestor = ancestor.parent().unwrap_or(Path::new("/"));
+        }
+        let meta = std::fs::metadata(ancestor).map_err(err)?;
+        std::fs::create_dir_all(parent).map_err(err)?;
+        let mut dir = parent;
+        while dir != ancestor {
+            std::os::unix::fs::chown(dir, Some(meta.uid()), Some(meta.gid())).map_err(err)?;
+            dir = dir.parent().unwrap_or(ancestor);
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => return Err(FsError::LinkOccupied { path: path.into() }),
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(target, path).map_err(err)?;
+    let owner = std::fs::metadata(path.parent().unwrap_or(Path::new("/"))).map_err(err)?;
+    std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).map_err(err)
+}
+
+/// Makes sure the state directory exists on a writable tmpfs that will survive the read-only
+/// root: the runtime's (`/run` on Fly, `--tmpfs /run` in Docker) or a small one of cordon's.
+pub fn prepare_state_dir(dir: &Path) -> Result<(), FsError> {
+    std::fs::create_dir_all(dir).map_err(|source| FsError::CreateDir { path: dir.into(), source })?;
+    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+    let on_tmpfs = mount_of(&mounts, dir).is_some_and(|m| m.fstype == "tmpfs" && !m.read_only());
+    if !on_tmpfs {
+        // 16 MiB holds years of boot logs; the size cap keeps a runaway writer from eating RAM.
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=16m,mode=755"),
+        )
+        .map_err(|source| FsError::MountTmpfs { path: dir.into(), source })?;
+    }
+    std::os::unix::fs::chown(dir, Some(0), Some(0))
+        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|source| FsError::Chown { path: dir.into(), source })
+}
+
+/// Filesystems that are memory, kernel interfaces or devices: never remounted read-only (their
+/// writability is their purpose, or they are not "the root" at all).
+const NOT_ROOT_FSTYPES: [&str; 18] = [
+    "tmpfs",
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "mqueue",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "bpf",
+    "pstore",
+    "fusectl",
+    "configfs",
+    "hugetlbfs",
+    "binfmt_misc",
+    "nsfs",
+];
+
+/// Kernel interface trees left as they are.
+const NOT_ROOT_TREES: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// One mount to make read-only, with the per-mount flags it keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemountRo {
+    pub path: PathBuf,
+    pub keep: MsFlags,
+}
+
+/// Every mount that is part of the root: on disk, not under a kernel tree, and not under a
+/// path that stays writable (the tmpfs mounts, volumes, the state directory). Stacked mounts
+/// count once, by their topmost entry. Mounts already read-only are left out.
+pub fn plan_readonly(mounts: &[MountInfo], writable: &[PathBuf]) -> Vec<RemountRo> {
+    let mut plan: Vec<RemountRo> = Vec::new();
+    for (i, m) in mounts.iter().enumerate() {
+        let shadowed = mounts[i + 1..].iter().any(|later| later.mount_point == m.mount_point);
+        let exempt = NOT_ROOT_FSTYPES.contains(&m.fstype.as_str())
+            || NOT_ROOT_TREES.iter().any(|t| m.mount_point.starts_with(t))
+            || writable.iter().any(|w| m.mount_point.starts_with(w));
+        if !shadowed && !exempt && !m.read_only() {
+            plan.push(RemountRo { path: m.mount_point.clone(), keep: m.kept_flags() });
+        }
+    }
+    plan
+}
+
+/// Remounts each planned mount read-only with `MS_BIND|MS_REMOUNT|MS_RDONLY`, which changes
+/// only this mount, never the superblock (a plain `remount,ro` of a bind-shared superblock
+/// would make the host's root read-only too when run in a mount namespace).
+pub fn apply_readonly(plan: &[RemountRo]) -> Result<(), FsError> {
+    for r in plan {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | r.keep;
+        mount(None::<&str>, &r.path, None::<&str>, flags, None::<&str>)
+            .map_err(|source| FsError::Remount { path: r.path.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// Proves the root is read-only: every planned mount shows `ro`, and creating a file in `/`
+/// fails with EROFS.
+pub fn verify_readonly(plan: &[RemountRo]) -> Result<(), FsError> {
+    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+    for r in plan {
+        if mount_at(&mounts, &r.path).is_none_or(|m| !m.read_only()) {
+            return Err(FsError::StillWritable { path: r.path.clone() });
+        }
+    }
+    match crate::sys::write_probe(Path::new("/")) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(()),
+        Err(e) => Err(FsError::RootWritable(format!("it failed with {e} instead"))),
+        Ok(()) => Err(FsError::RootWritable("it succeeded".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOCKER: &str = "\
+412 345 0:77 / / rw,relatime master:200 - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w
+413 412 0:80 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw
+414 412 0:81 / /dev rw,nosuid - tmpfs tmpfs rw,size=65536k,mode=755
+415 414 0:82 / /dev/pts rw,nosuid,noexec,relatime - devpts devpts rw,gid=5,mode=620
+417 412 0:84 / /sys ro,nosuid,nodev,noexec,relatime - sysfs sysfs ro
+420 412 254:1 /docker/containers/abc/resolv.conf /etc/resolv.conf rw,relatime - ext4 /dev/vda rw
+421 412 254:1 /docker/containers/abc/hostname /etc/hostname rw,relatime - ext4 /dev/vda rw
+423 412 0:90 / /workspace rw,nosuid,nodev,noexec,relatime - tmpfs tmpfs rw,size=524288k
+424 412 254:1 /vol /data\\040dir rw,nosuid,relatime - ext4 /dev/vda rw
+425 412 254:1 /ro /opt/tools ro,relatime - ext4 /dev/vda rw
+";
+
+    fn spec(path: &str) -> TmpfsSpec {
+        TmpfsSpec { path: path.into(), size: 1 << 20, mode: 0o755, uid: 7, gid: 7 }
+    }
+
+    #[test]
+    fn mountinfo_parses_options_types_sizes_and_escapes() {
+        let m = parse_mountinfo(DOCKER);
+        assert_eq!(m.len(), 10);
+        let ws = mount_at(&m, Path::new("/workspace")).unwrap();
+        assert_eq!(ws.fstype, "tmpfs");
+        assert!(ws.has("nosuid") && ws.has("nodev") && !ws.read_only());
+        assert_eq!(ws.tmpfs_size(), Some(512 << 20));
+        assert!(mount_at(&m, Path::new("/data dir")).is_some());
+        assert_eq!(mount_of(&m, Path::new("/workspace/repo")).unwrap().mount_point, Path::new("/workspace"));
+        assert_eq!(mount_of(&m, Path::new("/run/cordon")).unwrap().mount_point, Path::new("/"));
+    }
+
+    #[test]
+    fn tmpfs_already_provided_by_the_runtime_is_adopted_not_mounted_over() {
+        let m = parse_mountinfo(DOCKER);
+        let plan = plan_tmpfs(vec![spec("/workspace"), spec("/tmp")], &m).unwrap();
+        assert!(
+            matches!(&plan[0], TmpfsStep::Adopt { missing, size: Some(s), .. } if missing.is_empty() && *s == 512 << 20)
+        );
+        assert_eq!(plan[1], TmpfsStep::Mount(spec("/tmp")));
+    }
+
+    #[test]
+    fn runtime_tmpfs_missing_nodev_is_flagged_for_a_remount() {
+        let m = parse_mountinfo("1 0 0:1 / /w rw,nosuid - tmpfs tmpfs rw\n");
+        let plan = plan_tmpfs(vec![spec("/w")], &m).unwrap();
+        assert!(matches!(&plan[0], TmpfsStep::Adopt { missing, .. } if missing == &["nodev"]));
+    }
+
+    #[test]
+    fn a_volume_where_a_tmpfs_is_configured_is_an_error() {
+        let m = parse_mountinfo(DOCKER);
+        let err = plan_tmpfs(vec![spec("/etc/hostname")], &m).unwrap_err();
+        assert!(matches!(err, FsError::NotTmpfs { ref fstype, .. } if fstype == "ext4"));
+        assert!(err.hint().unwrap().contains("filesystem.writable"));
+    }
+
+    #[test]
+    fn readonly_plan_covers_root_and_file_binds_but_not_memory_kernel_or_writable_paths() {
+        let m = parse_mountinfo(DOCKER);
+        let plan = plan_readonly(&m, &[PathBuf::from("/data dir")]);
+        let paths: Vec<&Path> = plan.iter().map(|r| r.path.as_path()).collect();
+        assert_eq!(paths, [Path::new("/"), Path::new("/etc/resolv.conf"), Path::new("/etc/hostname")]);
+        assert_eq!(plan[0].keep, MsFlags::MS_RELATIME);
+    }
+
+    #[test]
+    fn readonly_plan_keeps_locked_flags_and_counts_stacked_mounts_once() {
+        let text = "1 0 8:1 / / rw,nosuid,nodev,noatime - ext4 /dev/sda rw\n2 1 8:1 / / rw,noexec - ext4 /dev/sda rw\n";
+        let plan = plan_readonly(&parse_mountinfo(text), &[]);
+        assert_eq!(plan, [RemountRo { path: "/".into(), keep: MsFlags::MS_NOEXEC }]);
+        let first = &parse_mountinfo(text)[0];
+        assert_eq!(first.kept_flags(), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME);
+    }
+}

@@ -1,0 +1,271 @@
+//! Boot reporting: every stage's start, end, duration and outcome goes to the boot log
+//! (`boot.log`, what `attach` shows a waiting operator), the state file (`state.json`, what
+//! `status` reads) and the structured log on stderr. Records made before the state directory
+//! exists are kept and written out as soon as it does.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "state.json";
+pub const BOOT_LOG: &str = "boot.log";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Running,
+    Ok,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub started_at: String,
+    pub duration_ms: Option<f64>,
+    pub outcome: Outcome,
+    /// What the stage did, in one line (or why it was skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Booting,
+    Ready,
+    Degraded,
+    Failed,
+    Stopping,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub pid: Option<u32>,
+    pub running: bool,
+    pub restarts: u32,
+    /// Shell convention: the exit code, or 128 + signal.
+    pub last_exit: Option<i32>,
+}
+
+/// The machine-readable state: the schema of `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub pid: u32,
+    /// "pid1" or "subreaper": how the reaper above this supervisor runs.
+    pub init_mode: String,
+    pub started_at: String,
+    pub phase: Phase,
+    /// Why the phase is degraded or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub boot_ms: Option<f64>,
+    pub stages: Vec<StageRecord>,
+    pub agent: Option<AgentState>,
+    pub warnings: Vec<String>,
+}
+
+pub struct Report {
+    dir: Option<PathBuf>,
+    started: Instant,
+    stage_started: Option<Instant>,
+    /// Boot log lines produced before the state directory existed.
+    pending_log: Vec<String>,
+    pub state: State,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Report {
+    pub fn new(init_mode: &str) -> Report {
+        Report {
+            dir: None,
+            started: Instant::now(),
+            stage_started: None,
+            pending_log: Vec::new(),
+            state: State {
+                version: 1,
+                pid: std::process::id(),
+                init_mode: init_mode.into(),
+                started_at: now_rfc3339(),
+                phase: Phase::Booting,
+                reason: None,
+                boot_ms: None,
+                stages: Vec::new(),
+                agent: None,
+                warnings: Vec::new(),
+            },
+        }
+    }
+
+    /// Where files go from now on; writes out everything recorded so far.
+    pub fn attach_dir(&mut self, dir: &Path) {
+        self.dir = Some(dir.to_path_buf());
+        for stamped in std::mem::take(&mut self.pending_log) {
+            self.append_log(&stamped);
+        }
+        self.flush();
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    pub fn begin(&mut self, name: &str) {
+        tracing::info!(stage = name, "stage started");
+        self.stage_started = Some(Instant::now());
+        self.state.stages.push(StageRecord {
+            name: name.into(),
+            started_at: now_rfc3339(),
+            duration_ms: None,
+            outcome: Outcome::Running,
+            detail: None,
+            error: None,
+            hint: None,
+        });
+        self.log_line(format!("{name}: started"));
+        self.flush();
+    }
+
+    fn finish(&mut self, outcome: Outcome, detail: Option<String>, error: Option<String>, hint: Option<String>) {
+        let ms = self.stage_started.take().map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        let Some(rec) = self.state.stages.last_mut() else { return };
+        rec.duration_ms = ms.map(round_ms);
+        rec.outcome = outcome.clone();
+        rec.detail = detail;
+        rec.error = error;
+        rec.hint = hint;
+        let name = rec.name.clone();
+        let took = ms.map(|m| format!(" ({m:.1} ms)")).unwrap_or_default();
+        let line = match outcome {
+            Outcome::Ok => {
+                tracing::info!(stage = %name, duration_ms = ms, detail = rec.detail.as_deref(), "stage ok");
+                format!("{name}: ok{took}{}", rec.detail.as_ref().map(|d| format!(" - {d}")).unwrap_or_default())
+            }
+            Outcome::Skipped => {
+                tracing::info!(stage = %name, reason = rec.detail.as_deref(), "stage skipped");
+                format!("{name}: skipped - {}", rec.detail.as_deref().unwrap_or(""))
+            }
+            Outcome::Failed => {
+                tracing::error!(stage = %name, error = rec.error.as_deref(), hint = rec.hint.as_deref(), "stage failed");
+                let mut l = format!("{name}: FAILED{took}: {}", rec.error.as_deref().unwrap_or("unknown error"));
+                if let Some(h) = &rec.hint {
+                    l.push_str(&format!("\n    hint: {h}"));
+                }
+                l
+            }
+            Outcome::Running => return,
+        };
+        self.log_line(line);
+        self.flush();
+    }
+
+    pub fn ok(&mut self, detail: impl Into<Option<String>>) {
+        self.finish(Outcome::Ok, detail.into(), None, None);
+    }
+
+    pub fn skip(&mut self, reason: &str) {
+        self.finish(Outcome::Skipped, Some(reason.into()), None, None);
+    }
+
+    /// Marks the current stage failed and the whole boot with it.
+    pub fn fail(&mut self, error: String, hint: Option<String>) {
+        let stage = self.state.stages.last().map(|s| s.name.clone()).unwrap_or_default();
+        self.state.phase = Phase::Failed;
+        self.state.reason = Some(format!("boot failed at stage {stage}: {error}"));
+        self.finish(Outcome::Failed, None, Some(error), hint);
+        self.log_line("boot failed; the agent was not started".into());
+        self.flush();
+    }
+
+    pub fn warn(&mut self, warning: String) {
+        tracing::warn!("{warning}");
+        self.log_line(format!("warning: {warning}"));
+        self.state.warnings.push(warning);
+        self.flush();
+    }
+
+    /// Boot is complete.
+    pub fn ready(&mut self) {
+        let ms = round_ms(self.started.elapsed().as_secs_f64() * 1000.0);
+        self.state.boot_ms = Some(ms);
+        self.state.phase = Phase::Ready;
+        tracing::info!(boot_ms = ms, "ready");
+        self.log_line(format!("ready in {ms:.1} ms"));
+        self.flush();
+    }
+
+    pub fn set_phase(&mut self, phase: Phase, reason: Option<String>) {
+        if self.state.phase != phase {
+            tracing::info!(phase = ?phase, reason = reason.as_deref(), "phase changed");
+            self.log_line(format!(
+                "{}{}",
+                format!("{phase:?}").to_lowercase(),
+                reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+            ));
+        }
+        self.state.phase = phase;
+        self.state.reason = reason;
+        self.flush();
+    }
+
+    pub fn set_agent(&mut self, agent: AgentState) {
+        self.state.agent = Some(agent);
+        self.flush();
+    }
+
+    fn log_line(&mut self, line: String) {
+        let stamped = format!("[{:>9.3}s] {line}\n", self.started.elapsed().as_secs_f64());
+        if self.dir.is_some() {
+            self.append_log(&stamped);
+        } else {
+            self.pending_log.push(stamped);
+        }
+    }
+
+    fn append_log(&self, stamped: &str) {
+        let Some(dir) = &self.dir else { return };
+        let appended = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(BOOT_LOG))
+            .and_then(|mut f| f.write_all(stamped.as_bytes()));
+        if let Err(e) = appended {
+            tracing::warn!("cannot append to {}: {e}", dir.join(BOOT_LOG).display());
+        }
+    }
+
+    /// Writes `state.json` atomically (temporary file, then rename), so a reader never sees
+    /// half a file.
+    fn flush(&self) {
+        let Some(dir) = &self.dir else { return };
+        let tmp = dir.join(".state.json.tmp");
+        let json = serde_json::to_vec_pretty(&self.state).expect("state serialises");
+        let written = fs::write(&tmp, json).and_then(|_| fs::rename(&tmp, dir.join(STATE_FILE)));
+        if let Err(e) = written {
+            tracing::warn!("cannot write {}: {e}", dir.join(STATE_FILE).display());
+        }
+    }
+}
+
+fn round_ms(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+/// Reads a state file written by a running (or stopped) cordon.
+pub fn read_state(dir: &Path) -> std::io::Result<State> {
+    let bytes = fs::read(dir.join(STATE_FILE))?;
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}

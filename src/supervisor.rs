@@ -1,0 +1,244 @@
+//! The supervisor: the process under the reaper that boots the container and then keeps it
+//! running. It owns the agent, forwards signals to it, applies `agent.on_exit`, and performs
+//! the graceful stop. Its whole lifecycle is the `supervise` function below.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+use crate::agent::{self, RestartPolicy};
+use crate::boot::{self, BootFailed, Booted, ConfigSource};
+use crate::config::{OnBootFailure, OnExit, Supervisor};
+use crate::report::{AgentState, Phase, Report};
+use crate::sys;
+
+/// PATH for the helper programs cordon runs as root (iptables, git, tmux): system directories
+/// only, never one a user can write.
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// After SIGKILL, how long to wait for the killed processes to disappear.
+const KILL_SETTLE: Duration = Duration::from_secs(2);
+
+/// Takes the whole environment out of the process: returned as a map for config and secrets,
+/// removed from the process so no child and no library that spawns one can inherit a secret.
+///
+/// # Safety
+/// Must run while the process is single-threaded (before the async runtime is built).
+unsafe fn take_environment() -> BTreeMap<String, String> {
+    let vars: Vec<_> = std::env::vars_os().collect();
+    let mut env = BTreeMap::new();
+    for (k, v) in vars {
+        // SAFETY: the caller guarantees no other thread exists.
+        unsafe { std::env::remove_var(&k) };
+        if let (Ok(k), Ok(v)) = (k.into_string(), v.into_string()) {
+            env.insert(k, v);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { std::env::set_var("PATH", SYSTEM_PATH) };
+    env
+}
+
+/// Entry point of `cordon supervise`; returns the exit code.
+pub fn run(source: ConfigSource) -> i32 {
+    // SAFETY: nothing has started a thread yet; the runtime is built below.
+    let env = unsafe { take_environment() };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(supervise(source, env))
+}
+
+async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
+    // Handlers first, then unblock: signals the reaper forwarded while we started were held
+    // pending by the mask we inherited, and are delivered now, to the handlers.
+    let mut signals = match install_signal_handlers() {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = sys::unblock_all_signals() {
+        tracing::error!("cannot unblock signals: {e}");
+        return 1;
+    }
+    let init_mode = if nix::unistd::getppid() == Pid::from_raw(1) { "pid1" } else { "subreaper" };
+    let mut report = Report::new(init_mode);
+
+    let Booted { config, agent: spec, child } = match boot::boot(&source, &env, &mut report) {
+        Ok(booted) => booted,
+        Err(BootFailed { supervisor }) => return hold_or_exit(&supervisor, &mut report, &mut signals).await,
+    };
+    let grace = config.supervisor.stop_grace.0;
+    let mut state = AgentState { pid: child.id(), running: true, restarts: 0, last_exit: None };
+    report.set_agent(state.clone());
+    report.ready();
+
+    let mut running = Some(child);
+    let mut policy = RestartPolicy::default();
+    let mut restart_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            Some(sig) = signals.recv() => match sig {
+                Signal::SIGTERM | Signal::SIGINT => {
+                    tracing::info!(signal = %sig, "stopping");
+                    stop_all(grace, running.as_mut(), &mut report).await;
+                    return 0;
+                }
+                other => forward(other, running.as_ref()),
+            },
+            status = wait_running(&mut running) => {
+                let code = status;
+                tracing::info!(code, "agent exited");
+                state.running = false;
+                state.last_exit = Some(code);
+                state.pid = None;
+                report.set_agent(state.clone());
+                match config.agent.on_exit {
+                    OnExit::Shutdown => {
+                        stop_all(grace, None, &mut report).await;
+                        return code;
+                    }
+                    OnExit::Keep => report.set_phase(Phase::Degraded, Some(format!("agent exited with status {code} (agent.on_exit = \"keep\")"))),
+                    OnExit::Restart => match policy.on_exit(Instant::now()) {
+                        Some(delay) => restart_at = Some(tokio::time::Instant::now() + delay),
+                        None => report.set_phase(Phase::Degraded, Some(format!(
+                            "agent exited {} times within {} s (last status {code}); not restarting",
+                            RestartPolicy::LIMIT + 1, RestartPolicy::WINDOW.as_secs()))),
+                    },
+                }
+            },
+            _ = sleep_until(restart_at), if restart_at.is_some() => {
+                restart_at = None;
+                match agent::spawn(&spec) {
+                    Ok(child) => {
+                        state.restarts += 1;
+                        state.pid = child.id();
+                        state.running = true;
+                        report.set_agent(state.clone());
+                        running = Some(child);
+                    }
+                    Err(e) => {
+                        report.warn(format!("cannot restart the agent: {e}"));
+                        match policy.on_exit(Instant::now()) {
+                            Some(delay) => restart_at = Some(tokio::time::Instant::now() + delay),
+                            None => report.set_phase(Phase::Degraded, Some(format!("agent cannot be started: {e}"))),
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// After a failed boot: exit at once (`on_boot_failure = "exit"`), or stay up, reaping, until
+/// asked to stop, so an operator can attach and read the failure. Either way the exit code is 1.
+async fn hold_or_exit(policy: &Supervisor, report: &mut Report, signals: &mut mpsc::UnboundedReceiver<Signal>) -> i32 {
+    if policy.on_boot_failure == OnBootFailure::Hold {
+        tracing::info!("boot failed; holding so an operator can see why (supervisor.on_boot_failure = \"hold\")");
+        while let Some(sig) = signals.recv().await {
+            if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
+                break;
+            }
+        }
+    }
+    let failed = report.state.clone();
+    stop_all(policy.stop_grace.0, None, report).await;
+    // Keep the failure visible in the final state.
+    report.set_phase(Phase::Failed, failed.reason);
+    1
+}
+
+fn install_signal_handlers() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = mpsc::unbounded_channel();
+    for sig in sys::FORWARDED {
+        let mut stream = signal(SignalKind::from_raw(sig as i32))?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(rx)
+}
+
+/// Passes a signal on to the agent's process group.
+fn forward(sig: Signal, agent: Option<&Child>) {
+    match agent.and_then(Child::id) {
+        Some(pid) => {
+            tracing::debug!(signal = %sig, pid, "forwarding signal to the agent");
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), sig);
+        }
+        None => tracing::debug!(signal = %sig, "no agent running; signal dropped"),
+    }
+}
+
+async fn wait_running(running: &mut Option<Child>) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(child) = running.as_mut() else { return std::future::pending().await };
+    let code = match child.wait().await {
+        Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        Err(e) => {
+            tracing::error!("waiting for the agent failed: {e}");
+            1
+        }
+    };
+    *running = None;
+    code
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The graceful stop: SIGTERM to the agent's process group and to every other process below
+/// the reaper, up to `grace` for them to exit, then SIGKILL for what is left.
+async fn stop_all(grace: Duration, agent: Option<&mut Child>, report: &mut Report) {
+    report.set_phase(Phase::Stopping, None);
+    let me = std::process::id() as i32;
+    let reaper = nix::unistd::getppid().as_raw();
+    let others =
+        || -> Vec<i32> { sys::live_descendants(reaper, &sys::processes()).into_iter().filter(|&p| p != me).collect() };
+    if let Some(pid) = agent.as_ref().and_then(|c| c.id()) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    sys::signal_all(&others(), Signal::SIGTERM);
+    let mut agent = agent;
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(c) = agent.as_mut() {
+            let _ = c.try_wait();
+        }
+        let left = others();
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            report.warn(format!("{} processes ignored SIGTERM for {:?}; killing them", left.len(), grace));
+            sys::signal_all(&left, Signal::SIGKILL);
+            let settle = Instant::now() + KILL_SETTLE;
+            while !others().is_empty() && Instant::now() < settle {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    report.set_phase(Phase::Stopped, None);
+}

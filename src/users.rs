@@ -1,0 +1,79 @@
+//! Users and owners, resolved through the passwd and group databases (NSS).
+
+use std::path::PathBuf;
+
+use nix::unistd::{Group, User};
+
+use crate::config::Owner;
+
+/// The unprivileged user the agent runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("user `{0}` does not exist in /etc/passwd")]
+    NoSuchUser(String),
+    #[error("group `{0}` does not exist in /etc/group")]
+    NoSuchGroup(String),
+    #[error("the agent user `{0}` has uid 0; it must be an unprivileged user")]
+    AgentIsRoot(String),
+    #[error("cannot look up `{name}`")]
+    Lookup {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn lookup_user(name: &str) -> Result<Option<User>, UserError> {
+    let found = match name.parse::<u32>() {
+        Ok(uid) => User::from_uid(uid.into()),
+        Err(_) => User::from_name(name),
+    };
+    found.map_err(|source| UserError::Lookup { name: name.into(), source })
+}
+
+pub fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
+    let user = lookup_user(name)?.ok_or_else(|| UserError::NoSuchUser(name.into()))?;
+    if user.uid.is_root() {
+        return Err(UserError::AgentIsRoot(name.into()));
+    }
+    Ok(AgentUser { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir, shell: user.shell })
+}
+
+/// The uid and gid an [`Owner`] stands for. A numeric user that is not in passwd is taken as
+/// is (its group defaults to the same number), as runtimes that map arbitrary uids expect.
+pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), UserError> {
+    match owner {
+        Owner::Agent => Ok((agent.uid, agent.gid)),
+        Owner::Root => Ok((0, 0)),
+        Owner::User { user, group } => {
+            let (uid, primary) = match lookup_user(user)? {
+                Some(u) => (u.uid.as_raw(), u.gid.as_raw()),
+                None => match user.parse::<u32>() {
+                    Ok(n) => (n, n),
+                    Err(_) => return Err(UserError::NoSuchUser(user.clone())),
+                },
+            };
+            let gid = match group {
+                None => primary,
+                Some(g) => match g.parse::<u32>() {
+                    Ok(n) => n,
+                    Err(_) => Group::from_name(g)
+                        .map_err(|source| UserError::Lookup { name: g.clone(), source })?
+                        .ok_or_else(|| UserError::NoSuchGroup(g.clone()))?
+                        .gid
+                        .as_raw(),
+                },
+            };
+            Ok((uid, gid))
+        }
+    }
+}
