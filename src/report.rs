@@ -140,9 +140,9 @@ impl Report {
     }
 
     fn finish(&mut self, outcome: Outcome, detail: Option<String>, error: Option<String>, hint: Option<String>) {
-        let ms = self.stage_started.take().map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        let ms = self.stage_started.take().map(|t| round_ms(t.elapsed().as_secs_f64() * 1000.0));
         let Some(rec) = self.state.stages.last_mut() else { return };
-        rec.duration_ms = ms.map(round_ms);
+        rec.duration_ms = ms;
         rec.outcome = outcome.clone();
         rec.detail = detail;
         rec.error = error;

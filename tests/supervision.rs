@@ -1,0 +1,247 @@
+//! PID 1 and subreaper behaviour of the real binary in fresh namespaces: reaping, signal
+//! forwarding, graceful stop, exit statuses, and what the agent process inherits.
+
+mod harness;
+
+use std::fs;
+use std::time::Duration;
+
+use harness::{AGENT_UID, Cordon, Mode, Phase, Sandbox, TestConfig};
+use nix::sys::signal::Signal;
+
+const BOOT: Duration = Duration::from_secs(20);
+
+/// Exit code of cordon: from unshare in Pid1 mode, from the shell's report in Subreaper mode.
+fn exit_code(c: &mut Cordon, mode: Mode) -> i32 {
+    let status = c.wait_exit(Duration::from_secs(30));
+    match mode {
+        Mode::Pid1 => status.code().unwrap_or_else(|| panic!("unshare ended by a signal: {status}")),
+        Mode::Subreaper => {
+            let out = c.stdout();
+            let line = out
+                .lines()
+                .find_map(|l| l.strip_prefix("cordon exited "))
+                .unwrap_or_else(|| panic!("no exit line in {out:?}"));
+            line.trim().parse().unwrap()
+        }
+    }
+}
+
+fn zombies(c: &Cordon) -> usize {
+    c.processes().iter().filter(|p| p.state == 'Z').count()
+}
+
+fn orphans_are_all_reaped(mode: Mode) {
+    let sb = Sandbox::new("orphans");
+    // 300 short-lived orphans from inside the agent's tree: each subshell exits at once, so
+    // its `sleep` is re-parented to the nearest subreaper (cordon's reaper).
+    let cfg = TestConfig {
+        agent_command: "for i in $(seq 300); do (sleep 0.05 &); done; touch spawned; exec sleep 1000".into(),
+        ..Default::default()
+    };
+    let mut c = sb.start(&cfg, &[], mode);
+    c.wait_phase(Phase::Ready, BOOT);
+    harness::wait_until("the agent to spawn its orphans", Duration::from_secs(20), || {
+        c.inside(&sb.path("ws/spawned")).exists().then_some(())
+    });
+    if mode == Mode::Pid1 {
+        // And from a `docker exec`-style session: orphans of processes entered from outside
+        // are re-parented to PID 1.
+        let out = c.exec("for i in $(seq 200); do (sleep 0.05 &); done");
+        assert!(out.status.success());
+    }
+    harness::wait_until("no zombie left in the namespace", Duration::from_secs(10), || {
+        (zombies(&c) == 0).then_some(())
+    });
+    // Give any unreaped orphan time to show up as a zombie, then look again.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(zombies(&c), 0, "zombies: {:?}", c.processes());
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, mode), 0);
+}
+
+#[test]
+fn pid1_reaps_hundreds_of_orphans_including_exec_sessions() {
+    orphans_are_all_reaped(Mode::Pid1);
+}
+
+#[test]
+fn subreaper_reaps_hundreds_of_orphans() {
+    orphans_are_all_reaped(Mode::Subreaper);
+}
+
+#[test]
+fn kill_term_1_from_inside_stops_gracefully_within_the_grace_period() {
+    let sb = Sandbox::new("term1");
+    let cfg = TestConfig {
+        agent_command: "trap 'echo stopped-by-term > stopped; exit 0' TERM; sleep 1000 & wait".into(),
+        stop_grace: "10s",
+        ..Default::default()
+    };
+    let mut c = sb.start(&cfg, &[], Mode::Pid1);
+    c.wait_phase(Phase::Ready, BOOT);
+    let t0 = std::time::Instant::now();
+    let out = c.exec("kill -TERM 1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0, "graceful stop exits 0; stderr:\n{}", c.stderr());
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}, more than the grace period", t0.elapsed());
+    // The agent saw SIGTERM (it wrote the file on the tmpfs, which died with the namespace, so
+    // it is the log line that tells): and nothing had to be killed.
+    assert!(!c.stderr().contains("ignored SIGTERM"), "{}", c.stderr());
+}
+
+#[test]
+fn a_child_that_ignores_term_is_killed_after_the_grace_period() {
+    let sb = Sandbox::new("grace");
+    let cfg = TestConfig {
+        agent_command: "trap '' TERM; while :; do sleep 0.1; done".into(),
+        stop_grace: "2s",
+        ..Default::default()
+    };
+    let mut c = sb.start(&cfg, &[], Mode::Pid1);
+    c.wait_phase(Phase::Ready, BOOT);
+    let t0 = std::time::Instant::now();
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_secs(2), "stopped after {took:?}, before the 2s grace ran out");
+    assert!(took < Duration::from_secs(8), "stopped after {took:?}: SIGKILL did not follow the grace promptly");
+    assert!(c.stderr().contains("ignored SIGTERM"), "{}", c.stderr());
+}
+
+fn signals_reach_the_agent(mode: Mode) {
+    let sb = Sandbox::new("signals");
+    let traps: String =
+        ["HUP", "QUIT", "USR1", "USR2", "WINCH"].iter().map(|s| format!("trap 'echo {s} >> got' {s}; ")).collect();
+    let cfg = TestConfig {
+        agent_command: format!("{traps} touch trapped; while :; do sleep 0.05; done"),
+        ..Default::default()
+    };
+    let mut c = sb.start(&cfg, &[], mode);
+    c.wait_phase(Phase::Ready, BOOT);
+    let got = c.inside(&sb.path("ws/got"));
+    harness::wait_until("traps installed", Duration::from_secs(10), || {
+        c.inside(&sb.path("ws/trapped")).exists().then_some(())
+    });
+    for sig in [Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH] {
+        let name = &sig.as_str()[3..];
+        match mode {
+            Mode::Pid1 => assert!(c.exec(&format!("kill -{name} 1")).status.success()),
+            Mode::Subreaper => c.kill(c.reaper(), sig),
+        }
+        harness::wait_until(&format!("the agent to receive {name}"), Duration::from_secs(10), || {
+            fs::read_to_string(&got).ok().filter(|t| t.lines().any(|l| l == name)).map(|_| ())
+        });
+    }
+    c.kill(c.reaper(), Signal::SIGINT);
+    assert_eq!(exit_code(&mut c, mode), 0);
+}
+
+#[test]
+fn signals_reach_the_supervised_process_as_pid1() {
+    signals_reach_the_agent(Mode::Pid1);
+}
+
+#[test]
+fn signals_reach_the_supervised_process_as_subreaper() {
+    signals_reach_the_agent(Mode::Subreaper);
+}
+
+fn agent_exit_status_becomes_cordons(mode: Mode) {
+    let sb = Sandbox::new("exitcode");
+    let cfg = TestConfig { agent_command: "sleep 0.2; exit 7".into(), on_exit: "shutdown", ..Default::default() };
+    let mut c = sb.start(&cfg, &[], mode);
+    assert_eq!(exit_code(&mut c, mode), 7, "stderr:\n{}", c.stderr());
+
+    let sb = Sandbox::new("exitsig");
+    let cfg =
+        TestConfig { agent_command: "sleep 0.2; kill -KILL $$".into(), on_exit: "shutdown", ..Default::default() };
+    let mut c = sb.start(&cfg, &[], mode);
+    assert_eq!(exit_code(&mut c, mode), 128 + 9, "stderr:\n{}", c.stderr());
+}
+
+#[test]
+fn agent_exit_status_becomes_cordons_as_pid1() {
+    agent_exit_status_becomes_cordons(Mode::Pid1);
+}
+
+#[test]
+fn agent_exit_status_becomes_cordons_as_subreaper() {
+    agent_exit_status_becomes_cordons(Mode::Subreaper);
+}
+
+#[test]
+fn agent_starts_unprivileged_with_clean_mask_fds_cwd_and_environment() {
+    let sb = Sandbox::new("agentproc");
+    let cfg = TestConfig { required_secrets: vec!["GH_PAT"], ..Default::default() };
+    let sentinel = "ghp_SENTINEL_must_not_leak_4242";
+    let mut c = sb.start(&cfg, &[("GH_PAT", sentinel), ("UNRELATED", "x")], Mode::Pid1);
+    c.wait_phase(Phase::Ready, BOOT);
+    let agent = c.agent();
+    let status = fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).map(|v| v.trim().to_string()).unwrap()
+    };
+    let uid = AGENT_UID.to_string();
+    assert_eq!(field("Uid").split_whitespace().collect::<Vec<_>>(), [uid.as_str(); 4]);
+    assert_eq!(field("Gid").split_whitespace().collect::<Vec<_>>(), [uid.as_str(); 4]);
+    assert_eq!(field("Groups"), AGENT_UID.to_string());
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("SigBlk"), "0000000000000000", "the agent must start with an empty signal mask");
+    let fds: Vec<String> = fs::read_dir(format!("/proc/{agent}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut fds: Vec<i32> = fds.iter().map(|f| f.parse().unwrap()).collect();
+    fds.sort();
+    assert_eq!(fds, [0, 1, 2], "descriptors beyond stdio leaked into the agent");
+    assert_eq!(fs::read_link(format!("/proc/{agent}/cwd")).unwrap(), sb.path("ws"));
+    let environ = fs::read(format!("/proc/{agent}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains(sentinel), "the secret reached the agent's environment");
+    assert!(!environ.contains("UNRELATED"), "cordon's environment leaked into the agent's");
+    // PID 1 holds no directory busy.
+    assert_eq!(fs::read_link(format!("/proc/{}/cwd", c.reaper())).unwrap(), std::path::Path::new("/"));
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+}
+
+#[test]
+fn state_file_and_boot_log_record_every_stage_with_durations() {
+    let sb = Sandbox::new("state");
+    let mut c = sb.start(&TestConfig::default(), &[], Mode::Pid1);
+    let state = c.wait_phase(Phase::Ready, BOOT);
+    let names: Vec<&str> = state.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["sanity", "config", "state", "secrets", "filesystem", "readonly_root", "session"]);
+    for s in &state.stages {
+        assert_eq!(s.outcome, cordon::report::Outcome::Ok, "{s:?}");
+        assert!(s.duration_ms.is_some_and(|d| d >= 0.0), "{s:?}");
+    }
+    assert_eq!(state.init_mode, "pid1");
+    assert!(state.boot_ms.is_some_and(|ms| ms > 0.0));
+    assert_eq!(state.agent.as_ref().map(|a| a.running), Some(true));
+    let log = c.boot_log();
+    for stage in &names {
+        assert!(log.contains(&format!("{stage}: ok")), "boot log lacks {stage}:\n{log}");
+    }
+    assert!(log.contains("ready in"), "{log}");
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+}
+
+#[test]
+fn json_logs_on_request() {
+    let sb = Sandbox::new("jsonlog");
+    let cfg = TestConfig { agent_command: "exit 0".into(), ..Default::default() };
+    let mut c = sb.start(&cfg, &[("CORDON_LOG_FORMAT", "json")], Mode::Pid1);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+    let lines: Vec<String> = c.stderr().lines().map(String::from).collect();
+    assert!(lines.len() > 5, "{lines:?}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
+    }
+}
