@@ -400,12 +400,13 @@ pub struct RemountRo {
 }
 
 /// Every mount that is part of the root: on disk, not under a kernel tree, and not under a
-/// path that stays writable (the tmpfs mounts, volumes, the state directory). Stacked mounts
-/// count once, by their topmost entry. Mounts already read-only are left out.
+/// path that stays writable (the tmpfs mounts, volumes, the state directory). A mount covered
+/// by a later one at its own path or above it is unreachable and left alone (mountinfo lists
+/// mounts in the order they were made). Mounts already read-only are left out.
 pub fn plan_readonly(mounts: &[MountInfo], writable: &[PathBuf]) -> Vec<RemountRo> {
     let mut plan: Vec<RemountRo> = Vec::new();
     for (i, m) in mounts.iter().enumerate() {
-        let shadowed = mounts[i + 1..].iter().any(|later| later.mount_point == m.mount_point);
+        let shadowed = mounts[i + 1..].iter().any(|later| m.mount_point.starts_with(&later.mount_point));
         let exempt = NOT_ROOT_FSTYPES.contains(&m.fstype.as_str())
             || NOT_ROOT_TREES.iter().any(|t| m.mount_point.starts_with(t))
             || writable.iter().any(|w| m.mount_point.starts_with(w));
@@ -510,6 +511,20 @@ mod tests {
         let paths: Vec<&Path> = plan.iter().map(|r| r.path.as_path()).collect();
         assert_eq!(paths, [Path::new("/"), Path::new("/etc/resolv.conf"), Path::new("/etc/hostname")]);
         assert_eq!(plan[0].keep, MsFlags::MS_RELATIME);
+    }
+
+    #[test]
+    fn readonly_plan_skips_mounts_hidden_under_a_later_mount_above_them() {
+        let text = "\
+1 0 8:1 / / rw - ext4 /dev/sda rw
+2 1 0:5 / /run rw,nosuid - tmpfs tmpfs rw
+3 2 8:1 /x /run/data rw - ext4 /dev/sda rw
+4 1 0:6 / /run rw,nosuid - tmpfs tmpfs rw
+5 4 8:1 /y /run/kept rw - ext4 /dev/sda rw
+";
+        let plan = plan_readonly(&parse_mountinfo(text), &[]);
+        let paths: Vec<&Path> = plan.iter().map(|r| r.path.as_path()).collect();
+        assert_eq!(paths, [Path::new("/"), Path::new("/run/kept")]);
     }
 
     #[test]

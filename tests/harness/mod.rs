@@ -145,8 +145,18 @@ impl Sandbox {
         self.dir.join(rel)
     }
 
-    /// The config file for `c`, written into the sandbox.
+    /// The config file for `c`, written into the sandbox as `cordon.toml`.
     pub fn write_config(&self, c: &TestConfig) -> PathBuf {
+        self.write_file("cordon.toml", &self.render_config(c))
+    }
+
+    pub fn write_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn render_config(&self, c: &TestConfig) -> String {
         let d = self.dir.display();
         let secrets: Vec<String> = c.required_secrets.iter().map(|s| format!("\"{s}\"")).collect();
         let command = c.agent_command.replace('\\', "\\\\").replace('"', "\\\"");
@@ -186,26 +196,24 @@ on_boot_failure = "{obf}"
             obf = c.on_boot_failure,
             extra = c.extra,
         );
-        let path = self.dir.join("cordon.toml");
-        fs::write(&path, text).unwrap();
-        path
+        text
     }
 
     /// Starts cordon with `config` and exactly the environment `env` (plus PATH).
     pub fn start(&self, config: &TestConfig, env: &[(&str, &str)], mode: Mode) -> Cordon {
-        self.start_with(config, env, mode, "")
+        self.launch(&self.write_config(config), env, mode, "")
     }
 
-    /// Like [`Sandbox::start`], running `before` (shell) inside the namespaces first, as a
-    /// container runtime would prepare mounts before starting the entrypoint.
-    pub fn start_with(&self, config: &TestConfig, env: &[(&str, &str)], mode: Mode, before: &str) -> Cordon {
-        let cfg = self.write_config(config);
+    /// Starts cordon with the config file `cfg`, running `before` (shell) inside the namespaces
+    /// first, as a container runtime would prepare mounts before starting the entrypoint.
+    /// `/run` is a private tmpfs in there, as in a container.
+    pub fn launch(&self, cfg: &Path, env: &[(&str, &str)], mode: Mode, before: &str) -> Cordon {
         let exe = env!("CARGO_BIN_EXE_cordon");
         let d = &self.dir;
         // fd 7 stands for a descriptor a runtime leaks into the entrypoint: it must not reach
         // the agent.
         let setup = format!(
-            "set -e\nmount --bind {p} /etc/passwd\nmount --bind {g} /etc/group\n{before}\nexec 7</dev/null\n",
+            "set -e\nmount -t tmpfs -o size=16m,mode=755 tmpfs /run\nmount --bind {p} /etc/passwd\nmount --bind {g} /etc/group\n{before}\nexec 7</dev/null\n",
             p = d.join("passwd").display(),
             g = d.join("group").display(),
         );
@@ -274,7 +282,13 @@ impl Cordon {
     /// Host pid of the namespace's PID 1 (cordon's reaper in Pid1 mode, the shell otherwise).
     pub fn ns_init(&self) -> i32 {
         let unshare = self.child.id() as i32;
-        wait_until("the namespace's PID 1", Duration::from_secs(10), || children_of(unshare).first().copied())
+        wait_until("the namespace's PID 1", Duration::from_secs(10), || {
+            let init = children_of(unshare).first().copied();
+            if init.is_none() && fs::read_to_string(format!("/proc/{unshare}/stat")).is_ok_and(|s| s.contains(") Z")) {
+                panic!("cordon's namespace is gone (cordon exited); stderr:\n{}", self.stderr());
+            }
+            init
+        })
     }
 
     /// Host pid of cordon's reaper.
@@ -307,13 +321,19 @@ impl Cordon {
         PathBuf::from(format!("/proc/{}/root", self.reaper())).join(path.strip_prefix("/").unwrap_or(path))
     }
 
+    /// The state file, from the sandbox's state directory or, when the config could not be
+    /// read, the default one.
     pub fn state(&self) -> Option<State> {
-        let dir = self.inside(&self.dir.join("state"));
-        cordon::report::read_state(&dir).ok()
+        [self.dir.join("state"), PathBuf::from(cordon::config::DEFAULT_STATE_DIR)]
+            .iter()
+            .find_map(|d| cordon::report::read_state(&self.inside(d)).ok())
     }
 
     pub fn boot_log(&self) -> String {
-        fs::read_to_string(self.inside(&self.dir.join("state/boot.log"))).unwrap_or_default()
+        [self.dir.join("state"), PathBuf::from(cordon::config::DEFAULT_STATE_DIR)]
+            .iter()
+            .find_map(|d| fs::read_to_string(self.inside(&d.join("boot.log"))).ok())
+            .unwrap_or_default()
     }
 
     pub fn wait_phase(&mut self, phase: Phase, timeout: Duration) -> State {

@@ -1,0 +1,20 @@
+# The README's commands. `make test` is what CI runs.
+.PHONY: test lint unit build demo
+
+# The whole suite: format, lints, unit tests and the privileged namespace tests (run as root).
+test: lint
+	cargo test --all-targets
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+unit:
+	cargo test --lib
+
+build:
+	cargo build --release
+
+# Boots cordon as PID 1 in fresh namespaces with a demo agent (root; Ctrl-C stops it).
+demo: build
+	bash scripts/demo.sh
