@@ -3,6 +3,7 @@
 //! and line; nothing is ever skipped, because a silently dropped line is a silently open or
 //! silently broken firewall.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -129,6 +130,74 @@ fn normalize_name(name: &str) -> Result<String, String> {
     Ok(ascii)
 }
 
+/// What a matching name may reach: the default ports and/or per-entry ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reach {
+    pub default_ports: bool,
+    pub extra_ports: BTreeSet<u16>,
+    /// The entry that decided, with where it came from (`domains.conf:12`).
+    pub decided_by: Vec<String>,
+}
+
+/// The compiled allowlist: exact names in one map, wildcard suffixes in another, so a lookup
+/// costs one probe per label of the name.
+#[derive(Debug, Default)]
+pub struct Allowlist {
+    exact: HashMap<String, Reach>,
+    below: HashMap<String, Reach>,
+    len: usize,
+}
+
+impl Allowlist {
+    /// Builds the matcher from entries and their origins (`file:line`).
+    pub fn new(entries: impl IntoIterator<Item = (Entry, String)>) -> Allowlist {
+        let mut list = Allowlist::default();
+        for (entry, origin) in entries {
+            list.len += 1;
+            let reach = match &entry.pattern {
+                DomainPattern::Exact(n) => list.exact.entry(n.clone()).or_default(),
+                DomainPattern::Below(n) => list.below.entry(n.clone()).or_default(),
+            };
+            match entry.port {
+                Some(p) => reach.extra_ports.insert(p),
+                None => std::mem::replace(&mut reach.default_ports, true),
+            };
+            reach.decided_by.push(format!("{entry} ({origin})"));
+        }
+        list
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The exact names, which the refresh re-resolves (wildcards cannot be enumerated).
+    pub fn exact_names(&self) -> impl Iterator<Item = &str> {
+        self.exact.keys().map(String::as_str)
+    }
+
+    /// What `name` may reach, merged over every pattern that matches it; None when denied.
+    pub fn lookup(&self, name: &str) -> Option<Reach> {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        let mut found: Option<Reach> = self.exact.get(&name).cloned();
+        let mut rest = name.as_str();
+        while let Some((_, suffix)) = rest.split_once('.') {
+            if let Some(r) = self.below.get(suffix) {
+                let acc = found.get_or_insert_with(Reach::default);
+                acc.default_ports |= r.default_ports;
+                acc.extra_ports.extend(&r.extra_ports);
+                acc.decided_by.extend(r.decided_by.iter().cloned());
+            }
+            rest = suffix;
+        }
+        found
+    }
+}
+
 /// An allowlist problem, located in its source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowlistError {
@@ -144,8 +213,9 @@ impl fmt::Display for AllowlistError {
     }
 }
 
-/// Parses an allowlist file's text; returns every entry, or every bad line.
-pub fn parse_file(text: &str, source: &Path) -> Result<Vec<Entry>, Vec<AllowlistError>> {
+/// Parses an allowlist file's text; returns every entry with its origin (`file:line`), or
+/// every bad line.
+pub fn parse_file(text: &str, source: &Path) -> Result<Vec<(Entry, String)>, Vec<AllowlistError>> {
     let mut entries = Vec::new();
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -154,7 +224,7 @@ pub fn parse_file(text: &str, source: &Path) -> Result<Vec<Entry>, Vec<Allowlist
             continue;
         }
         match Entry::parse(line) {
-            Ok(e) => entries.push(e),
+            Ok(e) => entries.push((e, format!("{}:{}", source.display(), i + 1))),
             Err(message) => errors.push(AllowlistError { source: source.into(), line: i + 1, message }),
         }
     }
@@ -162,12 +232,12 @@ pub fn parse_file(text: &str, source: &Path) -> Result<Vec<Entry>, Vec<Allowlist
 }
 
 /// Parses inline `network.allow` entries; errors name the entry's position (1-based).
-pub fn parse_inline(items: &[String]) -> Result<Vec<Entry>, Vec<AllowlistError>> {
+pub fn parse_inline(items: &[String]) -> Result<Vec<(Entry, String)>, Vec<AllowlistError>> {
     let mut entries = Vec::new();
     let mut errors = Vec::new();
     for (i, item) in items.iter().enumerate() {
         match Entry::parse(item) {
-            Ok(e) => entries.push(e),
+            Ok(e) => entries.push((e, format!("network.allow[{i}]"))),
             Err(message) => errors.push(AllowlistError { source: "network.allow".into(), line: i + 1, message }),
         }
     }
@@ -234,6 +304,7 @@ mod tests {
         assert!(errs[0].to_string().starts_with("domains.conf:4: `*`"), "{}", errs[0]);
         let good = parse_file("# c\na.example.com\n*.b.example.com\n", Path::new("d")).unwrap();
         assert_eq!(good.len(), 2);
+        assert_eq!(good[1].1, "d:3");
     }
 
     #[test]
@@ -241,7 +312,44 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("network/domains.conf");
         let text = std::fs::read_to_string(&path).unwrap();
         let entries = parse_file(&text, &path).unwrap();
-        assert!(entries.iter().any(|e| e.pattern.matches("api.anthropic.com")));
-        assert!(entries.iter().any(|e| e.pattern.matches("github.com")));
+        let list = Allowlist::new(entries);
+        assert!(list.lookup("api.anthropic.com").is_some());
+        assert!(list.lookup("github.com").is_some());
+        assert!(list.lookup("example.com").is_none());
+    }
+
+    fn list(lines: &str) -> Allowlist {
+        Allowlist::new(parse_file(lines, Path::new("d")).unwrap())
+    }
+
+    #[test]
+    fn matcher_follows_the_pattern_truth_table() {
+        let l = list("example.com\n*.example.org\n");
+        let table = [
+            ("example.com", true),
+            ("EXAMPLE.COM.", true),
+            ("www.example.com", false),
+            ("example.org", false),
+            ("a.example.org", true),
+            ("a.b.example.org", true),
+            ("badexample.org", false),
+            ("example.org.evil.net", false),
+            ("com", false),
+        ];
+        for (name, allowed) in table {
+            assert_eq!(l.lookup(name).is_some(), allowed, "{name}");
+        }
+    }
+
+    #[test]
+    fn ports_merge_over_matching_entries_and_say_who_decided() {
+        let l = list("git.example.com:8443\n*.example.com\nonly.example.net:22\n");
+        let r = l.lookup("git.example.com").unwrap();
+        assert!(r.default_ports);
+        assert_eq!(r.extra_ports.iter().copied().collect::<Vec<_>>(), [8443]);
+        assert_eq!(r.decided_by, ["git.example.com:8443 (d:1)", "*.example.com (d:2)"]);
+        let r = l.lookup("only.example.net").unwrap();
+        assert!(!r.default_ports, "a name:port entry admits that port only");
+        assert_eq!(l.len(), 3);
     }
 }

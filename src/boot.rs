@@ -256,7 +256,7 @@ fn writable_paths(config: &Config, user: &AgentUser, state_dir: &Path) -> Vec<Pa
 }
 
 /// The allowlist file plus inline entries, or every bad line.
-pub fn load_allowlist(config: &Config) -> Result<Vec<allowlist::Entry>, Vec<String>> {
+pub fn load_allowlist(config: &Config) -> Result<Vec<(allowlist::Entry, String)>, Vec<String>> {
     let path = &config.network.allowlist;
     let mut errors = Vec::new();
     let mut entries = match std::fs::read_to_string(path) {

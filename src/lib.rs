@@ -1,10 +1,13 @@
 //! cordon: a hardened container entrypoint for AI coding agents. See `docs/architecture.md`.
 
+pub mod addrs;
 pub mod agent;
 pub mod allowlist;
 pub mod boot;
 pub mod check;
 pub mod config;
+pub mod firewall;
+pub mod ipset;
 pub mod mounts;
 pub mod reaper;
 pub mod report;

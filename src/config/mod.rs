@@ -6,12 +6,13 @@ mod units;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use units::{ByteSize, ConfigPath, FileMode, Owner, Span};
+pub use units::{ByteSize, Cidr, ConfigPath, FileMode, Owner, Span, Upstream};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/cordon/cordon.toml";
 pub const DEFAULT_ALLOWLIST_PATH: &str = "/etc/cordon/domains.conf";
@@ -114,15 +115,47 @@ pub struct Link {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Network {
+    /// Turn the DNS server and the egress firewall off (for debugging only: the agent's
+    /// network is then unrestricted, and the state says so).
+    pub enforce: bool,
     /// The allowlist file: one domain pattern per line, `#` comments.
     pub allowlist: PathBuf,
     /// Patterns allowed in addition to the file's.
     pub allow: Vec<String>,
+    /// Where the embedded DNS server listens (UDP and TCP); `/etc/resolv.conf` points here.
+    pub listen: SocketAddr,
+    /// Upstream resolvers, `ip` or `ip:port`. Empty: the nameservers of `/etc/resolv.conf` as
+    /// found at boot.
+    pub upstream: Vec<Upstream>,
+    /// TCP ports the agent may connect to on admitted addresses (per-entry `name:port` adds more).
+    pub ports: Vec<u16>,
+    /// Address ranges that may be admitted although they are private, loopback, link-local,
+    /// CGNAT or ULA (never admitted for public names otherwise).
+    pub allow_cidrs: Vec<Cidr>,
+    /// Admission lifetime is max(TTL, min_ttl) + grace.
+    pub min_ttl: Span,
+    pub grace: Span,
+    /// How often the exact names of the allowlist are re-resolved and their admissions renewed.
+    pub refresh_interval: Span,
+    /// Optional positive readiness probe as `name:port`: must resolve and connect as the agent.
+    pub probe: Option<String>,
 }
 
 impl Default for Network {
     fn default() -> Self {
-        Network { allowlist: DEFAULT_ALLOWLIST_PATH.into(), allow: vec![] }
+        Network {
+            enforce: true,
+            allowlist: DEFAULT_ALLOWLIST_PATH.into(),
+            allow: vec![],
+            listen: SocketAddr::from(([127, 0, 0, 53], 53)),
+            upstream: vec![],
+            ports: vec![80, 443],
+            allow_cidrs: vec![],
+            min_ttl: Span(Duration::from_secs(60)),
+            grace: Span(Duration::from_secs(300)),
+            refresh_interval: Span(Duration::from_secs(300)),
+            probe: None,
+        }
     }
 }
 
@@ -335,6 +368,29 @@ impl Config {
         }
         if self.agent.command.is_empty() || self.agent.command[0].is_empty() {
             return Err(err("agent.command", "must name a program, e.g. [\"claude\"]".into()));
+        }
+        if self.network.ports.is_empty() || self.network.ports.contains(&0) {
+            return Err(err("network.ports", "must list at least one port from 1 to 65535, e.g. [443]".into()));
+        }
+        if !self.network.listen.ip().is_loopback() {
+            return Err(err(
+                "network.listen",
+                "must be a loopback address (the DNS server is for this container only)".into(),
+            ));
+        }
+        if self.network.refresh_interval.0 < Duration::from_secs(10) {
+            return Err(err("network.refresh_interval", "must be at least 10s".into()));
+        }
+        if let Some(probe) = &self.network.probe {
+            crate::allowlist::Entry::parse(probe)
+                .ok()
+                .filter(|e| matches!(e.pattern, crate::allowlist::DomainPattern::Exact(_)) && e.port.is_some())
+                .ok_or_else(|| {
+                    err(
+                        "network.probe",
+                        format!("`{probe}` must be an exact name and a port, e.g. \"api.anthropic.com:443\""),
+                    )
+                })?;
         }
         if !self.supervisor.state_dir.is_absolute() {
             return Err(err("supervisor.state_dir", "must be an absolute path".into()));

@@ -2,6 +2,7 @@
 //! renders back to the same spelling, so `cordon check` prints what the operator wrote.
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -229,6 +230,105 @@ impl fmt::Display for ConfigPath {
 }
 serde_via_str!(ConfigPath, "an absolute path or ~/path");
 
+/// An address range such as `10.0.0.0/8` or `fd00::/8`; a bare address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub const fn new(addr: IpAddr, prefix: u8) -> Cidr {
+        Cidr { addr, prefix }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid address range `{s}`: expected an address with an optional /prefix, e.g. \"10.0.0.0/8\"")
+        };
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        let cidr = Cidr { addr, prefix };
+        if !cidr.contains(addr) || Cidr::new(cidr.network(), prefix) != cidr {
+            return Err(format!(
+                "invalid address range `{s}`: host bits are set; did you mean {}/{prefix}?",
+                cidr.network()
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+serde_via_str!(Cidr, "an address range such as \"10.0.0.0/8\"");
+
+/// An upstream resolver: `ip`, `ip:port` or `[v6]:port`; the port defaults to 53.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream(pub SocketAddr);
+
+impl FromStr for Upstream {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Upstream(SocketAddr::new(ip, 53)));
+        }
+        s.parse::<SocketAddr>()
+            .map(Upstream)
+            .map_err(|_| format!("invalid upstream `{s}`: expected an IP address with an optional port, e.g. \"1.1.1.1\" or \"[2001:db8::1]:53\""))
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.0.port() == 53 { write!(f, "{}", self.0.ip()) } else { write!(f, "{}", self.0) }
+    }
+}
+serde_via_str!(Upstream, "a resolver address such as \"1.1.1.1\"");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +399,31 @@ mod tests {
         for bad in ["relative", "~agent/x", "/a/../etc", "~/./x", ""] {
             assert!(bad.parse::<ConfigPath>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cidrs_parse_contain_and_refuse_host_bits() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        let host: Cidr = "192.0.2.7".parse().unwrap();
+        assert_eq!(host.prefix, 32);
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.1/8".parse::<Cidr>().unwrap_err().contains("did you mean 10.0.0.0/8"));
+        for bad in ["10.0.0.0/33", "x/8", "", "::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstreams_default_to_port_53() {
+        assert_eq!("1.1.1.1".parse::<Upstream>().unwrap().0, "1.1.1.1:53".parse().unwrap());
+        assert_eq!("[2001:db8::1]:5353".parse::<Upstream>().unwrap().0, "[2001:db8::1]:5353".parse().unwrap());
+        assert_eq!("1.1.1.1".parse::<Upstream>().unwrap().to_string(), "1.1.1.1");
+        assert!("resolver.example".parse::<Upstream>().is_err());
     }
 }
