@@ -46,17 +46,12 @@ pub fn agent_env(user: &AgentUser, boot_env: &BTreeMap<String, String>, secrets:
     env
 }
 
-/// Starts the agent as its own process group (so signals reach its children too), with an
-/// empty signal mask, no inherited descriptors, and every privilege dropped before exec.
-pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
-    let mut cmd = std::process::Command::new(&spec.argv[0]);
-    cmd.args(&spec.argv[1..])
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.workdir)
-        .stdin(std::process::Stdio::null())
-        .process_group(0);
-    let (uid, gid) = (spec.user.uid, spec.user.gid);
+/// A command that runs `program` as `user` with an empty signal mask, no inherited
+/// descriptors beyond stdio, an empty environment, and every privilege dropped before exec.
+pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.env_clear().stdin(std::process::Stdio::null());
+    let (uid, gid) = (user.uid, user.gid);
     let groups = [gid];
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
     // syscalls (sigprocmask, close_range, prctl, set*id, capset); it allocates nothing.
@@ -67,6 +62,13 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
             sys::drop_privileges(uid, gid, &groups)
         });
     }
+    cmd
+}
+
+/// Starts the agent as its own process group (so signals reach its children too).
+pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = unprivileged_command(&spec.argv[0], &spec.user);
+    cmd.args(&spec.argv[1..]).envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(&spec.workdir).process_group(0);
     tokio::process::Command::from(cmd).spawn()
 }
 

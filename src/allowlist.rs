@@ -180,6 +180,16 @@ impl Allowlist {
         self.exact.keys().map(String::as_str)
     }
 
+    /// Every per-entry port (`name:port`), each needing its own allow set.
+    pub fn extra_ports(&self) -> BTreeSet<u16> {
+        self.exact.values().chain(self.below.values()).flat_map(|r| r.extra_ports.iter().copied()).collect()
+    }
+
+    /// Whether `name` (lowercase, no trailing dot) is an exact entry.
+    pub fn is_exact(&self, name: &str) -> bool {
+        self.exact.contains_key(name)
+    }
+
     /// What `name` may reach, merged over every pattern that matches it; None when denied.
     pub fn lookup(&self, name: &str) -> Option<Reach> {
         let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();

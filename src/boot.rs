@@ -2,16 +2,21 @@
 //! where it does, the call, and an error that names the operation and what to do about it.
 //! A failed stage ends the boot; the agent never starts after one.
 //!
-//! Stages that later work adds (DNS, firewall, credentials, clone, readiness) slot in at the
-//! places the design gives them, between `filesystem` and `readonly_root` / `session`.
+//! Stages that later work adds (credentials, clone) slot in at the places the design gives
+//! them: credentials before `readonly_root`, the clone before `readiness`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use crate::agent::{self, AgentSpec};
 use crate::allowlist;
 use crate::config::{self, Config};
+use crate::egress::{self, Egress};
+use crate::firewall;
 use crate::mounts::{self, TmpfsSpec};
+use crate::probe;
 use crate::reaper::REAPER_ENV;
 use crate::report::Report;
 use crate::secrets::Secrets;
@@ -65,11 +70,13 @@ pub struct BootFailed {
     pub supervisor: config::Supervisor,
 }
 
-/// What a completed boot hands to the supervisor: the running agent and how to restart it.
+/// What a completed boot hands to the supervisor: the running agent and how to restart it,
+/// and the egress machinery (None when `network.enforce = false`).
 pub struct Booted {
     pub config: Config,
     pub agent: AgentSpec,
     pub child: tokio::process::Child,
+    pub egress: Option<Arc<Egress>>,
 }
 
 /// Runs one stage: records its start, outcome and duration in the report.
@@ -140,10 +147,12 @@ fn stages(
             )
         })?;
         let from = if source.path.exists() { source.path.display().to_string() } else { "built-in defaults".into() };
-        Ok((config, format!("{from}, {} allowlist entries", entries.len())))
+        let detail = format!("{from}, {} allowlist entries", entries.len());
+        Ok(((config, entries), detail))
     });
-    let state_dir =
-        config.as_ref().map_or_else(|_| PathBuf::from(config::DEFAULT_STATE_DIR), |c| c.supervisor.state_dir.clone());
+    let state_dir = config
+        .as_ref()
+        .map_or_else(|_| PathBuf::from(config::DEFAULT_STATE_DIR), |(c, _)| c.supervisor.state_dir.clone());
 
     // 3. State directory. Next, so every failure from here on (and the one above) is visible
     //    in the boot log and state file to an operator who attaches.
@@ -152,7 +161,7 @@ fn stages(
         report.attach_dir(&state_dir);
         Ok(((), state_dir.display().to_string()))
     })?;
-    let config = config?;
+    let (config, entries) = config?;
     *supervisor = config.supervisor.clone();
 
     // 4. Secrets. Checked before the filesystem changes, so a missing token fails fast with
@@ -201,6 +210,67 @@ fn stages(
         ))
     })?;
 
+    // 5. DNS. Before the firewall, which names the listener and the upstreams; and before
+    //    anything resolves a name (credentials, the clone), so every lookup from here on goes
+    //    through the allowlist. resolv.conf is written now, while the root is still writable.
+    let egress = if config.network.enforce {
+        Some(stage(report, "dns", |_| {
+            let original = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+            let upstreams = egress::upstreams(&config.network, &original).map_err(|e| {
+                StageError::new(
+                    e,
+                    Some("set network.upstream, e.g. [\"1.1.1.1\"], or give the container a resolver".into()),
+                )
+            })?;
+            let egress = Egress::start(&config.network, entries, upstreams).map_err(|e| {
+                let hint = match &e {
+                    egress::EgressError::Bind { .. } => "another DNS server holds the address; change network.listen",
+                    egress::EgressError::Ipset(_) => "cordon needs CAP_NET_ADMIN: docker run --cap-add NET_ADMIN",
+                };
+                StageError::from_error(&e, Some(hint.into()))
+            })?;
+            write_in_place(Path::new(RESOLV_CONF), &egress::render_resolv_conf(config.network.listen, &original))
+                .map_err(|e| StageError::new(format!("cannot write {RESOLV_CONF}: {e}"), None))?;
+            let ups: Vec<String> = egress.upstreams.iter().map(ToString::to_string).collect();
+            let detail = format!(
+                "listening on {}, {} allowlist entries, upstream {}",
+                config.network.listen,
+                egress.allowlist.len(),
+                ups.join(" ")
+            );
+            Ok((egress, detail))
+        })?)
+    } else {
+        report.begin("dns");
+        report.skip("network.enforce = false");
+        report.warn("egress is NOT enforced (network.enforce = false): the agent's network is unrestricted".into());
+        None
+    };
+
+    // 6. Firewall. Default-deny for every uid but root, IPv4 and IPv6, before the agent or
+    //    anything it influences can open a socket.
+    if let Some(egress) = &egress {
+        stage(report, "firewall", |_| {
+            let plan = firewall::Plan {
+                listen: config.network.listen,
+                upstreams: egress.upstreams.clone(),
+                ports: config.network.ports.clone(),
+                extra_ports: entries_extra_ports(&egress.allowlist),
+            };
+            let default_timeout =
+                u32::try_from((config.network.min_ttl.0 + config.network.grace.0).as_secs()).unwrap_or(u32::MAX);
+            firewall::apply(&plan, default_timeout).map_err(|e| StageError::from_error(&e, Some(e.hint())))?;
+            let ports: Vec<String> = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
+            Ok((
+                (),
+                format!(
+                    "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {} to admitted addresses",
+                    ports.join(",")
+                ),
+            ))
+        })?;
+    }
+
     // 8. Read-only root. After everything boot writes outside the tmpfs mounts, before
     //    anything the agent influences runs. Per mount point, then proven with a write.
     if config.filesystem.readonly_root {
@@ -215,6 +285,28 @@ fn stages(
     } else {
         report.begin("readonly_root");
         report.skip("filesystem.readonly_root = false");
+    }
+
+    // 10. Readiness. After the lockdown is complete, before the agent: prove it from the
+    //     agent's own uid, positively and negatively. A probe that fails fails the boot.
+    if let Some(egress) = &egress {
+        stage(report, "readiness", |_| {
+            let spec = probe::spec(egress.listen, &egress.upstreams, config.network.probe.clone());
+            let results = run_probes(&spec, &user)?;
+            let failed: Vec<String> =
+                results.iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.probe, r.detail)).collect();
+            if !failed.is_empty() {
+                return Err(StageError::new(
+                    format!("{} of {} egress probes failed: {}", failed.len(), results.len(), failed.join("; ")),
+                    Some(
+                        "the firewall or DNS server is not enforcing the policy; see the boot log and `cordon status`"
+                            .into(),
+                    ),
+                ));
+            }
+            Ok(((), format!("{} probes passed as uid {}", results.len(), user.uid)))
+        })?;
+        egress.spawn_refresh(config.network.refresh_interval.0);
     }
 
     // 11. Session. Last: the agent starts only on a fully locked-down container.
@@ -243,7 +335,43 @@ fn stages(
         Ok(((spec, child), detail))
     })?;
 
-    Ok(Booted { config, agent, child })
+    Ok(Booted { config, agent, child, egress })
+}
+
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// Rewrites a file's content in place (truncate and write), because /etc/resolv.conf is often a
+/// bind mount (Docker, Kubernetes) that a rename cannot replace.
+fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).create(true).open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+fn entries_extra_ports(list: &crate::allowlist::Allowlist) -> Vec<u16> {
+    list.extra_ports().into_iter().collect()
+}
+
+/// Runs the probes in a child that is the agent user, with the agent's privileges.
+fn run_probes(spec: &probe::Spec, user: &AgentUser) -> Result<Vec<probe::ProbeResult>, StageError> {
+    let exe =
+        std::env::current_exe().map_err(|e| StageError::new(format!("cannot find cordon's own binary: {e}"), None))?;
+    let spec_json = serde_json::to_string(spec).expect("probe spec serialises");
+    let out = agent::unprivileged_command(&exe, user)
+        .args(["probe", "--spec", &spec_json])
+        .env("PATH", agent::AGENT_PATH)
+        .current_dir("/")
+        .output()
+        .map_err(|e| StageError::new(format!("cannot run the readiness probes: {e}"), None))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        StageError::new(
+            format!(
+                "the readiness probes gave no result ({e}); stderr: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            None,
+        )
+    })
 }
 
 /// Paths that stay writable under the read-only root: the tmpfs mounts, the configured

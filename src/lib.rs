@@ -1,14 +1,18 @@
 //! cordon: a hardened container entrypoint for AI coding agents. See `docs/architecture.md`.
 
 pub mod addrs;
+pub mod admission;
 pub mod agent;
 pub mod allowlist;
 pub mod boot;
 pub mod check;
 pub mod config;
+pub mod dns;
+pub mod egress;
 pub mod firewall;
 pub mod ipset;
 pub mod mounts;
+pub mod probe;
 pub mod reaper;
 pub mod report;
 pub mod secrets;

@@ -26,6 +26,12 @@ enum Command {
     /// Internal: the supervisor process that `init` starts under its reaper
     #[command(hide = true)]
     Supervise,
+    /// Internal: the readiness probes, run by the boot as the agent user
+    #[command(hide = true)]
+    Probe {
+        #[arg(long)]
+        spec: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,18 @@ fn main() -> ExitCode {
             cordon::reaper::run(args)
         }
         Command::Supervise => ExitCode::from(cordon::supervisor::run(source).clamp(0, 255) as u8),
+        Command::Probe { spec } => {
+            let spec: cordon::probe::Spec = match serde_json::from_str(&spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("cordon probe: bad spec: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let results = cordon::probe::run(&spec);
+            println!("{}", serde_json::to_string(&results).expect("results serialise"));
+            if results.iter().all(|r| r.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
         Command::Check => {
             let env = std::env::vars().collect();
             let report = cordon::check::check(&source, &env);

@@ -74,11 +74,13 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     let init_mode = if nix::unistd::getppid() == Pid::from_raw(1) { "pid1" } else { "subreaper" };
     let mut report = Report::new(init_mode);
 
-    let Booted { config, agent: spec, child } = match boot::boot(&source, &env, &mut report) {
+    let Booted { config, agent: spec, child, egress } = match boot::boot(&source, &env, &mut report) {
         Ok(booted) => booted,
         Err(BootFailed { supervisor }) => return hold_or_exit(&supervisor, &mut report, &mut signals).await,
     };
     let grace = config.supervisor.stop_grace.0;
+    // The DNS server and the refresh run as tasks; the supervisor holds egress for its lifetime.
+    let _egress = egress;
     let mut state = AgentState { pid: child.id(), running: true, restarts: 0, last_exit: None };
     report.set_agent(state.clone());
     report.ready();

@@ -215,7 +215,21 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
     let mut c = sb.start(&TestConfig::default(), &[], Mode::Pid1);
     let state = c.wait_phase(Phase::Ready, BOOT);
     let names: Vec<&str> = state.stages.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["sanity", "config", "state", "secrets", "filesystem", "readonly_root", "session"]);
+    assert_eq!(
+        names,
+        [
+            "sanity",
+            "config",
+            "state",
+            "secrets",
+            "filesystem",
+            "dns",
+            "firewall",
+            "readonly_root",
+            "readiness",
+            "session"
+        ]
+    );
     for s in &state.stages {
         assert_eq!(s.outcome, cordon::report::Outcome::Ok, "{s:?}");
         assert!(s.duration_ms.is_some_and(|d| d >= 0.0), "{s:?}");

@@ -9,6 +9,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
+pub mod world;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -70,6 +72,24 @@ impl Net {
         run("ip", &["-n", &net.inner, "route", "add", "default", "via", WORLD_V4]);
         run("ip", &["-n", &net.inner, "-6", "route", "add", "default", "via", WORLD_V6]);
         net
+    }
+}
+
+impl Net {
+    /// Adds a host address to the world (one of the documentation ranges).
+    pub fn add_world_addr(&self, ip: &str) {
+        let (dev, prefix) = if ip.contains(':') { (self.world_dev(), "/64") } else { (self.world_dev(), "/24") };
+        let mut args = vec!["-n", self.world.as_str(), "addr", "add"];
+        let cidr = format!("{ip}{prefix}");
+        args.extend([cidr.as_str(), "dev", dev.as_str()]);
+        if ip.contains(':') {
+            args.push("nodad");
+        }
+        run("ip", &args);
+    }
+
+    fn world_dev(&self) -> String {
+        format!("vw{}", &self.world[3..])
     }
 }
 
@@ -138,6 +158,9 @@ impl Sandbox {
         writeln!(group, "{AGENT_USER}:x:{AGENT_UID}:").unwrap();
         fs::write(dir.join("group"), group).unwrap();
         fs::write(dir.join("domains.conf"), "example.com\n*.example.org\n").unwrap();
+        // The namespace's own resolv.conf, bind-mounted over /etc/resolv.conf: cordon rewrites
+        // it, and must never touch the host's. The world's resolver is the upstream.
+        fs::write(dir.join("resolv.conf"), format!("nameserver {WORLD_V4}\noptions ndots:1\n")).unwrap();
         Sandbox { net: Net::new(&tag), dir }
     }
 
@@ -213,9 +236,10 @@ on_boot_failure = "{obf}"
         // fd 7 stands for a descriptor a runtime leaks into the entrypoint: it must not reach
         // the agent.
         let setup = format!(
-            "set -e\nmount -t tmpfs -o size=16m,mode=755 tmpfs /run\nmount --bind {p} /etc/passwd\nmount --bind {g} /etc/group\n{before}\nexec 7</dev/null\n",
+            "set -e\nmount -t tmpfs -o size=16m,mode=755 tmpfs /run\nmount --bind {p} /etc/passwd\nmount --bind {g} /etc/group\nmount --bind {r} /etc/resolv.conf\n{before}\nexec 7</dev/null\n",
             p = d.join("passwd").display(),
             g = d.join("group").display(),
+            r = d.join("resolv.conf").display(),
         );
         let launch = match mode {
             Mode::Pid1 => format!("exec {exe} init --config {}", cfg.display()),
@@ -362,11 +386,25 @@ impl Cordon {
 
     /// Runs a shell command inside cordon's namespaces (as `docker exec` would), as root.
     pub fn exec(&self, script: &str) -> std::process::Output {
+        self.exec_as(None, script)
+    }
+
+    /// Runs a bash command inside cordon's namespaces as the agent's uid and gid.
+    pub fn agent_exec(&self, script: &str) -> std::process::Output {
+        self.exec_as(Some(AGENT_UID), script)
+    }
+
+    fn exec_as(&self, uid: Option<u32>, script: &str) -> std::process::Output {
         let init = self.ns_init().to_string();
-        Command::new("nsenter")
-            .args(["-t", &init, "-p", "-m", "-u", "-n", "--", "/bin/sh", "-c", script])
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &init, "-p", "-m", "-u", "-n"]);
+        if let Some(uid) = uid {
+            cmd.args(["-S", &uid.to_string(), "-G", &uid.to_string()]);
+        }
+        cmd.args(["--", "/bin/bash", "-c", script])
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", "/")
             .output()
             .expect("nsenter")
     }

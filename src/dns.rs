@@ -1,0 +1,360 @@
+//! The embedded DNS server: the single source of truth for what the agent may reach.
+//!
+//! A denied name gets NXDOMAIN with an RFC 8914 Extended DNS Error ("Blocked") and is never
+//! forwarded upstream. An allowed name is forwarded; every A/AAAA address in the answer (CNAME
+//! chains included) is admitted to the firewall before the answer is released, addresses that
+//! may not be admitted (rebinding) are removed from it, and address hints in HTTPS/SVCB records
+//! are stripped (the client must resolve, and so admit, the target itself). Answers from the
+//! resolver's cache pass the same path, so they re-admit their addresses.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::{Resolver, TokioResolver};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::rr::rdata::HTTPS;
+use hickory_server::proto::rr::rdata::opt::EdnsOption;
+use hickory_server::proto::rr::rdata::svcb::{SVCB, SvcParamKey};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
+
+use crate::admission::{Admitter, Verdict};
+use crate::allowlist::Allowlist;
+
+/// RFC 8914 §4.16: "Blocked" — the resolver blocked the name by policy.
+const EDE_BLOCKED: u16 = 15;
+/// The EDNS option code of Extended DNS Errors (RFC 8914 §2).
+const EDNS_EDE: u16 = 15;
+const EDE_TEXT: &str = "blocked by cordon: not in the egress allowlist";
+/// How many distinct denied (name, type) pairs `status` keeps.
+const RECENT_DENIALS: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub name: String,
+    pub qtype: String,
+    pub count: u64,
+    pub last: SystemTime,
+}
+
+/// Counters and the recent denials, shared with `status`.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    pub failed: AtomicU64,
+    /// Addresses removed from answers because they may not be admitted.
+    pub rebinding_blocked: AtomicU64,
+    recent: Mutex<HashMap<(String, String), (u64, SystemTime)>>,
+}
+
+impl DnsStats {
+    /// Records a denial; returns its count so far, for rate-limited logging.
+    fn deny(&self, name: &str, qtype: RecordType) -> u64 {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (name.to_string(), qtype.to_string());
+        if !recent.contains_key(&key) && recent.len() >= RECENT_DENIALS {
+            let oldest = recent.iter().min_by_key(|(_, (_, last))| *last).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                recent.remove(&k);
+            }
+        }
+        let entry = recent.entry(key).or_insert((0, SystemTime::now()));
+        entry.0 += 1;
+        entry.1 = SystemTime::now();
+        entry.0
+    }
+
+    /// The recent denials, most recent first.
+    pub fn recent_denials(&self) -> Vec<Denial> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Denial> = recent
+            .iter()
+            .map(|((name, qtype), (count, last))| Denial {
+                name: name.clone(),
+                qtype: qtype.clone(),
+                count: *count,
+                last: *last,
+            })
+            .collect();
+        out.sort_by_key(|d| std::cmp::Reverse(d.last));
+        out
+    }
+}
+
+/// A resolver for the upstream servers only: no hosts file, no search list, no system config.
+pub fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
+    let servers = upstreams
+        .iter()
+        .map(|u| {
+            let mut ns = NameServerConfig::udp_and_tcp(u.ip());
+            for conn in &mut ns.connections {
+                conn.port = u.port();
+            }
+            ns
+        })
+        .collect();
+    let mut opts = ResolverOpts::default();
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.ndots = 0;
+    opts.preserve_intermediates = true;
+    opts.edns0 = true;
+    opts.cache_size = 8192;
+    // A name that does not exist now may exist soon (a repository just created).
+    opts.negative_max_ttl = Some(Duration::from_secs(30));
+    Resolver::builder_with_config(ResolverConfig::from_parts(None, vec![], servers), TokioRuntimeProvider::default())
+        .with_options(opts)
+        .build()
+        .expect("resolver from explicit configuration")
+}
+
+/// Last good addresses (with their TTLs) of the exact allowlist names, for the refresh's
+/// fail-closed fallback.
+pub type LastGood = Arc<Mutex<BTreeMap<String, Vec<(IpAddr, u32)>>>>;
+
+pub struct Handler {
+    pub allowlist: Arc<Allowlist>,
+    pub resolver: TokioResolver,
+    pub admitter: Arc<Admitter>,
+    pub stats: Arc<DnsStats>,
+    pub last_good: LastGood,
+}
+
+/// What became of one upstream answer on its way to the client.
+pub struct Filtered {
+    pub records: Vec<Record>,
+    pub addresses: Vec<(IpAddr, u32)>,
+}
+
+/// Admits every address of `records` for `name`, drops the refused ones and strips SVCB
+/// hints. Err: the kernel refused an admission, and the answer must not be released.
+pub fn admit_answer(
+    admitter: &Admitter,
+    stats: &DnsStats,
+    name: &str,
+    reach: &crate::allowlist::Reach,
+    records: &[Record],
+) -> std::io::Result<Filtered> {
+    let mut out = Filtered { records: Vec::with_capacity(records.len()), addresses: Vec::new() };
+    for record in records {
+        let ip = match &record.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        };
+        if let Some(ip) = ip {
+            match admitter.admit(name, ip, record.ttl, reach)? {
+                Verdict::Admitted => out.addresses.push((ip, record.ttl)),
+                Verdict::Refused(why) => {
+                    stats.rebinding_blocked.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(name, %ip, why, "address removed from the answer: never admitted for a public name");
+                    continue;
+                }
+            }
+        }
+        let data = match &record.data {
+            RData::HTTPS(h) => Some(RData::HTTPS(HTTPS(without_hints(&h.0)))),
+            RData::SVCB(s) => Some(RData::SVCB(without_hints(s))),
+            _ => None,
+        };
+        match data {
+            Some(data) => {
+                let mut r = record.clone();
+                r.data = data;
+                out.records.push(r);
+            }
+            None => out.records.push(record.clone()),
+        }
+    }
+    Ok(out)
+}
+
+fn without_hints(s: &SVCB) -> SVCB {
+    let params = s
+        .svc_params
+        .iter()
+        .filter(|(k, _)| !matches!(k, SvcParamKey::Ipv4Hint | SvcParamKey::Ipv6Hint))
+        .cloned()
+        .collect();
+    SVCB::new(s.svc_priority, s.target_name.clone(), params)
+}
+
+async fn send<'a, R: ResponseHandler>(
+    mut handle: R,
+    request: &Request,
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> ResponseInfo {
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!("cannot send a DNS response: {e}");
+            let mut md = Metadata::response_from_request(&request.metadata);
+            md.response_code = ResponseCode::ServFail;
+            Header { metadata: md, counts: HeaderCounts::default() }.into()
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
+        // Echo EDNS when the client sent it, so answers are not truncated at 512 bytes and the
+        // EDE can be carried; without it, a response must not carry an OPT record (RFC 6891).
+        let mut edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().max(512));
+            e
+        });
+        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
+            let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+            return send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::NotImp)).await;
+        }
+        let Ok(info) = request.request_info() else {
+            let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+            return send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::FormErr)).await;
+        };
+        let qname = info.query.name().to_string();
+        let qtype = info.query.query_type();
+        let mut md = Metadata::response_from_request(&request.metadata);
+        md.recursion_available = true;
+
+        let Some(reach) = self.allowlist.lookup(&qname) else {
+            let count = self.stats.deny(&qname, qtype);
+            if count.is_power_of_two() {
+                tracing::info!(name = %qname, qtype = %qtype, count, "denied: not in the allowlist");
+            }
+            if let Some(e) = edns.as_mut() {
+                let mut data = EDE_BLOCKED.to_be_bytes().to_vec();
+                data.extend_from_slice(EDE_TEXT.as_bytes());
+                e.options_mut().insert(EdnsOption::Unknown(EDNS_EDE, data));
+            }
+            md.response_code = ResponseCode::NXDomain;
+            let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+            return send(response_handle, request, builder.build_no_records(md)).await;
+        };
+
+        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+        match self.resolver.lookup(Name::from(info.query.name().clone()), qtype).await {
+            Ok(lookup) => match admit_answer(&self.admitter, &self.stats, &qname, &reach, lookup.answers()) {
+                Ok(filtered) => {
+                    self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+                    if !filtered.addresses.is_empty() {
+                        let key = qname.trim_end_matches('.').to_string();
+                        let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(known) = last.get_mut(&key) {
+                            merge(known, &filtered.addresses);
+                        } else if self.allowlist.is_exact(&key) {
+                            last.insert(key, filtered.addresses.clone());
+                        }
+                    }
+                    send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], [])).await
+                }
+                Err(e) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(name = %qname, "cannot admit the answer's addresses, answering SERVFAIL: {e}");
+                    send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail)).await
+                }
+            },
+            Err(e) if e.is_nx_domain() => {
+                self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+                md.response_code = ResponseCode::NXDomain;
+                send(response_handle, request, builder.build_no_records(md)).await
+            }
+            Err(e) if e.is_no_records_found() => {
+                self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+                send(response_handle, request, builder.build_no_records(md)).await
+            }
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed: {e}");
+                send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail)).await
+            }
+        }
+    }
+}
+
+/// Adds addresses not yet known; a fresh TTL replaces an old one.
+fn merge(known: &mut Vec<(IpAddr, u32)>, fresh: &[(IpAddr, u32)]) {
+    for &(ip, ttl) in fresh {
+        match known.iter_mut().find(|(k, _)| *k == ip) {
+            Some(k) => k.1 = ttl,
+            None => known.push((ip, ttl)),
+        }
+    }
+}
+
+/// Binds UDP and TCP on `addr` (the caller's error if it cannot) and starts serving.
+pub fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<Server<Handler>> {
+    let udp = std::net::UdpSocket::bind(addr)?;
+    udp.set_nonblocking(true)?;
+    let tcp = std::net::TcpListener::bind(addr)?;
+    tcp.set_nonblocking(true)?;
+    let mut server = Server::new(handler);
+    server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
+    server.register_listener(tokio::net::TcpListener::from_std(tcp)?, Duration::from_secs(5), 64);
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svcb_hints_are_stripped_and_other_params_kept() {
+        use hickory_server::proto::rr::rdata::svcb::{Alpn, IpHint, SvcParamValue};
+        let s = SVCB::new(
+            1,
+            Name::from_ascii("svc.example.com.").unwrap(),
+            vec![
+                (SvcParamKey::Alpn, SvcParamValue::Alpn(Alpn(vec!["h2".into()]))),
+                (
+                    SvcParamKey::Ipv4Hint,
+                    SvcParamValue::Ipv4Hint(IpHint(vec![hickory_server::proto::rr::rdata::A::new(192, 0, 2, 9)])),
+                ),
+            ],
+        );
+        let out = without_hints(&s);
+        assert_eq!(out.svc_params.len(), 1);
+        assert_eq!(out.svc_params[0].0, SvcParamKey::Alpn);
+        assert_eq!(out.target_name, s.target_name);
+    }
+
+    #[test]
+    fn denials_are_counted_and_bounded() {
+        let stats = DnsStats::default();
+        assert_eq!(stats.deny("a.test.", RecordType::A), 1);
+        assert_eq!(stats.deny("a.test.", RecordType::A), 2);
+        for i in 0..(RECENT_DENIALS + 10) {
+            stats.deny(&format!("n{i}.test."), RecordType::AAAA);
+        }
+        assert_eq!(stats.recent_denials().len(), RECENT_DENIALS);
+        assert_eq!(stats.denied.load(Ordering::Relaxed), (RECENT_DENIALS + 12) as u64);
+    }
+
+    #[test]
+    fn merge_keeps_known_addresses_and_renews_ttls() {
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let mut known = vec![(a, 10)];
+        merge(&mut known, &[(a, 50), (b, 60)]);
+        assert_eq!(known, [(a, 50), (b, 60)]);
+    }
+}

@@ -1,0 +1,241 @@
+//! Egress as a whole: the DNS server, the admission table, the refresh, and the shared state
+//! `status` reads. Built by the boot's `dns` stage, kept alive by the supervisor.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use hickory_resolver::TokioResolver;
+use hickory_server::proto::rr::{Name, RecordType};
+
+use crate::admission::{Admitter, Lifetimes};
+use crate::allowlist::{Allowlist, Entry};
+use crate::config::Network;
+use crate::dns::{self, DnsStats, Handler, LastGood};
+
+/// The nameservers of a resolv.conf text, in order.
+pub fn parse_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next()).flatten()
+        })
+        // A scoped IPv6 address (fe80::1%eth0) keeps its scope out of the parse.
+        .filter_map(|w| w.split('%').next()?.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// resolv.conf pointing at cordon's listener only, keeping the original `search`, `domain`
+/// and `options` lines (Kubernetes relies on its search list).
+pub fn render_resolv_conf(listen: SocketAddr, original: &str) -> String {
+    let mut out = String::from("# Written by cordon: every lookup goes through its allowlist DNS server.\n");
+    out.push_str(&format!("nameserver {}\n", listen.ip()));
+    for line in original.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if matches!(first, "search" | "domain" | "options") {
+            out.push_str(line.trim());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The upstreams in force: configured, or else those of resolv.conf, never cordon itself.
+pub fn upstreams(config: &Network, resolv_conf: &str) -> Result<Vec<SocketAddr>, String> {
+    let found: Vec<SocketAddr> = if config.upstream.is_empty() {
+        parse_nameservers(resolv_conf)
+    } else {
+        config.upstream.iter().map(|u| u.0).collect()
+    };
+    let found: Vec<SocketAddr> = found.into_iter().filter(|a| a.ip() != config.listen.ip()).collect();
+    if found.is_empty() {
+        return Err("no upstream resolver: /etc/resolv.conf names none besides cordon itself".into());
+    }
+    Ok(found)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshReport {
+    pub at: SystemTime,
+    pub names: usize,
+    pub addresses: usize,
+    /// Names whose lookup failed upstream; their last known good addresses were renewed.
+    pub failed: Vec<String>,
+}
+
+/// Everything egress shares with the supervisor and `status`.
+pub struct Egress {
+    pub allowlist: Arc<Allowlist>,
+    pub admitter: Arc<Admitter>,
+    pub stats: Arc<DnsStats>,
+    pub resolver: TokioResolver,
+    pub upstreams: Vec<SocketAddr>,
+    pub listen: SocketAddr,
+    pub last_good: LastGood,
+    pub last_refresh: Mutex<Option<RefreshReport>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("cannot open the netlink socket to ipset")]
+    Ipset(#[source] std::io::Error),
+    #[error("cannot bind the DNS server to {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Egress {
+    /// Binds the DNS server on `listen` and starts serving; must run inside the runtime.
+    pub fn start(
+        network: &Network,
+        entries: Vec<(Entry, String)>,
+        upstreams: Vec<SocketAddr>,
+    ) -> Result<Arc<Egress>, EgressError> {
+        let sets = crate::ipset::Ipset::open().map_err(EgressError::Ipset)?;
+        let allowlist = Arc::new(Allowlist::new(entries));
+        let lifetimes = Lifetimes { min_ttl: network.min_ttl.0, grace: network.grace.0 };
+        let admitter = Arc::new(Admitter::new(Box::new(sets), network.allow_cidrs.clone(), lifetimes));
+        let stats = Arc::new(DnsStats::default());
+        let resolver = dns::upstream_resolver(&upstreams);
+        let last_good = Arc::new(Mutex::new(BTreeMap::new()));
+        let handler = Handler {
+            allowlist: allowlist.clone(),
+            resolver: resolver.clone(),
+            admitter: admitter.clone(),
+            stats: stats.clone(),
+            last_good: last_good.clone(),
+        };
+        let mut server =
+            dns::serve(network.listen, handler).map_err(|source| EgressError::Bind { addr: network.listen, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = server.block_until_done().await {
+                tracing::error!("the DNS server stopped: {e}");
+            }
+        });
+        Ok(Arc::new(Egress {
+            allowlist,
+            admitter,
+            stats,
+            resolver,
+            upstreams,
+            listen: network.listen,
+            last_good,
+            last_refresh: Mutex::new(None),
+        }))
+    }
+
+    /// Re-resolves every exact allowlist name and renews its admissions. A name whose lookup
+    /// fails upstream keeps its last known good addresses, renewed: new names fail closed,
+    /// known ones keep working.
+    pub async fn refresh(&self) -> RefreshReport {
+        let names: Vec<String> = self.allowlist.exact_names().map(String::from).collect();
+        let mut addresses = 0;
+        let mut failed = Vec::new();
+        for name in &names {
+            let Some(reach) = self.allowlist.lookup(name) else { continue };
+            let mut ok = true;
+            let mut fresh = Vec::new();
+            for qtype in [RecordType::A, RecordType::AAAA] {
+                let Ok(qname) = Name::from_ascii(format!("{name}.")) else { continue };
+                match self.resolver.lookup(qname, qtype).await {
+                    Ok(lookup) => {
+                        match dns::admit_answer(&self.admitter, &self.stats, name, &reach, lookup.answers()) {
+                            Ok(filtered) => fresh.extend(filtered.addresses),
+                            Err(e) => {
+                                tracing::error!(name, "refresh cannot admit addresses: {e}");
+                                ok = false;
+                            }
+                        }
+                    }
+                    Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
+                    Err(e) => {
+                        tracing::warn!(name, %qtype, "refresh lookup failed: {e}");
+                        ok = false;
+                    }
+                }
+            }
+            let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+            if ok {
+                addresses += fresh.len();
+                if fresh.is_empty() {
+                    last.remove(name);
+                } else {
+                    last.insert(name.clone(), fresh);
+                }
+            } else {
+                failed.push(name.clone());
+                for &(ip, ttl) in last.get(name).into_iter().flatten() {
+                    if self.admitter.admit(name, ip, ttl, &reach).is_ok() {
+                        addresses += 1;
+                    }
+                }
+            }
+        }
+        self.admitter.prune();
+        let report = RefreshReport { at: SystemTime::now(), names: names.len(), addresses, failed };
+        *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        report
+    }
+
+    /// Runs the refresh every `interval` until the runtime stops.
+    pub fn spawn_refresh(self: &Arc<Self>, interval: Duration) {
+        let egress = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let r = egress.refresh().await;
+                if r.failed.is_empty() {
+                    tracing::info!(names = r.names, addresses = r.addresses, "egress refreshed");
+                } else {
+                    tracing::warn!(
+                        names = r.names,
+                        addresses = r.addresses,
+                        failed = r.failed.len(),
+                        "egress refreshed; upstream failed for some names, their last known addresses were kept"
+                    );
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOCKER: &str = "# Generated by Docker Engine.\nnameserver 127.0.0.11\nsearch corp.example\noptions ndots:0\n";
+
+    #[test]
+    fn nameservers_come_from_resolv_conf_in_order() {
+        let text = "nameserver 10.0.0.2\n# nameserver 9.9.9.9\nnameserver fe80::1%eth0\nnameserver bogus\n";
+        let got: Vec<String> = parse_nameservers(text).iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["10.0.0.2:53", "[fe80::1]:53"]);
+    }
+
+    #[test]
+    fn resolv_conf_points_at_cordon_and_keeps_search_and_options() {
+        let out = render_resolv_conf("127.0.0.53:53".parse().unwrap(), DOCKER);
+        assert_eq!(
+            out,
+            "# Written by cordon: every lookup goes through its allowlist DNS server.\n\
+             nameserver 127.0.0.53\nsearch corp.example\noptions ndots:0\n"
+        );
+    }
+
+    #[test]
+    fn upstreams_default_to_resolv_conf_and_never_include_cordon() {
+        let mut net = Network::default();
+        assert_eq!(upstreams(&net, DOCKER).unwrap(), ["127.0.0.11:53".parse().unwrap()]);
+        assert!(upstreams(&net, "nameserver 127.0.0.53\n").unwrap_err().contains("no upstream"));
+        net.upstream = vec!["192.0.2.1:5353".parse().unwrap()];
+        assert_eq!(upstreams(&net, DOCKER).unwrap(), ["192.0.2.1:5353".parse().unwrap()]);
+    }
+}

@@ -1,0 +1,182 @@
+//! The fake internet in the world namespace: an authoritative DNS server that records every
+//! query it receives (so a test can prove a denied name never left cordon) and can be taken
+//! down, and TCP servers that greet whoever connects. Each runs on a thread that has entered
+//! the world's network namespace; sockets stay there.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hickory_server::proto::op::{Message, MessageType, ResponseCode};
+use hickory_server::proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+
+/// Runs `f` on a new thread inside the named network namespace.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the world");
+        f()
+    })
+}
+
+#[derive(Debug, Clone)]
+pub enum Rec {
+    A(IpAddr),
+    Cname(String),
+}
+
+/// Names (lowercase, no trailing dot) to records, with one TTL for all.
+#[derive(Default)]
+pub struct Zone {
+    pub records: HashMap<String, Vec<Rec>>,
+    pub ttl: u32,
+}
+
+pub struct FakeDns {
+    pub zone: Arc<Mutex<Zone>>,
+    queries: Arc<Mutex<Vec<String>>>,
+    up: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeDns {
+    pub fn start(ns: &str, addr: SocketAddr) -> FakeDns {
+        let zone = Arc::new(Mutex::new(Zone { ttl: 30, ..Zone::default() }));
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let up = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (z, q, u, s) = (zone.clone(), queries.clone(), up.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = in_netns(ns, move || {
+            let sock = UdpSocket::bind(addr).expect("bind the fake DNS server");
+            sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 4096];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+                let Ok(msg) = Message::from_vec(&buf[..n]) else { continue };
+                if let Some(query) = msg.queries.first() {
+                    q.lock().unwrap().push(format!("{} {}", query.name(), query.query_type()));
+                }
+                if !u.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let reply = answer(&msg, &z.lock().unwrap());
+                let _ = sock.send_to(&reply.to_vec().unwrap(), from);
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("fake DNS server did not start");
+        FakeDns { zone, queries, up, stop, thread: Some(thread) }
+    }
+
+    pub fn set(&self, name: &str, records: Vec<Rec>) {
+        self.zone.lock().unwrap().records.insert(name.to_string(), records);
+    }
+
+    pub fn set_ttl(&self, ttl: u32) {
+        self.zone.lock().unwrap().ttl = ttl;
+    }
+
+    /// Every query received, as "name. TYPE".
+    pub fn queries(&self) -> Vec<String> {
+        self.queries.lock().unwrap().clone()
+    }
+
+    /// Down: queries are received (and recorded) but never answered.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+}
+
+impl Drop for FakeDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn answer(query: &Message, zone: &Zone) -> Message {
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.message_type = MessageType::Response;
+    reply.metadata.authoritative = true;
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    let Some(q) = query.queries.first() else { return reply };
+    reply.add_query(q.clone());
+    let mut name = q.name().to_string().trim_end_matches('.').to_ascii_lowercase();
+    let mut found = false;
+    for _ in 0..8 {
+        let Some(recs) = zone.records.get(&name) else { break };
+        found = true;
+        let owner = Name::from_ascii(format!("{name}.")).unwrap();
+        let mut next = None;
+        for r in recs {
+            let data = match (r, q.query_type()) {
+                (Rec::A(IpAddr::V4(ip)), RecordType::A) => RData::A(A(*ip)),
+                (Rec::A(IpAddr::V6(ip)), RecordType::AAAA) => RData::AAAA(AAAA(*ip)),
+                (Rec::Cname(t), _) => {
+                    next = Some(t.clone());
+                    RData::CNAME(CNAME(Name::from_ascii(format!("{t}.")).unwrap()))
+                }
+                _ => continue,
+            };
+            reply.add_answer(Record::from_rdata(owner.clone(), zone.ttl, data));
+        }
+        match next {
+            Some(t) => name = t,
+            None => break,
+        }
+    }
+    if !found {
+        reply.metadata.response_code = ResponseCode::NXDomain;
+    }
+    reply
+}
+
+/// A TCP server that writes "hello from <addr>\n" to each connection and closes it.
+pub struct Greeter {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Greeter {
+    pub fn start(ns: &str, addr: SocketAddr) -> Greeter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = in_netns(ns, move || {
+            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = writeln!(conn, "hello from {addr}");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("greeter did not start");
+        Greeter { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Greeter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
