@@ -36,6 +36,10 @@ const EDNS_EDE: u16 = 15;
 const EDE_TEXT: &str = "blocked by cordon: not in the egress allowlist";
 /// How many distinct denied (name, type) pairs `status` keeps.
 const RECENT_DENIALS: usize = 256;
+/// How many names' last good addresses are kept for serve-stale and the refresh.
+const LAST_GOOD_NAMES: usize = 4096;
+/// TTL of a stale answer (RFC 8767 §4 recommends 30 seconds).
+const STALE_TTL: u32 = 30;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -53,6 +57,8 @@ pub struct DnsStats {
     pub failed: AtomicU64,
     /// Addresses removed from answers because they may not be admitted.
     pub rebinding_blocked: AtomicU64,
+    /// Answers served from the last good addresses while upstream failed (RFC 8767).
+    pub stale: AtomicU64,
     recent: Mutex<HashMap<(String, String), (u64, SystemTime)>>,
 }
 
@@ -257,13 +263,7 @@ impl RequestHandler for Handler {
                 Ok(filtered) => {
                     self.stats.allowed.fetch_add(1, Ordering::Relaxed);
                     if !filtered.addresses.is_empty() {
-                        let key = qname.trim_end_matches('.').to_string();
-                        let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(known) = last.get_mut(&key) {
-                            merge(known, &filtered.addresses);
-                        } else if self.allowlist.is_exact(&key) {
-                            last.insert(key, filtered.addresses.clone());
-                        }
+                        self.remember(&qname, &filtered.addresses);
                     }
                     send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], [])).await
                 }
@@ -283,11 +283,61 @@ impl RequestHandler for Handler {
                 send(response_handle, request, builder.build_no_records(md)).await
             }
             Err(e) => {
+                // Upstream failed: answer from the last good addresses when there are some
+                // (serve-stale), so names that worked keep working; new names fail closed.
+                let stale = self.stale_records(&qname, qtype);
+                if !stale.is_empty()
+                    && let Ok(filtered) = admit_answer(&self.admitter, &self.stats, &qname, &reach, &stale)
+                {
+                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed ({e}); serving the last good addresses");
+                    return send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], []))
+                        .await;
+                }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed: {e}");
                 send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail)).await
             }
         }
+    }
+}
+
+impl Handler {
+    /// Keeps `name`'s good addresses for serve-stale and the refresh. Bounded: when full, an
+    /// arbitrary entry that is not an exact allowlist name makes room.
+    fn remember(&self, qname: &str, addresses: &[(IpAddr, u32)]) {
+        let key = qname.trim_end_matches('.').to_string();
+        let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = last.get_mut(&key) {
+            merge(known, addresses);
+            return;
+        }
+        if last.len() >= LAST_GOOD_NAMES {
+            let evict = last.keys().find(|k| !self.allowlist.is_exact(k)).cloned();
+            match evict {
+                Some(k) => {
+                    last.remove(&k);
+                }
+                None => return,
+            }
+        }
+        last.insert(key, addresses.to_vec());
+    }
+
+    /// The last good addresses of `qname` for `qtype`, as records with the stale TTL.
+    fn stale_records(&self, qname: &str, qtype: RecordType) -> Vec<Record> {
+        let last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(known) = last.get(qname.trim_end_matches('.')) else { return vec![] };
+        let Ok(owner) = Name::from_ascii(qname) else { return vec![] };
+        known
+            .iter()
+            .filter_map(|&(ip, _)| match (ip, qtype) {
+                (IpAddr::V4(a), RecordType::A) => Some(RData::A(a.into())),
+                (IpAddr::V6(a), RecordType::AAAA) => Some(RData::AAAA(a.into())),
+                _ => None,
+            })
+            .map(|data| Record::from_rdata(owner.clone(), STALE_TTL, data))
+            .collect()
     }
 }
 

@@ -76,6 +76,8 @@ pub struct Egress {
     pub listen: SocketAddr,
     pub last_good: LastGood,
     pub last_refresh: Mutex<Option<RefreshReport>>,
+    /// Admissions made by the refresh last at least this long (until the next refresh).
+    pub refresh_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,60 +129,103 @@ impl Egress {
             listen: network.listen,
             last_good,
             last_refresh: Mutex::new(None),
+            refresh_interval: network.refresh_interval.0,
         }))
     }
 
-    /// Re-resolves every exact allowlist name and renews its admissions. A name whose lookup
-    /// fails upstream keeps its last known good addresses, renewed: new names fail closed,
-    /// known ones keep working.
-    pub async fn refresh(&self) -> RefreshReport {
+    /// Renews and re-resolves the exact allowlist names. First every known address is renewed
+    /// until the next refresh, at once, so nothing lapses however long the lookups take; then
+    /// every name is re-resolved, concurrently. A name whose lookup fails keeps its known
+    /// addresses: new names fail closed, known ones keep working.
+    pub async fn refresh(self: &Arc<Self>) -> RefreshReport {
+        // A name refreshed now must stay admitted until the next refresh, whatever its TTL.
+        let floor = u32::try_from(self.refresh_interval.as_secs()).unwrap_or(u32::MAX);
         let names: Vec<String> = self.allowlist.exact_names().map(String::from).collect();
-        let mut addresses = 0;
-        let mut failed = Vec::new();
-        for name in &names {
+        let known: Vec<(String, Vec<(IpAddr, u32)>)> = {
+            let last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+            names.iter().filter_map(|n| last.get(n).map(|a| (n.clone(), a.clone()))).collect()
+        };
+        for (name, addresses) in &known {
             let Some(reach) = self.allowlist.lookup(name) else { continue };
-            let mut ok = true;
-            let mut fresh = Vec::new();
-            for qtype in [RecordType::A, RecordType::AAAA] {
-                let Ok(qname) = Name::from_ascii(format!("{name}.")) else { continue };
-                match self.resolver.lookup(qname, qtype).await {
-                    Ok(lookup) => {
-                        match dns::admit_answer(&self.admitter, &self.stats, name, &reach, lookup.answers()) {
-                            Ok(filtered) => fresh.extend(filtered.addresses),
-                            Err(e) => {
-                                tracing::error!(name, "refresh cannot admit addresses: {e}");
-                                ok = false;
-                            }
-                        }
-                    }
-                    Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
-                    Err(e) => {
-                        tracing::warn!(name, %qtype, "refresh lookup failed: {e}");
-                        ok = false;
-                    }
-                }
-            }
-            let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
-            if ok {
-                addresses += fresh.len();
-                if fresh.is_empty() {
-                    last.remove(name);
-                } else {
-                    last.insert(name.clone(), fresh);
-                }
-            } else {
-                failed.push(name.clone());
-                for &(ip, ttl) in last.get(name).into_iter().flatten() {
-                    if self.admitter.admit(name, ip, ttl, &reach).is_ok() {
-                        addresses += 1;
-                    }
+            for &(ip, ttl) in addresses {
+                if let Err(e) = self.admitter.admit(name, ip, ttl.max(floor), &reach) {
+                    tracing::error!(name, %ip, "refresh cannot renew an admission: {e}");
                 }
             }
         }
+
+        let mut lookups = tokio::task::JoinSet::new();
+        for name in names.iter().cloned() {
+            let egress = self.clone();
+            lookups.spawn(async move {
+                let result = egress.resolve(&name, floor).await;
+                (name, result)
+            });
+        }
+        let mut addresses = 0;
+        let mut failed = Vec::new();
+        while let Some(joined) = lookups.join_next().await {
+            let Ok((name, result)) = joined else { continue };
+            let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(fresh) if fresh.is_empty() => {
+                    last.remove(&name);
+                }
+                Ok(fresh) => {
+                    addresses += fresh.len();
+                    last.insert(name, fresh);
+                }
+                Err(()) => {
+                    addresses += last.get(&name).map_or(0, Vec::len);
+                    failed.push(name);
+                }
+            }
+        }
+        failed.sort();
         self.admitter.prune();
         let report = RefreshReport { at: SystemTime::now(), names: names.len(), addresses, failed };
         *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         report
+    }
+
+    /// Resolves `name` (A and AAAA) and admits what it finds for at least `floor` seconds.
+    /// Err when upstream failed (as opposed to answering that there is nothing).
+    async fn resolve(&self, name: &str, floor: u32) -> Result<Vec<(IpAddr, u32)>, ()> {
+        let Some(reach) = self.allowlist.lookup(name) else { return Ok(vec![]) };
+        let Ok(qname) = Name::from_ascii(format!("{name}.")) else { return Ok(vec![]) };
+        let (a, aaaa) = tokio::join!(
+            self.resolver.lookup(qname.clone(), RecordType::A),
+            self.resolver.lookup(qname, RecordType::AAAA)
+        );
+        let mut fresh = Vec::new();
+        for (qtype, result) in [(RecordType::A, a), (RecordType::AAAA, aaaa)] {
+            match result {
+                Ok(lookup) => {
+                    let records: Vec<_> = lookup
+                        .answers()
+                        .iter()
+                        .cloned()
+                        .map(|mut r| {
+                            r.ttl = r.ttl.max(floor);
+                            r
+                        })
+                        .collect();
+                    match dns::admit_answer(&self.admitter, &self.stats, name, &reach, &records) {
+                        Ok(filtered) => fresh.extend(filtered.addresses),
+                        Err(e) => {
+                            tracing::error!(name, "refresh cannot admit addresses: {e}");
+                            return Err(());
+                        }
+                    }
+                }
+                Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
+                Err(e) => {
+                    tracing::warn!(name, %qtype, "refresh lookup failed: {e}");
+                    return Err(());
+                }
+            }
+        }
+        Ok(fresh)
     }
 
     /// Runs the refresh every `interval` until the runtime stops.

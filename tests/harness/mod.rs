@@ -124,6 +124,8 @@ pub struct TestConfig {
     pub stop_grace: &'static str,
     pub on_boot_failure: &'static str,
     pub required_secrets: Vec<&'static str>,
+    /// Raw TOML keys added to the [network] table.
+    pub network: String,
     /// Raw TOML appended at the end (new tables only).
     pub extra: String,
 }
@@ -136,6 +138,7 @@ impl Default for TestConfig {
             stop_grace: "3s",
             on_boot_failure: "exit",
             required_secrets: vec![],
+            network: String::new(),
             extra: String::new(),
         }
     }
@@ -201,6 +204,7 @@ owner = "agent"
 
 [network]
 allowlist = "{d}/domains.conf"
+{network}
 
 [agent]
 user = "{AGENT_USER}"
@@ -217,6 +221,7 @@ on_boot_failure = "{obf}"
             on_exit = c.on_exit,
             grace = c.stop_grace,
             obf = c.on_boot_failure,
+            network = c.network,
             extra = c.extra,
         );
         text
@@ -229,7 +234,8 @@ on_boot_failure = "{obf}"
 
     /// Starts cordon with the config file `cfg`, running `before` (shell) inside the namespaces
     /// first, as a container runtime would prepare mounts before starting the entrypoint.
-    /// `/run` is a private tmpfs in there, as in a container.
+    /// `/run` is a private tmpfs in there, as in a container. `before` may set `WRAP` to a
+    /// command prefix for cordon (e.g. `setpriv ... --`).
     pub fn launch(&self, cfg: &Path, env: &[(&str, &str)], mode: Mode, before: &str) -> Cordon {
         let exe = env!("CARGO_BIN_EXE_cordon");
         let d = &self.dir;
@@ -242,9 +248,9 @@ on_boot_failure = "{obf}"
             r = d.join("resolv.conf").display(),
         );
         let launch = match mode {
-            Mode::Pid1 => format!("exec {exe} init --config {}", cfg.display()),
+            Mode::Pid1 => format!("exec ${{WRAP:-}} {exe} init --config {}", cfg.display()),
             Mode::Subreaper => {
-                format!("set +e; {exe} init --config {}; echo \"cordon exited $?\"; exit 0", cfg.display())
+                format!("set +e; ${{WRAP:-}} {exe} init --config {}; echo \"cordon exited $?\"; exit 0", cfg.display())
             }
         };
         let stdout = fs::File::create(d.join("stdout.log")).unwrap();
