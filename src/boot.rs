@@ -210,7 +210,7 @@ fn stages(
         ))
     })?;
 
-    // 5. DNS. Before the firewall, which names the listener and the upstreams; and before
+    // 6. DNS. Before the firewall, which names the listener and the upstreams; and before
     //    anything resolves a name (credentials, the clone), so every lookup from here on goes
     //    through the allowlist. resolv.conf is written now, while the root is still writable.
     let egress = if config.network.enforce {
@@ -247,7 +247,7 @@ fn stages(
         None
     };
 
-    // 6. Firewall. Default-deny for every uid but root, IPv4 and IPv6, before the agent or
+    // 7. Firewall. Default-deny for every uid but root, IPv4 and IPv6, before the agent or
     //    anything it influences can open a socket.
     if let Some(egress) = &egress {
         stage(report, "firewall", |_| {
@@ -271,7 +271,7 @@ fn stages(
         })?;
     }
 
-    // 8. Read-only root. After everything boot writes outside the tmpfs mounts, before
+    // 9. Read-only root. After everything boot writes outside the tmpfs mounts, before
     //    anything the agent influences runs. Per mount point, then proven with a write.
     if config.filesystem.readonly_root {
         stage(report, "readonly_root", |_| {
@@ -287,7 +287,7 @@ fn stages(
         report.skip("filesystem.readonly_root = false");
     }
 
-    // 10. Readiness. After the lockdown is complete, before the agent: prove it from the
+    // 11. Readiness. After the lockdown is complete, before the agent: prove it from the
     //     agent's own uid, positively and negatively. A probe that fails fails the boot.
     if let Some(egress) = &egress {
         stage(report, "readiness", |_| {
@@ -309,7 +309,7 @@ fn stages(
         egress.spawn_refresh(config.network.refresh_interval.0);
     }
 
-    // 11. Session. Last: the agent starts only on a fully locked-down container.
+    // 12. Session. Last: the agent starts only on a fully locked-down container.
     let (agent, child) = stage(report, "session", |_| {
         let workdir = config.agent.workdir.clone();
         if !workdir.is_dir() {

@@ -369,8 +369,8 @@ impl Config {
         if self.agent.command.is_empty() || self.agent.command[0].is_empty() {
             return Err(err("agent.command", "must name a program, e.g. [\"claude\"]".into()));
         }
-        if self.network.ports.is_empty() || self.network.ports.contains(&0) {
-            return Err(err("network.ports", "must list at least one port from 1 to 65535, e.g. [443]".into()));
+        if self.network.ports.is_empty() || self.network.ports.contains(&0) || self.network.ports.len() > 15 {
+            return Err(err("network.ports", "must list 1 to 15 ports from 1 to 65535, e.g. [443]".into()));
         }
         if !self.network.listen.ip().is_loopback() {
             return Err(err(
