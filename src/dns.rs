@@ -351,14 +351,32 @@ fn merge(known: &mut Vec<(IpAddr, u32)>, fresh: &[(IpAddr, u32)]) {
     }
 }
 
+/// How many UDP sockets share the listen address. hickory-server runs one receive loop per
+/// socket; with SO_REUSEPORT the kernel spreads queries over the sockets by source address, so
+/// receive loops run in parallel on the runtime's worker threads.
+pub const UDP_SOCKETS: usize = 2;
+
+/// A UDP socket bound to `addr` with SO_REUSEPORT set, so several can share it.
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
 /// Binds UDP and TCP on `addr` (the caller's error if it cannot) and starts serving.
 pub fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<Server<Handler>> {
-    let udp = std::net::UdpSocket::bind(addr)?;
-    udp.set_nonblocking(true)?;
+    // The TCP listener first and without SO_REUSEPORT: it fails if anyone holds the address,
+    // and the UDP sockets after it cannot be joined by another process's socket either, as
+    // theirs would need SO_REUSEPORT under the same uid (root).
     let tcp = std::net::TcpListener::bind(addr)?;
     tcp.set_nonblocking(true)?;
     let mut server = Server::new(handler);
-    server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
+    for _ in 0..UDP_SOCKETS {
+        server.register_socket(tokio::net::UdpSocket::from_std(reuseport_udp(addr)?)?);
+    }
     server.register_listener(tokio::net::TcpListener::from_std(tcp)?, Duration::from_secs(5), 64);
     Ok(server)
 }

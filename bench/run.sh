@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# cordon's DNS server against dnsmasq, side by side in one run, on loopback in private network
+# namespaces (nothing leaves this machine). Both forward the same 1,000-entry allowlist to the
+# same synthetic upstream and put the answered addresses into ipset sets; dnsperf sends the
+# same query files to each. Prints a markdown report; see docs/benchmarks.md.
+#   sudo bash bench/run.sh [seconds-per-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (namespaces, ipset)" >&2; exit 1; }
+for tool in dnsperf dnsmasq ipset iptables-restore; do
+  command -v "$tool" >/dev/null || { echo "bench: needs $tool (apt-get install dnsperf dnsmasq-base ipset iptables)" >&2; exit 1; }
+done
+secs=${1:-10}
+cargo build --release --quiet --bin cordon --examples
+bin=$PWD/target/release
+tag=$$; world=bw-$tag; inner=bc-$tag
+dir=$(mktemp -d /var/tmp/cordon-bench.XXXXXX)
+pids=()
+cleanup() {
+  # unshare's forked child (cordon, PID 1 of its namespace) outlives a killed unshare: kill
+  # the namespace's init first, which takes the namespace down.
+  for p in "${pids[@]}"; do
+    for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do kill -KILL "$c" 2>/dev/null || true; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  ip netns del "$inner" 2>/dev/null || true; ip netns del "$world" 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# Network: world 192.0.2.1 (the upstream), cordon's namespace 192.0.2.2.
+ip netns add "$world"; ip netns add "$inner"
+ip link add "vw$tag" netns "$world" type veth peer name "vi$tag" netns "$inner"
+ip -n "$world" addr add 192.0.2.1/24 dev "vw$tag"; ip -n "$inner" addr add 192.0.2.2/24 dev "vi$tag"
+for ns in "$world" "$inner"; do ip -n "$ns" link set lo up; done
+ip -n "$world" link set "vw$tag" up; ip -n "$inner" link set "vi$tag" up
+ip -n "$inner" route add default via 192.0.2.1
+ip netns exec "$world" "$bin/examples/bench_upstream" 192.0.2.1:53 >/dev/null 2>&1 & pids+=($!)
+
+# The same allowlist for both: 999 exact names and one wildcard.
+for i in $(seq 0 998); do echo "a$i.allowed.test"; done > "$dir/domains.conf"
+echo "*.bench.test" >> "$dir/domains.conf"
+{
+  echo "no-resolv"; echo "no-hosts"; echo "bind-interfaces"; echo "listen-address=127.0.0.54"
+  echo "cache-size=10000"; echo "user=root"; echo "address=/#/"
+  echo "ipset=/allowed.test/bench.test/dm4,dm6"
+  for i in $(seq 0 998); do echo "server=/a$i.allowed.test/192.0.2.1"; done
+  echo "server=/bench.test/192.0.2.1"
+} > "$dir/dnsmasq.conf"
+ip netns exec "$inner" ipset create dm4 hash:ip family inet timeout 360
+ip netns exec "$inner" ipset create dm6 hash:ip family inet6 timeout 360
+
+# cordon as PID 1 of its own pid/mount namespaces, with an agent that only sleeps.
+cp /etc/passwd "$dir/passwd"; cp /etc/group "$dir/group"
+echo "benchagent:x:4343:4343::$dir/home:/bin/sh" >> "$dir/passwd"; echo "benchagent:x:4343:" >> "$dir/group"
+echo "nameserver 192.0.2.1" > "$dir/resolv.conf"
+mkdir -p "$dir/home" "$dir/ws"
+cat > "$dir/cordon.toml" <<TOML
+[secrets]
+required = []
+[[tmpfs]]
+path = "$dir/ws"
+size = "16M"
+owner = "agent"
+[filesystem]
+readonly_root = false
+[network]
+allowlist = "$dir/domains.conf"
+[agent]
+user = "benchagent"
+workdir = "$dir/ws"
+command = ["/bin/sleep", "100000"]
+TOML
+ip netns exec "$inner" unshare --pid --fork --mount --mount-proc --propagation private -- /bin/sh -c \
+  "mount -t tmpfs tmpfs /run && mount --bind $dir/passwd /etc/passwd && mount --bind $dir/group /etc/group && mount --bind $dir/resolv.conf /etc/resolv.conf && exec $bin/cordon init --config $dir/cordon.toml" \
+  >/dev/null 2> "$dir/cordon.log" & pids+=($!)
+ip netns exec "$inner" dnsmasq --keep-in-foreground --conf-file="$dir/dnsmasq.conf" >/dev/null 2> "$dir/dnsmasq.log" & pids+=($!)
+
+for _ in $(seq 100); do
+  ip netns exec "$inner" dig +short +time=1 +tries=1 @127.0.0.53 a1.allowed.test >/dev/null 2>&1 \
+    && ip netns exec "$inner" dig +short +time=1 +tries=1 @127.0.0.54 a1.allowed.test >/dev/null 2>&1 && break
+  sleep 0.2
+done
+grep -q "ready" "$dir/cordon.log" || { echo "bench: cordon did not become ready:" >&2; cat "$dir/cordon.log" >&2; exit 1; }
+
+for i in $(seq 0 99); do echo "a$i.allowed.test A"; done > "$dir/allowed.txt"
+for i in $(seq 0 99); do echo "x$i.denied.test A"; done > "$dir/denied.txt"
+for i in $(seq 1 10000); do echo "n$i.bench.test AAAA"; done > "$dir/unique.txt"
+
+perf() { # server queryfile -> "qps avg_latency_ms"
+  timeout $((secs + 30)) ip netns exec "$inner" dnsperf -s "$1" -d "$2" -l "$secs" -c 4 -q 100 2>&1 |
+    awk '/Queries per second/ {q=$4} /Average Latency/ {l=$4*1000} END {printf "%.0f %.3f", q, l}'
+}
+# Warm both caches with the allowed names.
+for s in 127.0.0.53 127.0.0.54; do timeout 60 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/allowed.txt" -n 1 >/dev/null 2>&1; done
+
+echo "| query set | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency |"
+echo "|---|---|---|---|---|---|"
+for set in allowed denied; do
+  read -r cq cl <<<"$(perf 127.0.0.53 "$dir/$set.txt")"
+  read -r dq dl <<<"$(perf 127.0.0.54 "$dir/$set.txt")"
+  ratio=$(awk -v a="$cq" -v b="$dq" 'BEGIN {printf "%.2f", a/b}')
+  label=$([ "$set" = allowed ] && echo "allowed, from cache" || echo "denied")
+  echo "| $label | $cq | $dq | $ratio | ${cl} ms | ${dl} ms |"
+done
+
+# Memory with 1,000 allowlist entries and 10,000 admitted addresses.
+for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/unique.txt" -n 1 -q 50 >/dev/null 2>&1; done
+reaper=$(cat /proc/"${pids[1]}"/task/*/children | awk '{print $1}')
+supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do grep -q supervise /proc/"$p"/cmdline && echo "$p"; done)
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/"$1"/status; }
+dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
+admitted=$(ip netns exec "$inner" ipset list cordon6 | grep -c timeout || true)
+dm_admitted=$(ip netns exec "$inner" ipset list dm6 | grep -c timeout || true)
+echo
+echo "| memory after 10,000 unique names | cordon (supervisor) | dnsmasq |"
+echo "|---|---|---|"
+echo "| RSS | $(rss "$supervisor") MiB | $(rss "$dnsmasq_pid") MiB |"
+echo "| addresses in the ipset | $admitted | $dm_admitted |"
+echo
+"$bin/examples/admission_bench"
