@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages cordon's test suite uses (Debian/Ubuntu, as root).
 set -euo pipefail
-packages=(iproute2 util-linux mount procps iptables ipset dnsutils tmux git make)
+packages=(iproute2 util-linux mount procps iptables ipset dnsutils netcat-openbsd tmux git make)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -72,17 +72,29 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
     tokio::process::Command::from(cmd).spawn()
 }
 
-/// Crash-loop accounting for `on_exit = "restart"`: backoff 1 s doubling to 30 s; more than
-/// [`RestartPolicy::LIMIT`] exits within [`RestartPolicy::WINDOW`] and it gives up.
-#[derive(Debug, Default)]
+/// Crash-loop accounting for `on_exit = "restart"`: backoff from `first` (1 s by default)
+/// doubling to 30 s; more than [`RestartPolicy::LIMIT`] exits within [`RestartPolicy::WINDOW`]
+/// and it gives up.
+#[derive(Debug)]
 pub struct RestartPolicy {
     exits: VecDeque<Instant>,
+    first: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy::new(Duration::from_secs(1))
+    }
 }
 
 impl RestartPolicy {
     pub const LIMIT: usize = 5;
     pub const WINDOW: Duration = Duration::from_secs(300);
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+    pub fn new(first: Duration) -> RestartPolicy {
+        RestartPolicy { exits: VecDeque::new(), first }
+    }
 
     /// Records an exit at `now`: the delay before the next start, or None to stop restarting.
     pub fn on_exit(&mut self, now: Instant) -> Option<Duration> {
@@ -94,7 +106,7 @@ impl RestartPolicy {
         if n > Self::LIMIT {
             return None;
         }
-        Some((Duration::from_secs(1) * (1 << (n - 1))).min(Self::MAX_BACKOFF))
+        Some((self.first * (1 << (n - 1))).min(Self::MAX_BACKOFF))
     }
 }
 

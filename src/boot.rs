@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::agent::{self, AgentSpec};
 use crate::allowlist;
 use crate::config::{self, Config};
+use crate::control::{self, Live};
 use crate::egress::{self, Egress};
 use crate::firewall;
 use crate::mounts::{self, TmpfsSpec};
@@ -102,15 +103,23 @@ fn stage<T>(
 /// environment cordon was started with, already removed from the process (see
 /// `supervisor::take_environment`). Must run inside the async runtime (the agent is a tokio
 /// child).
-pub fn boot(source: &ConfigSource, env: &BTreeMap<String, String>, report: &mut Report) -> Result<Booted, BootFailed> {
+///
+/// `live` is what the control socket answers from; the boot fills it in as stages complete.
+pub fn boot(
+    source: &ConfigSource,
+    env: &BTreeMap<String, String>,
+    report: &mut Report,
+    live: &Arc<Live>,
+) -> Result<Booted, BootFailed> {
     let mut supervisor = config::Supervisor::default();
-    stages(source, env, report, &mut supervisor).map_err(|StageFailed| BootFailed { supervisor })
+    stages(source, env, report, live, &mut supervisor).map_err(|StageFailed| BootFailed { supervisor })
 }
 
 fn stages(
     source: &ConfigSource,
     env: &BTreeMap<String, String>,
     report: &mut Report,
+    live: &Arc<Live>,
     supervisor: &mut config::Supervisor,
 ) -> Result<Booted, StageFailed> {
     // 1. Sanity. First, because every later stage needs root, and the supervisor must sit
@@ -159,7 +168,11 @@ fn stages(
     stage(report, "state", |report| {
         mounts::prepare_state_dir(&state_dir).map_err(|e| StageError::from_error(&e, e.hint()))?;
         report.attach_dir(&state_dir);
-        Ok(((), state_dir.display().to_string()))
+        let listener = control::bind(&state_dir).map_err(|e| {
+            StageError::new(format!("cannot bind the control socket in {}: {e}", state_dir.display()), None)
+        })?;
+        control::serve(listener, live.clone());
+        Ok(((), format!("{}, control socket ready", state_dir.display())))
     })?;
     let (config, entries) = config?;
     *supervisor = config.supervisor.clone();
@@ -187,6 +200,9 @@ fn stages(
                 .map_err(|e| StageError::from_error(&e, Some(format!("fix the owner of tmpfs {}", m.path))))?;
             specs.push(TmpfsSpec { path: m.path.resolve(&user.home), size: m.size.0, mode: m.mode.0, uid, gid });
         }
+        control::grant(&state_dir, user.gid)
+            .map_err(|e| StageError::new(format!("cannot open the control socket to the agent's group: {e}"), None))?;
+        let _ = live.tmpfs.set(specs.iter().map(|s| s.path.clone()).collect());
         let mountinfo = mounts::read_mountinfo().map_err(|e| StageError::from_error(&e, None))?;
         let plan = mounts::plan_tmpfs(specs, &mountinfo).map_err(|e| StageError::from_error(&e, e.hint()))?;
         for step in &plan {
@@ -229,6 +245,7 @@ fn stages(
                 };
                 StageError::from_error(&e, Some(hint.into()))
             })?;
+            let _ = live.egress.set(egress.clone());
             write_in_place(Path::new(RESOLV_CONF), &egress::render_resolv_conf(config.network.listen, &original))
                 .map_err(|e| StageError::new(format!("cannot write {RESOLV_CONF}: {e}"), None))?;
             let ups: Vec<String> = egress.upstreams.iter().map(ToString::to_string).collect();

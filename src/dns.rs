@@ -60,6 +60,14 @@ pub struct DnsStats {
     /// Answers served from the last good addresses while upstream failed (RFC 8767).
     pub stale: AtomicU64,
     recent: Mutex<HashMap<(String, String), (u64, SystemTime)>>,
+    /// The last upstream failure, for `status`.
+    pub last_upstream_error: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl DnsStats {
+    pub fn upstream_failed(&self, error: String) {
+        *self.last_upstream_error.lock().unwrap_or_else(|e| e.into_inner()) = Some((SystemTime::now(), error));
+    }
 }
 
 impl DnsStats {
@@ -283,6 +291,7 @@ impl RequestHandler for Handler {
                 send(response_handle, request, builder.build_no_records(md)).await
             }
             Err(e) => {
+                self.stats.upstream_failed(format!("{qname} {qtype}: {e}"));
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
                 let stale = self.stale_records(&qname, qtype);

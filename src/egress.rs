@@ -221,6 +221,7 @@ impl Egress {
                 Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
                 Err(e) => {
                     tracing::warn!(name, %qtype, "refresh lookup failed: {e}");
+                    self.stats.upstream_failed(format!("refresh {name} {qtype}: {e}"));
                     return Err(());
                 }
             }

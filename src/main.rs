@@ -23,6 +23,14 @@ enum Command {
     Init,
     /// Validate the configuration, the allowlist and required secrets; no side effects
     Check,
+    /// What is running, what failed, what was blocked and why (exit 0 ready, 1 not, 2 unreachable)
+    Status {
+        /// Print the status document as JSON (schema: docs/status.md)
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: Option<StatusWhat>,
+    },
     /// Internal: the supervisor process that `init` starts under its reaper
     #[command(hide = true)]
     Supervise,
@@ -31,6 +39,15 @@ enum Command {
     Probe {
         #[arg(long)]
         spec: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StatusWhat {
+    /// Why a name is allowed or denied, or whether an address is admitted and for which name
+    Why {
+        /// A domain name or an IP address
+        target: String,
     },
 }
 
@@ -61,6 +78,18 @@ fn main() -> ExitCode {
             let results = cordon::probe::run(&spec);
             println!("{}", serde_json::to_string(&results).expect("results serialise"));
             if results.iter().all(|r| r.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Status { json, what } => {
+            use std::io::IsTerminal;
+            // The state directory comes from the config; when that cannot be read, the default.
+            let state_dir = cordon::config::Config::load(&source.path, source.explicit)
+                .map(|c| c.supervisor.state_dir)
+                .unwrap_or_else(|_| cordon::config::DEFAULT_STATE_DIR.into());
+            let why = what.map(|StatusWhat::Why { target }| target);
+            let (text, code) =
+                cordon::status::client(&state_dir, json, why.as_deref(), std::io::stdout().is_terminal());
+            print!("{text}");
+            ExitCode::from(code)
         }
         Command::Check => {
             let env = std::env::vars().collect();

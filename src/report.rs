@@ -76,6 +76,8 @@ pub struct State {
 }
 
 pub struct Report {
+    /// Every change, for the control socket's live answers.
+    live: tokio::sync::watch::Sender<State>,
     dir: Option<PathBuf>,
     started: Instant,
     stage_started: Option<Instant>,
@@ -90,24 +92,31 @@ fn now_rfc3339() -> String {
 
 impl Report {
     pub fn new(init_mode: &str) -> Report {
+        let state = State {
+            version: 1,
+            pid: std::process::id(),
+            init_mode: init_mode.into(),
+            started_at: now_rfc3339(),
+            phase: Phase::Booting,
+            reason: None,
+            boot_ms: None,
+            stages: Vec::new(),
+            agent: None,
+            warnings: Vec::new(),
+        };
         Report {
+            live: tokio::sync::watch::Sender::new(state.clone()),
             dir: None,
             started: Instant::now(),
             stage_started: None,
             pending_log: Vec::new(),
-            state: State {
-                version: 1,
-                pid: std::process::id(),
-                init_mode: init_mode.into(),
-                started_at: now_rfc3339(),
-                phase: Phase::Booting,
-                reason: None,
-                boot_ms: None,
-                stages: Vec::new(),
-                agent: None,
-                warnings: Vec::new(),
-            },
+            state,
         }
+    }
+
+    /// A receiver of every state change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<State> {
+        self.live.subscribe()
     }
 
     /// Where files go from now on; writes out everything recorded so far.
@@ -250,6 +259,7 @@ impl Report {
     /// Writes `state.json` atomically (temporary file, then rename), so a reader never sees
     /// half a file.
     fn flush(&self) {
+        self.live.send_replace(self.state.clone());
         let Some(dir) = &self.dir else { return };
         let tmp = dir.join(".state.json.tmp");
         let json = serde_json::to_vec_pretty(&self.state).expect("state serialises");

@@ -73,8 +73,9 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     }
     let init_mode = if nix::unistd::getppid() == Pid::from_raw(1) { "pid1" } else { "subreaper" };
     let mut report = Report::new(init_mode);
+    let live = crate::control::Live::new(report.subscribe());
 
-    let Booted { config, agent: spec, child, egress } = match boot::boot(&source, &env, &mut report) {
+    let Booted { config, agent: spec, child, egress } = match boot::boot(&source, &env, &mut report, &live) {
         Ok(booted) => booted,
         Err(BootFailed { supervisor }) => return hold_or_exit(&supervisor, &mut report, &mut signals).await,
     };
@@ -86,7 +87,7 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     report.ready();
 
     let mut running = Some(child);
-    let mut policy = RestartPolicy::default();
+    let mut policy = RestartPolicy::new(config.agent.restart_backoff.0);
     let mut restart_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {

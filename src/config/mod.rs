@@ -203,6 +203,8 @@ pub struct Agent {
     #[serde(skip_serializing)]
     pub prompt: Option<String>,
     pub on_exit: OnExit,
+    /// First delay before a restart (`on_exit = "restart"`); it doubles per exit, up to 30s.
+    pub restart_backoff: Span,
     /// Working directory of the agent.
     pub workdir: PathBuf,
 }
@@ -214,6 +216,7 @@ impl Default for Agent {
             command: vec!["claude".into(), "--dangerously-skip-permissions".into()],
             prompt: None,
             on_exit: OnExit::Restart,
+            restart_backoff: Span(Duration::from_secs(1)),
             workdir: "/workspace".into(),
         }
     }

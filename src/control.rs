@@ -1,0 +1,165 @@
+//! The control socket, `<state_dir>/control.sock`: read-only, line-based requests from root and
+//! the agent user (`root:<agent group>`, mode 0660). `status` answers the live status document,
+//! `why <name|address>` an explanation; there is no request that changes anything, and nothing
+//! secret is in any answer.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+
+use crate::egress::Egress;
+use crate::report::State;
+use crate::status::{self, StatusDoc};
+
+/// A request line longer than this is refused.
+const MAX_REQUEST: usize = 512;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the control socket reads from: the report's state, and the parts of the boot that
+/// exist once their stage has run.
+pub struct Live {
+    pub state: watch::Receiver<State>,
+    pub egress: OnceLock<Arc<Egress>>,
+    pub tmpfs: OnceLock<Vec<PathBuf>>,
+}
+
+impl Live {
+    pub fn new(state: watch::Receiver<State>) -> Arc<Live> {
+        Arc::new(Live { state, egress: OnceLock::new(), tmpfs: OnceLock::new() })
+    }
+}
+
+/// Binds the socket (replacing a stale one), owner-only until [`grant`] widens it.
+pub fn bind(state_dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    let path = status::socket_path(state_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Lets the agent's group query the socket.
+pub fn grant(state_dir: &Path, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = status::socket_path(state_dir);
+    std::os::unix::fs::chown(&path, Some(0), Some(gid))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+}
+
+/// Serves requests until the runtime stops.
+pub fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let live = live.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(TIMEOUT, answer(stream, live)).await;
+            });
+        }
+    });
+}
+
+async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST as u64)).read_line(&mut line).await?;
+    let request = line.trim();
+    let reply = match request.split_once(' ').map_or((request, ""), |(a, b)| (a, b.trim())) {
+        ("status", "") => serde_json::to_string(&live_status(&live).await),
+        ("why", target) if !target.is_empty() => serde_json::to_string(&status::why(target, live.egress.get().map(|e| &**e))),
+        _ => Ok(serde_json::json!({ "error": "unknown request; this socket answers `status` and `why <name|address>` only" }).to_string()),
+    }
+    .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
+    write.write_all(reply.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    write.shutdown().await
+}
+
+async fn live_status(live: &Live) -> StatusDoc {
+    let state = live.state.borrow().clone();
+    let mut doc = status::from_state(&state, "live");
+    if let Some(egress) = live.egress.get() {
+        doc.dns = Some(dns_status(egress));
+        doc.egress = Some(egress_status(egress).await);
+    }
+    doc.filesystem.tmpfs = live.tmpfs.get().into_iter().flatten().filter_map(|p| status::usage(p)).collect();
+    doc
+}
+
+fn dns_status(egress: &Egress) -> status::DnsStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &egress.stats;
+    let last = s.last_upstream_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    status::DnsStatus {
+        listen: egress.listen.to_string(),
+        upstreams: egress.upstreams.iter().map(ToString::to_string).collect(),
+        upstream_last_error: last.map(|(at, message)| status::TimedMessage { at: status::rfc3339(at), message }),
+        queries: status::QueryCounts {
+            allowed: s.allowed.load(Relaxed),
+            denied: s.denied.load(Relaxed),
+            failed: s.failed.load(Relaxed),
+            stale: s.stale.load(Relaxed),
+            rebinding_blocked: s.rebinding_blocked.load(Relaxed),
+        },
+        recent_denials: s
+            .recent_denials()
+            .into_iter()
+            .take(32)
+            .map(|d| status::DenialStatus {
+                name: d.name,
+                qtype: d.qtype,
+                count: d.count,
+                last: status::rfc3339(d.last),
+            })
+            .collect(),
+    }
+}
+
+async fn egress_status(egress: &Egress) -> status::EgressStatus {
+    use crate::firewall::{Family, counters};
+    let admitted = egress.admitter.admitted();
+    let mut v4 = std::collections::BTreeSet::new();
+    let mut v6 = std::collections::BTreeSet::new();
+    for a in &admitted {
+        if a.ip.is_ipv4() {
+            v4.insert(a.ip)
+        } else {
+            v6.insert(a.ip)
+        };
+    }
+    let rejected = |family| {
+        counters(family).ok().map(|rules| rules.iter().filter(|(_, r)| r.contains("REJECT")).map(|(n, _)| n).sum())
+    };
+    let (r4, r6) =
+        tokio::task::spawn_blocking(move || (rejected(Family::V4), rejected(Family::V6))).await.unwrap_or((None, None));
+    let last = egress.last_refresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    status::EgressStatus {
+        allowlist_entries: egress.allowlist.len(),
+        admitted_ipv4: v4.len(),
+        admitted_ipv6: v6.len(),
+        last_refresh: last.map(|r| status::RefreshStatus {
+            at: status::rfc3339(r.at),
+            names: r.names,
+            addresses: r.addresses,
+            failed: r.failed,
+        }),
+        rejected_ipv4: r4,
+        rejected_ipv6: r6,
+    }
+}
+
+/// Sends one request to a running cordon and returns its JSON answer.
+pub fn request(state_dir: &Path, line: &str) -> std::io::Result<String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(status::socket_path(state_dir))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply)?;
+    Ok(reply)
+}
