@@ -146,6 +146,7 @@ async fn egress_status(egress: &Egress) -> status::EgressStatus {
             at: status::rfc3339(r.at),
             names: r.names,
             addresses: r.addresses,
+            changed: r.changed,
             failed: r.failed,
         }),
         rejected_ipv4: r4,

@@ -62,6 +62,8 @@ pub struct RefreshReport {
     pub at: SystemTime,
     pub names: usize,
     pub addresses: usize,
+    /// Addresses that appeared or disappeared since the previous lookup of their name.
+    pub changed: usize,
     /// Names whose lookup failed upstream; their last known good addresses were renewed.
     pub failed: Vec<String>,
 }
@@ -163,17 +165,23 @@ impl Egress {
             });
         }
         let mut addresses = 0;
+        let mut changed = 0;
         let mut failed = Vec::new();
         while let Some(joined) = lookups.join_next().await {
             let Ok((name, result)) = joined else { continue };
             let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
             match result {
-                Ok(fresh) if fresh.is_empty() => {
-                    last.remove(&name);
-                }
                 Ok(fresh) => {
+                    let before: std::collections::BTreeSet<IpAddr> =
+                        last.get(&name).into_iter().flatten().map(|(ip, _)| *ip).collect();
+                    let after: std::collections::BTreeSet<IpAddr> = fresh.iter().map(|(ip, _)| *ip).collect();
+                    changed += before.symmetric_difference(&after).count();
                     addresses += fresh.len();
-                    last.insert(name, fresh);
+                    if fresh.is_empty() {
+                        last.remove(&name);
+                    } else {
+                        last.insert(name, fresh);
+                    }
                 }
                 Err(()) => {
                     addresses += last.get(&name).map_or(0, Vec::len);
@@ -183,7 +191,7 @@ impl Egress {
         }
         failed.sort();
         self.admitter.prune();
-        let report = RefreshReport { at: SystemTime::now(), names: names.len(), addresses, failed };
+        let report = RefreshReport { at: SystemTime::now(), names: names.len(), addresses, changed, failed };
         *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         report
     }
@@ -239,7 +247,7 @@ impl Egress {
                 tick.tick().await;
                 let r = egress.refresh().await;
                 if r.failed.is_empty() {
-                    tracing::info!(names = r.names, addresses = r.addresses, "egress refreshed");
+                    tracing::info!(names = r.names, addresses = r.addresses, changed = r.changed, "egress refreshed");
                 } else {
                     tracing::warn!(
                         names = r.names,

@@ -93,6 +93,7 @@ pub struct RefreshStatus {
     pub at: String,
     pub names: usize,
     pub addresses: usize,
+    pub changed: usize,
     pub failed: Vec<String>,
 }
 

@@ -214,6 +214,17 @@ fn upstream_down_keeps_known_names_working_and_fails_new_ones_cleanly() {
     std::thread::sleep(Duration::from_secs(12));
     assert_eq!(connect(&c, "192.0.2.50", true).unwrap(), "hello from 192.0.2.50:443");
     assert_eq!(connect(&c, "known.example.com", true).unwrap(), "hello from 192.0.2.50:443", "served stale");
+    let out = c.exec(&format!(
+        "{} status --json --config {}",
+        env!("CARGO_BIN_EXE_cordon"),
+        sb.path("cordon.toml").display()
+    ));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let refresh = &v["egress"]["last_refresh"];
+    assert_eq!(refresh["failed"], serde_json::json!(["known.example.com"]), "{v}");
+    assert_eq!(refresh["addresses"], 1, "the last known address was kept: {refresh}");
+    assert!(v["dns"]["upstream_last_error"]["message"].is_string(), "{v}");
+    assert!(v["dns"]["queries"]["stale"].as_u64().unwrap() >= 1);
     let out = dig(&c, "+time=10 @127.0.0.53 new.example.org A");
     assert_eq!(status_of(&out), "SERVFAIL", "a new name fails cleanly while upstream is down: {out}");
 }
