@@ -40,6 +40,9 @@ const RECENT_DENIALS: usize = 256;
 const LAST_GOOD_NAMES: usize = 4096;
 /// TTL of a stale answer (RFC 8767 §4 recommends 30 seconds).
 const STALE_TTL: u32 = 30;
+/// How long a client waits for upstream before a stale answer is served, when there is one
+/// (RFC 8767 §5, "stale answer client timeout": 1.8 seconds).
+const STALE_CLIENT_TIMEOUT: Duration = Duration::from_millis(1800);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -266,7 +269,24 @@ impl RequestHandler for Handler {
         };
 
         let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
-        match self.resolver.lookup(Name::from(info.query.name().clone()), qtype).await {
+        let lookup = self.resolver.lookup(Name::from(info.query.name().clone()), qtype);
+        tokio::pin!(lookup);
+        let result = match tokio::time::timeout(STALE_CLIENT_TIMEOUT, &mut lookup).await {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some(stale) = self.stale_records(&qname, qtype)
+                    && let Ok(filtered) = admit_answer(&self.admitter, &self.stats, &qname, &reach, &stale)
+                {
+                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    self.stats.upstream_failed(format!("{qname} {qtype}: no answer within {STALE_CLIENT_TIMEOUT:?}"));
+                    tracing::warn!(name = %qname, qtype = %qtype, "upstream is slow; serving the last good addresses");
+                    return send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], []))
+                        .await;
+                }
+                lookup.await
+            }
+        };
+        match result {
             Ok(lookup) => match admit_answer(&self.admitter, &self.stats, &qname, &reach, lookup.answers()) {
                 Ok(filtered) => {
                     self.stats.allowed.fetch_add(1, Ordering::Relaxed);
@@ -294,8 +314,7 @@ impl RequestHandler for Handler {
                 self.stats.upstream_failed(format!("{qname} {qtype}: {e}"));
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
-                let stale = self.stale_records(&qname, qtype);
-                if !stale.is_empty()
+                if let Some(stale) = self.stale_records(&qname, qtype)
                     && let Ok(filtered) = admit_answer(&self.admitter, &self.stats, &qname, &reach, &stale)
                 {
                     self.stats.stale.fetch_add(1, Ordering::Relaxed);
@@ -333,12 +352,14 @@ impl Handler {
         last.insert(key, addresses.to_vec());
     }
 
-    /// The last good addresses of `qname` for `qtype`, as records with the stale TTL.
-    fn stale_records(&self, qname: &str, qtype: RecordType) -> Vec<Record> {
+    /// The last good addresses of `qname` for `qtype`, as records with the stale TTL: None when
+    /// the name has no last good addresses at all; empty (a NODATA answer) when it has some,
+    /// but not of this type.
+    fn stale_records(&self, qname: &str, qtype: RecordType) -> Option<Vec<Record>> {
         let last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(known) = last.get(qname.trim_end_matches('.')) else { return vec![] };
-        let Ok(owner) = Name::from_ascii(qname) else { return vec![] };
-        known
+        let known = last.get(qname.trim_end_matches('.'))?;
+        let owner = Name::from_ascii(qname).ok()?;
+        let records = known
             .iter()
             .filter_map(|&(ip, _)| match (ip, qtype) {
                 (IpAddr::V4(a), RecordType::A) => Some(RData::A(a.into())),
@@ -346,7 +367,8 @@ impl Handler {
                 _ => None,
             })
             .map(|data| Record::from_rdata(owner.clone(), STALE_TTL, data))
-            .collect()
+            .collect();
+        Some(records)
     }
 }
 

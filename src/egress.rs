@@ -14,6 +14,9 @@ use crate::allowlist::{Allowlist, Entry};
 use crate::config::Network;
 use crate::dns::{self, DnsStats, Handler, LastGood};
 
+/// How long the refresh waits for one lookup.
+const REFRESH_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The nameservers of a resolv.conf text, in order.
 pub fn parse_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
     resolv_conf
@@ -201,12 +204,17 @@ impl Egress {
     async fn resolve(&self, name: &str, floor: u32) -> Result<Vec<(IpAddr, u32)>, ()> {
         let Some(reach) = self.allowlist.lookup(name) else { return Ok(vec![]) };
         let Ok(qname) = Name::from_ascii(format!("{name}.")) else { return Ok(vec![]) };
-        let (a, aaaa) = tokio::join!(
-            self.resolver.lookup(qname.clone(), RecordType::A),
-            self.resolver.lookup(qname, RecordType::AAAA)
-        );
+        // Bounded, so that a refresh against a dead upstream still finishes and reports.
+        let bounded = |qtype| tokio::time::timeout(REFRESH_LOOKUP_TIMEOUT, self.resolver.lookup(qname.clone(), qtype));
+        let (a, aaaa) = tokio::join!(bounded(RecordType::A), bounded(RecordType::AAAA));
         let mut fresh = Vec::new();
         for (qtype, result) in [(RecordType::A, a), (RecordType::AAAA, aaaa)] {
+            let Ok(result) = result else {
+                tracing::warn!(name, %qtype, "refresh lookup timed out");
+                self.stats
+                    .upstream_failed(format!("refresh {name} {qtype}: no answer within {REFRESH_LOOKUP_TIMEOUT:?}"));
+                return Err(());
+            };
             match result {
                 Ok(lookup) => {
                     let records: Vec<_> = lookup

@@ -214,12 +214,11 @@ fn upstream_down_keeps_known_names_working_and_fails_new_ones_cleanly() {
     std::thread::sleep(Duration::from_secs(12));
     assert_eq!(connect(&c, "192.0.2.50", true).unwrap(), "hello from 192.0.2.50:443");
     assert_eq!(connect(&c, "known.example.com", true).unwrap(), "hello from 192.0.2.50:443", "served stale");
-    let out = c.exec(&format!(
-        "{} status --json --config {}",
-        env!("CARGO_BIN_EXE_cordon"),
-        sb.path("cordon.toml").display()
-    ));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let cmd = format!("{} status --json --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display());
+    let v = harness::wait_until("a refresh report in status", Duration::from_secs(20), || {
+        let v: serde_json::Value = serde_json::from_slice(&c.exec(&cmd).stdout).ok()?;
+        (!v["egress"]["last_refresh"].is_null()).then_some(v)
+    });
     let refresh = &v["egress"]["last_refresh"];
     assert_eq!(refresh["failed"], serde_json::json!(["known.example.com"]), "{v}");
     assert_eq!(refresh["addresses"], 1, "the last known address was kept: {refresh}");
