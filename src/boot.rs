@@ -148,7 +148,9 @@ fn stages(
         let mut config = Config::load(&source.path, source.explicit).map_err(|e| {
             StageError::new(e.to_string(), Some("fix the file, then check it with `cordon check --config FILE`".into()))
         })?;
-        config.apply_env(env);
+        config
+            .apply_env(env)
+            .map_err(|e| StageError::new(e.to_string(), Some("fix the environment variable".into())))?;
         let entries = load_allowlist(&config).map_err(|errors| {
             StageError::new(
                 errors.join("; "),
@@ -288,6 +290,22 @@ fn stages(
         })?;
     }
 
+    // 8. Credentials. After the tmpfs mounts (the files go on the home tmpfs) and the
+    //    firewall; before the read-only root and before the clone, which needs them.
+    let workdir = if config.repo.url.is_some() { config.repo.dest.clone() } else { config.agent.workdir.clone() };
+    stage(report, "credentials", |_| {
+        let exe = std::env::current_exe()
+            .map_err(|e| StageError::new(format!("cannot find cordon's own binary: {e}"), None))?;
+        let summary =
+            crate::credentials::write_all(&config, &user, secrets.get("GH_PAT"), &workdir, &exe).map_err(|e| {
+                StageError::new(
+                    format!("cannot write the credential files in {}: {e}", user.home.display()),
+                    Some("the agent's home must be writable (a tmpfs, by default)".into()),
+                )
+            })?;
+        Ok(((), summary))
+    })?;
+
     // 9. Read-only root. After everything boot writes outside the tmpfs mounts, before
     //    anything the agent influences runs. Per mount point, then proven with a write.
     if config.filesystem.readonly_root {
@@ -302,6 +320,38 @@ fn stages(
     } else {
         report.begin("readonly_root");
         report.skip("filesystem.readonly_root = false");
+    }
+
+    // 10. Clone. After the lockdown, so it goes through the firewall like everything the agent
+    //     does; as the agent, with the credential helper; before the readiness probes.
+    if let Some(url) = &config.repo.url {
+        stage(report, "clone", |report| {
+            let mut cmd = agent::unprivileged_command("git", &user);
+            cmd.args(crate::clone::clone_args(
+                url,
+                &config.repo.dest,
+                config.repo.branch.as_deref(),
+                config.repo.depth,
+            ))
+            .envs([
+                ("HOME", user.home.display().to_string()),
+                ("PATH", agent::AGENT_PATH.to_string()),
+                ("GIT_TERMINAL_PROMPT", "0".to_string()),
+                ("LANG", "C.UTF-8".to_string()),
+            ])
+            .current_dir(config.repo.dest.parent().unwrap_or(Path::new("/")));
+            crate::clone::run(cmd, config.repo.timeout.0, |line| report.progress(&format!("clone: {line}"))).map_err(|e| {
+                StageError::new(
+                    e,
+                    Some("check REPO_URL and that GH_PAT can read the repository (fine-grained tokens: Contents); the host must be in the allowlist".into()),
+                )
+            })?;
+            let branch = config.repo.branch.as_deref().unwrap_or("the default branch");
+            Ok(((), format!("{url} ({branch}) into {}", config.repo.dest.display())))
+        })?;
+    } else {
+        report.begin("clone");
+        report.skip("no repo.url (REPO_URL)");
     }
 
     // 11. Readiness. After the lockdown is complete, before the agent: prove it from the
@@ -328,7 +378,7 @@ fn stages(
 
     // 12. Session. Last: the agent starts only on a fully locked-down container.
     let (agent, child) = stage(report, "session", |_| {
-        let workdir = config.agent.workdir.clone();
+        let workdir = workdir.clone();
         if !workdir.is_dir() {
             return Err(StageError::new(
                 format!("agent.workdir {} is not a directory", workdir.display()),

@@ -26,7 +26,9 @@ pub fn check(source: &ConfigSource, env: &BTreeMap<String, String>) -> CheckRepo
             Config::default()
         }
     };
-    config.apply_env(env);
+    if let Err(e) = config.apply_env(env) {
+        problems.push(e.to_string());
+    }
     let config_ok = problems.is_empty();
 
     let mut out = String::new();

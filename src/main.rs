@@ -34,6 +34,13 @@ enum Command {
     /// Internal: the supervisor process that `init` starts under its reaper
     #[command(hide = true)]
     Supervise,
+    /// Internal: git's credential helper for the agent (gitcredentials(7))
+    #[command(hide = true, name = "git-credential")]
+    GitCredential {
+        operation: String,
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
     /// Internal: the readiness probes, run by the boot as the agent user
     #[command(hide = true)]
     Probe {
@@ -67,6 +74,14 @@ fn main() -> ExitCode {
             cordon::reaper::run(args)
         }
         Command::Supervise => ExitCode::from(cordon::supervisor::run(source).clamp(0, 255) as u8),
+        Command::GitCredential { operation, hosts } => {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+            let stdin = std::io::stdin().lock();
+            if let Some(answer) = cordon::credentials::helper(&operation, stdin, &hosts, &home) {
+                print!("{answer}");
+            }
+            ExitCode::SUCCESS
+        }
         Command::Probe { spec } => {
             let spec: cordon::probe::Spec = match serde_json::from_str(&spec) {
                 Ok(s) => s,

@@ -199,6 +199,11 @@ impl Report {
         self.flush();
     }
 
+    /// A progress line of the running stage, for the boot log only.
+    pub fn progress(&mut self, line: &str) {
+        self.log_line(format!("  {line}"));
+    }
+
     pub fn warn(&mut self, warning: String) {
         tracing::warn!("{warning}");
         self.log_line(format!("warning: {warning}"));

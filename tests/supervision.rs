@@ -225,12 +225,14 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
             "filesystem",
             "dns",
             "firewall",
+            "credentials",
             "readonly_root",
+            "clone",
             "readiness",
             "session"
         ]
     );
-    for s in &state.stages {
+    for s in state.stages.iter().filter(|s| s.name != "clone") {
         assert_eq!(s.outcome, cordon::report::Outcome::Ok, "{s:?}");
         assert!(s.duration_ms.is_some_and(|d| d >= 0.0), "{s:?}");
     }
@@ -238,7 +240,8 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
     assert!(state.boot_ms.is_some_and(|ms| ms > 0.0));
     assert_eq!(state.agent.as_ref().map(|a| a.running), Some(true));
     let log = c.boot_log();
-    for stage in &names {
+    assert!(log.contains("clone: skipped - no repo.url (REPO_URL)"), "{log}");
+    for stage in names.iter().filter(|n| **n != "clone") {
         assert!(log.contains(&format!("{stage}: ok")), "boot log lacks {stage}:\n{log}");
     }
     assert!(log.contains("ready in"), "{log}");

@@ -159,13 +159,31 @@ impl Default for Network {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Repo {
     /// `REPO_URL`. None: nothing is cloned.
     pub url: Option<String>,
     /// `REPO_BRANCH`. None: the remote's default branch.
     pub branch: Option<String>,
+    /// Where the clone goes; it becomes the agent's working directory.
+    pub dest: PathBuf,
+    /// The clone fails the boot when it takes longer.
+    pub timeout: Span,
+    /// Shallow clone depth; None: full history.
+    pub depth: Option<u32>,
+}
+
+impl Default for Repo {
+    fn default() -> Self {
+        Repo {
+            url: None,
+            branch: None,
+            dest: "/workspace/repo".into(),
+            timeout: Span(Duration::from_secs(300)),
+            depth: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -173,11 +191,21 @@ pub struct Repo {
 pub struct Git {
     pub user_name: String,
     pub user_email: String,
+    /// Hosts the credential helper gives `GH_PAT` to: `host` (HTTPS only) or `http://host` to
+    /// allow plain HTTP too (the token then crosses the network in clear).
+    pub credential_hosts: Vec<String>,
+    /// npm scopes served by GitHub Packages (`@org`): ~/.npmrc points them there, with GH_PAT.
+    pub npm_scopes: Vec<String>,
 }
 
 impl Default for Git {
     fn default() -> Self {
-        Git { user_name: "cordon".into(), user_email: "cordon@users.noreply.github.com".into() }
+        Git {
+            user_name: "cordon".into(),
+            user_email: "cordon@users.noreply.github.com".into(),
+            credential_hosts: vec!["github.com".into()],
+            npm_scopes: vec![],
+        }
     }
 }
 
@@ -309,8 +337,9 @@ impl Config {
         }
     }
 
-    /// Applies the environment variables of [`ENV_OVERRIDES`]; an empty variable counts as unset.
-    pub fn apply_env(&mut self, env: &BTreeMap<String, String>) {
+    /// Applies the environment variables of [`ENV_OVERRIDES`] (an empty variable counts as
+    /// unset) and checks what they brought, as the file's values were checked.
+    pub fn apply_env(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
         let get = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
         if let Some(v) = get("REPO_URL") {
             self.repo.url = Some(v);
@@ -327,6 +356,15 @@ impl Config {
         if let Some(v) = get("GIT_USER_EMAIL") {
             self.git.user_email = v;
         }
+        if let Some(url) = get("REPO_URL") {
+            crate::clone::check_url(&url).map_err(|message| ConfigError {
+                file: "environment".into(),
+                line: None,
+                key: Some("REPO_URL".into()),
+                message,
+            })?;
+        }
+        Ok(())
     }
 
     /// Every variable whose value is a secret: required and optional, in order, deduplicated.
@@ -397,6 +435,17 @@ impl Config {
         }
         if !self.supervisor.state_dir.is_absolute() {
             return Err(err("supervisor.state_dir", "must be an absolute path".into()));
+        }
+        if !self.repo.dest.is_absolute() {
+            return Err(err("repo.dest", "must be an absolute path".into()));
+        }
+        if let Some(url) = &self.repo.url {
+            crate::clone::check_url(url).map_err(|e| err("repo.url", e))?;
+        }
+        for scope in &self.git.npm_scopes {
+            if !scope.starts_with('@') || scope.len() < 2 || scope.contains(['/', ' ', ':']) {
+                return Err(err("git.npm_scopes", format!("`{scope}` is not an npm scope such as \"@my-org\"")));
+            }
         }
         if !self.agent.workdir.is_absolute() {
             return Err(err("agent.workdir", "must be an absolute path".into()));
@@ -534,12 +583,21 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        c.apply_env(&env);
+        c.apply_env(&env).unwrap();
         assert_eq!(c.repo.url.as_deref(), Some("https://github.com/o/r.git"));
         assert_eq!(c.repo.branch.as_deref(), Some("dev"));
         assert_eq!(c.agent.prompt.as_deref(), Some("fix it"));
         assert_eq!(c.git.user_name, "file");
         assert_eq!(c.git.user_email, "a@b.c");
+    }
+
+    #[test]
+    fn a_repo_url_from_the_environment_is_checked_too() {
+        let mut c = Config::default();
+        let env: BTreeMap<String, String> = [("REPO_URL".to_string(), "https://t0k@github.com/o/r".to_string())].into();
+        let e = c.apply_env(&env).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("REPO_URL"));
+        assert!(!e.to_string().contains("t0k"), "{e}");
     }
 
     #[test]

@@ -180,3 +180,104 @@ impl Drop for Greeter {
         }
     }
 }
+
+/// A request the git server received: its path and Authorization header.
+pub type Request = (String, Option<String>);
+
+/// A git server over HTTP with basic auth, serving a bare repository as static files (git's
+/// "dumb" HTTP protocol, prepared by `git update-server-info`). Records every request's path
+/// and Authorization header.
+pub struct GitServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub requests: Arc<Mutex<Vec<Request>>>,
+}
+
+pub fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl GitServer {
+    /// Serves `root` (a directory holding `name.git` bare repositories) on `addr`, accepting
+    /// only `user:password`.
+    pub fn start(ns: &str, addr: SocketAddr, root: std::path::PathBuf, user: &str, password: &str) -> GitServer {
+        use std::io::{BufRead, BufReader};
+        let expected = format!("Basic {}", base64(format!("{user}:{password}").as_bytes()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (s, log) = (stop.clone(), requests.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = in_netns(ns, move || {
+            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let mut auth = None;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = header.split_once(':')
+                        && k.eq_ignore_ascii_case("authorization")
+                    {
+                        auth = Some(v.trim().to_string());
+                    }
+                }
+                let path =
+                    request_line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
+                log.lock().unwrap().push((path.clone(), auth.clone()));
+                let file = root.join(path.trim_start_matches('/'));
+                let reply: Vec<u8> = if auth.as_deref() != Some(expected.as_str()) {
+                    b"HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\n\r\n"
+                        .to_vec()
+                } else if path.contains("..") || !file.is_file() {
+                    b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+                } else {
+                    let body = std::fs::read(&file).unwrap();
+                    let mut r = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend(body);
+                    r
+                };
+                let _ = conn.write_all(&reply);
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("git server did not start");
+        GitServer { stop, thread: Some(thread), requests }
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
