@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::secrets::Secrets;
@@ -44,6 +44,16 @@ pub fn agent_env(user: &AgentUser, boot_env: &BTreeMap<String, String>, secrets:
         }
     }
     env
+}
+
+/// Where `program` is found: as given when it contains a `/`, else on [`AGENT_PATH`].
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return executable(Path::new(program)).then(|| PathBuf::from(program));
+    }
+    AGENT_PATH.split(':').map(|d| Path::new(d).join(program)).find(|p| executable(p))
 }
 
 /// A command that runs `program` as `user` with an empty signal mask, no inherited
@@ -107,6 +117,88 @@ impl RestartPolicy {
             return None;
         }
         Some((self.first * (1 << (n - 1))).min(Self::MAX_BACKOFF))
+    }
+}
+
+/// The running agent, however it runs: a child of the supervisor (headless), or the top pane of
+/// the agent's tmux session.
+pub enum AgentHandle {
+    Direct(Option<tokio::process::Child>),
+    Tmux { tmux: crate::session::Tmux, pane: String },
+}
+
+/// How often the agent pane is looked at.
+const PANE_POLL: Duration = Duration::from_millis(250);
+
+impl AgentHandle {
+    /// Waits until the agent exits; its status in shell convention. Call only while it runs.
+    pub async fn wait(&mut self) -> i32 {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            AgentHandle::Direct(slot) => {
+                let Some(child) = slot.as_mut() else { return std::future::pending().await };
+                let code = match child.wait().await {
+                    Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                    Err(e) => {
+                        tracing::error!("waiting for the agent failed: {e}");
+                        1
+                    }
+                };
+                *slot = None;
+                code
+            }
+            AgentHandle::Tmux { tmux, pane } => loop {
+                tokio::time::sleep(PANE_POLL).await;
+                let (t, p) = (tmux.clone(), pane.clone());
+                let looked = tokio::task::spawn_blocking(move || {
+                    // A shell pane closed with `exit` comes back, so the session keeps its shell.
+                    for dead in t.dead_shell_panes(&p) {
+                        let shell = vec![t.user.shell.display().to_string(), "-l".into()];
+                        let _ = t.respawn(&dead, Path::new("."), &shell);
+                    }
+                    t.pane(&p)
+                })
+                .await;
+                match looked {
+                    Ok(Ok(state)) if state.dead => return state.exit.unwrap_or(1),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        let t = tmux.clone();
+                        if !tokio::task::spawn_blocking(move || t.has_session()).await.unwrap_or(false) {
+                            tracing::error!("the agent's tmux session is gone ({e})");
+                            return 1;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            },
+        }
+    }
+
+    /// Starts the agent again after it exited.
+    pub fn restart(&mut self, spec: &AgentSpec) -> Result<(), String> {
+        match self {
+            AgentHandle::Direct(slot) => {
+                *slot = Some(spawn(spec).map_err(|e| e.to_string())?);
+                Ok(())
+            }
+            AgentHandle::Tmux { tmux, pane } => tmux.respawn(pane, &spec.workdir, &spec.argv),
+        }
+    }
+
+    /// The agent's pid (the leader of its process group), when it runs.
+    pub fn pid(&self) -> Option<i32> {
+        match self {
+            AgentHandle::Direct(slot) => slot.as_ref().and_then(|c| c.id()).map(|p| p as i32),
+            AgentHandle::Tmux { tmux, pane } => tmux.pane(pane).ok().filter(|s| !s.dead).and_then(|s| s.pid),
+        }
+    }
+
+    /// Reaps a direct child that already exited (during the graceful stop).
+    pub fn try_reap(&mut self) {
+        if let AgentHandle::Direct(Some(child)) = self {
+            let _ = child.try_wait();
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::probe;
 use crate::reaper::REAPER_ENV;
 use crate::report::Report;
 use crate::secrets::Secrets;
+use crate::session::Tmux;
 use crate::users::{self, AgentUser};
 
 /// Where the configuration comes from.
@@ -76,7 +77,7 @@ pub struct BootFailed {
 pub struct Booted {
     pub config: Config,
     pub agent: AgentSpec,
-    pub child: tokio::process::Child,
+    pub handle: agent::AgentHandle,
     pub egress: Option<Arc<Egress>>,
 }
 
@@ -377,32 +378,62 @@ fn stages(
     }
 
     // 12. Session. Last: the agent starts only on a fully locked-down container.
-    let (agent, child) = stage(report, "session", |_| {
-        let workdir = workdir.clone();
+    let (agent, handle) = stage(report, "session", |_| {
         if !workdir.is_dir() {
             return Err(StageError::new(
-                format!("agent.workdir {} is not a directory", workdir.display()),
-                Some("set agent.workdir to a directory on a tmpfs, e.g. /workspace".into()),
+                format!("the work directory {} is not a directory", workdir.display()),
+                Some("set agent.workdir (or repo.dest) to a directory on a tmpfs, e.g. /workspace".into()),
             ));
         }
         let spec = AgentSpec {
             argv: config.agent.command.clone(),
             env: agent::agent_env(&user, env, &secrets),
             user: user.clone(),
-            workdir,
+            workdir: workdir.clone(),
         };
-        let child = agent::spawn(&spec).map_err(|e| {
+        if agent::find_program(&spec.argv[0]).is_none() {
+            return Err(StageError::new(
+                format!(
+                    "cannot start the agent `{}`: not found on the agent's PATH ({})",
+                    spec.argv[0],
+                    agent::AGENT_PATH
+                ),
+                Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
+            ));
+        }
+        let start_error = |e: String| {
             StageError::new(
                 format!("cannot start the agent `{}`: {e}", spec.argv[0]),
                 Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
             )
-        })?;
-        let detail =
-            format!("agent `{}` pid {} as {} (uid {})", spec.argv[0], child.id().unwrap_or(0), user.name, user.uid);
-        Ok(((spec, child), detail))
+        };
+        if config.agent.tmux {
+            let tmux = Tmux::prepare(&state_dir, &user, spec.env.clone(), &config.agent.session)
+                .map_err(|e| StageError::new(format!("cannot prepare the tmux socket directory: {e}"), None))?;
+            let pane = tmux.start(&workdir, &spec.argv, config.agent.shell_pane).map_err(start_error)?;
+            let detail = format!(
+                "tmux session `{}` on {}, agent `{}` as {} (uid {})",
+                config.agent.session,
+                tmux.socket.display(),
+                spec.argv[0],
+                user.name,
+                user.uid
+            );
+            Ok(((spec, agent::AgentHandle::Tmux { tmux, pane }), detail))
+        } else {
+            let child = agent::spawn(&spec).map_err(|e| start_error(e.to_string()))?;
+            let detail = format!(
+                "agent `{}` pid {} as {} (uid {}), headless",
+                spec.argv[0],
+                child.id().unwrap_or(0),
+                user.name,
+                user.uid
+            );
+            Ok(((spec, agent::AgentHandle::Direct(Some(child))), detail))
+        }
     })?;
 
-    Ok(Booted { config, agent, child, egress })
+    Ok(Booted { config, agent, handle, egress })
 }
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";

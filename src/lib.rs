@@ -19,6 +19,7 @@ pub mod probe;
 pub mod reaper;
 pub mod report;
 pub mod secrets;
+pub mod session;
 pub mod status;
 pub mod supervisor;
 pub mod sys;

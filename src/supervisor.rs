@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::process::Child;
 use tokio::sync::mpsc;
 
 use crate::agent::{self, RestartPolicy};
@@ -75,18 +74,18 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     let mut report = Report::new(init_mode);
     let live = crate::control::Live::new(report.subscribe());
 
-    let Booted { config, agent: spec, child, egress } = match boot::boot(&source, &env, &mut report, &live) {
+    let Booted { config, agent: spec, mut handle, egress } = match boot::boot(&source, &env, &mut report, &live) {
         Ok(booted) => booted,
         Err(BootFailed { supervisor }) => return hold_or_exit(&supervisor, &mut report, &mut signals).await,
     };
     let grace = config.supervisor.stop_grace.0;
     // The DNS server and the refresh run as tasks; the supervisor holds egress for its lifetime.
     let _egress = egress;
-    let mut state = AgentState { pid: child.id(), running: true, restarts: 0, last_exit: None };
+    let mut state = AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None };
     report.set_agent(state.clone());
     report.ready();
 
-    let mut running = Some(child);
+    let mut alive = true;
     let mut policy = RestartPolicy::new(config.agent.restart_backoff.0);
     let mut restart_at: Option<tokio::time::Instant> = None;
     loop {
@@ -94,13 +93,13 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
             Some(sig) = signals.recv() => match sig {
                 Signal::SIGTERM | Signal::SIGINT => {
                     tracing::info!(signal = %sig, "stopping");
-                    stop_all(grace, running.as_mut(), &mut report).await;
+                    stop_all(grace, Some(&mut handle), &mut report).await;
                     return 0;
                 }
-                other => forward(other, running.as_ref()),
+                other => forward(other, alive.then(|| handle.pid()).flatten()),
             },
-            status = wait_running(&mut running) => {
-                let code = status;
+            code = handle.wait(), if alive => {
+                alive = false;
                 tracing::info!(code, "agent exited");
                 state.running = false;
                 state.last_exit = Some(code);
@@ -122,13 +121,13 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
             },
             _ = sleep_until(restart_at), if restart_at.is_some() => {
                 restart_at = None;
-                match agent::spawn(&spec) {
-                    Ok(child) => {
+                match handle.restart(&spec) {
+                    Ok(()) => {
+                        alive = true;
                         state.restarts += 1;
-                        state.pid = child.id();
+                        state.pid = handle.pid().map(|p| p as u32);
                         state.running = true;
                         report.set_agent(state.clone());
-                        running = Some(child);
                     }
                     Err(e) => {
                         report.warn(format!("cannot restart the agent: {e}"));
@@ -179,28 +178,14 @@ fn install_signal_handlers() -> std::io::Result<mpsc::UnboundedReceiver<Signal>>
 }
 
 /// Passes a signal on to the agent's process group.
-fn forward(sig: Signal, agent: Option<&Child>) {
-    match agent.and_then(Child::id) {
+fn forward(sig: Signal, pid: Option<i32>) {
+    match pid {
         Some(pid) => {
             tracing::debug!(signal = %sig, pid, "forwarding signal to the agent");
-            let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), sig);
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), sig);
         }
         None => tracing::debug!(signal = %sig, "no agent running; signal dropped"),
     }
-}
-
-async fn wait_running(running: &mut Option<Child>) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    let Some(child) = running.as_mut() else { return std::future::pending().await };
-    let code = match child.wait().await {
-        Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
-        Err(e) => {
-            tracing::error!("waiting for the agent failed: {e}");
-            1
-        }
-    };
-    *running = None;
-    code
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -212,21 +197,21 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 /// The graceful stop: SIGTERM to the agent's process group and to every other process below
 /// the reaper, up to `grace` for them to exit, then SIGKILL for what is left.
-async fn stop_all(grace: Duration, agent: Option<&mut Child>, report: &mut Report) {
+async fn stop_all(grace: Duration, agent: Option<&mut agent::AgentHandle>, report: &mut Report) {
     report.set_phase(Phase::Stopping, None);
     let me = std::process::id() as i32;
     let reaper = nix::unistd::getppid().as_raw();
     let others =
         || -> Vec<i32> { sys::live_descendants(reaper, &sys::processes()).into_iter().filter(|&p| p != me).collect() };
-    if let Some(pid) = agent.as_ref().and_then(|c| c.id()) {
-        let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    if let Some(pid) = agent.as_ref().and_then(|a| a.pid()) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGTERM);
     }
     sys::signal_all(&others(), Signal::SIGTERM);
     let mut agent = agent;
     let deadline = Instant::now() + grace;
     loop {
-        if let Some(c) = agent.as_mut() {
-            let _ = c.try_wait();
+        if let Some(a) = agent.as_mut() {
+            a.try_reap();
         }
         let left = others();
         if left.is_empty() {

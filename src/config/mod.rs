@@ -233,6 +233,13 @@ pub struct Agent {
     pub on_exit: OnExit,
     /// First delay before a restart (`on_exit = "restart"`); it doubles per exit, up to 30s.
     pub restart_backoff: Span,
+    /// Run the agent in a tmux session operators attach to (`cordon attach`); false runs it
+    /// headless, as a plain child (batch runs with `on_exit = "shutdown"`).
+    pub tmux: bool,
+    /// The tmux session's name.
+    pub session: String,
+    /// A login shell in a bottom pane (20%) beside the agent.
+    pub shell_pane: bool,
     /// Working directory of the agent.
     pub workdir: PathBuf,
 }
@@ -245,6 +252,9 @@ impl Default for Agent {
             prompt: None,
             on_exit: OnExit::Restart,
             restart_backoff: Span(Duration::from_secs(1)),
+            tmux: true,
+            session: "agent".into(),
+            shell_pane: true,
             workdir: "/workspace".into(),
         }
     }
@@ -406,6 +416,11 @@ impl Config {
         }
         if self.agent.user.is_empty() {
             return Err(err("agent.user", "must name a user".into()));
+        }
+        if self.agent.session.is_empty()
+            || !self.agent.session.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        {
+            return Err(err("agent.session", "must be letters, digits, `_` or `-`".into()));
         }
         if self.agent.command.is_empty() || self.agent.command[0].is_empty() {
             return Err(err("agent.command", "must name a program, e.g. [\"claude\"]".into()));

@@ -124,6 +124,8 @@ pub struct TestConfig {
     pub stop_grace: &'static str,
     pub on_boot_failure: &'static str,
     pub required_secrets: Vec<&'static str>,
+    /// Run the agent in tmux (the product's default); the harness defaults to a plain child.
+    pub tmux: bool,
     /// Raw TOML keys added to the [network] table.
     pub network: String,
     /// Raw TOML appended at the end (new tables only).
@@ -138,6 +140,7 @@ impl Default for TestConfig {
             stop_grace: "3s",
             on_boot_failure: "exit",
             required_secrets: vec![],
+            tmux: false,
             network: String::new(),
             extra: String::new(),
         }
@@ -211,6 +214,7 @@ user = "{AGENT_USER}"
 command = ["/bin/sh", "-c", "{command}"]
 workdir = "{d}/ws"
 on_exit = "{on_exit}"
+tmux = {tmux}
 
 [supervisor]
 state_dir = "{d}/state"
@@ -222,6 +226,7 @@ on_boot_failure = "{obf}"
             grace = c.stop_grace,
             obf = c.on_boot_failure,
             network = c.network,
+            tmux = c.tmux,
             extra = c.extra,
         );
         text
