@@ -147,31 +147,42 @@ impl AgentHandle {
                 *slot = None;
                 code
             }
-            AgentHandle::Tmux { tmux, pane } => loop {
-                tokio::time::sleep(PANE_POLL).await;
-                let (t, p) = (tmux.clone(), pane.clone());
-                let looked = tokio::task::spawn_blocking(move || {
-                    // A shell pane closed with `exit` comes back, so the session keeps its shell.
-                    for dead in t.dead_shell_panes(&p) {
-                        let shell = vec![t.user.shell.display().to_string(), "-l".into()];
-                        let _ = t.respawn(&dead, Path::new("."), &shell);
+            AgentHandle::Tmux { tmux, pane } => {
+                // tmux's own view of the pane is unreliable (it can report a live pane dead, and
+                // miss a dead one's status), so the agent's end is the status file its pane
+                // wrapper writes; the wrapper's own death without one (SIGKILL) ends it too.
+                let mut wrapper_gone = 0;
+                loop {
+                    tokio::time::sleep(PANE_POLL).await;
+                    if let Some(code) = crate::session::recorded_status(&tmux.state_dir) {
+                        return code;
                     }
-                    t.pane(&p)
-                })
-                .await;
-                match looked {
-                    Ok(Ok(state)) if state.dead => return state.exit.unwrap_or(1),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        let t = tmux.clone();
-                        if !tokio::task::spawn_blocking(move || t.has_session()).await.unwrap_or(false) {
-                            tracing::error!("the agent's tmux session is gone ({e})");
-                            return 1;
+                    let (t, p) = (tmux.clone(), pane.clone());
+                    let looked = tokio::task::spawn_blocking(move || {
+                        // A shell pane closed with `exit` comes back, so the session keeps its shell.
+                        for dead in t.dead_shell_panes(&p) {
+                            let shell = vec![t.user.shell.display().to_string(), "-l".into()];
+                            let _ = t.respawn_raw(&dead, Path::new("."), &shell);
                         }
+                        (t.pane(&p), t.has_session())
+                    })
+                    .await;
+                    match looked {
+                        Ok((_, false)) => {
+                            tracing::error!("the agent's tmux session is gone");
+                            return crate::session::recorded_status(&tmux.state_dir).unwrap_or(1);
+                        }
+                        Ok((Ok(state), true)) if state.pid.is_none_or(|pid| !crate::sys::alive(pid)) => {
+                            wrapper_gone += 1;
+                            if wrapper_gone >= 8 {
+                                tracing::warn!("the agent pane's process is gone without a recorded exit status");
+                                return 1;
+                            }
+                        }
+                        _ => wrapper_gone = 0,
                     }
-                    Err(_) => {}
                 }
-            },
+            }
         }
     }
 

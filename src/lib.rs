@@ -4,6 +4,7 @@ pub mod addrs;
 pub mod admission;
 pub mod agent;
 pub mod allowlist;
+pub mod attach;
 pub mod boot;
 pub mod check;
 pub mod clone;

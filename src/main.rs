@@ -23,6 +23,15 @@ enum Command {
     Init,
     /// Validate the configuration, the allowlist and required secrets; no side effects
     Check,
+    /// Join the agent's session (waiting for the boot, showing its progress)
+    Attach {
+        /// Exit at once with a message when the session is not ready yet
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the boot
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// What is running, what failed, what was blocked and why (exit 0 ready, 1 not, 2 unreachable)
     Status {
         /// Print the status document as JSON (schema: docs/status.md)
@@ -34,6 +43,14 @@ enum Command {
     /// Internal: the supervisor process that `init` starts under its reaper
     #[command(hide = true)]
     Supervise,
+    /// Internal: what the agent's tmux pane runs; records the agent's exit status
+    #[command(hide = true, name = "pane-run")]
+    PaneRun {
+        #[arg(long)]
+        status_file: PathBuf,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Internal: git's credential helper for the agent (gitcredentials(7))
     #[command(hide = true, name = "git-credential")]
     GitCredential {
@@ -74,6 +91,9 @@ fn main() -> ExitCode {
             cordon::reaper::run(args)
         }
         Command::Supervise => ExitCode::from(cordon::supervisor::run(source).clamp(0, 255) as u8),
+        Command::PaneRun { status_file, argv } => {
+            ExitCode::from(cordon::session::pane_run(&status_file, &argv).clamp(0, 255) as u8)
+        }
         Command::GitCredential { operation, hosts } => {
             let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
             let stdin = std::io::stdin().lock();
@@ -93,6 +113,13 @@ fn main() -> ExitCode {
             let results = cordon::probe::run(&spec);
             println!("{}", serde_json::to_string(&results).expect("results serialise"));
             if results.iter().all(|r| r.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Attach { no_wait, timeout } => {
+            let mut config = cordon::config::Config::load(&source.path, source.explicit).unwrap_or_default();
+            let env = std::env::vars().collect();
+            let _ = config.apply_env(&env);
+            let opts = cordon::attach::Options { no_wait, timeout };
+            ExitCode::from(cordon::attach::run(&config, &opts, &mut std::io::stdout()))
         }
         Command::Status { json, what } => {
             use std::io::IsTerminal;

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "state.json";
 pub const BOOT_LOG: &str = "boot.log";
+/// Held exclusively by cordon while it boots; `cordon attach` waits on it.
+pub const BOOT_LOCK: &str = "boot.lock";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,6 +78,8 @@ pub struct State {
 }
 
 pub struct Report {
+    /// The boot lock, held exclusively until the boot is ready or failed.
+    boot_lock: Option<fs::File>,
     /// Every change, for the control socket's live answers.
     live: tokio::sync::watch::Sender<State>,
     dir: Option<PathBuf>,
@@ -105,6 +109,7 @@ impl Report {
             warnings: Vec::new(),
         };
         Report {
+            boot_lock: None,
             live: tokio::sync::watch::Sender::new(state.clone()),
             dir: None,
             started: Instant::now(),
@@ -119,9 +124,16 @@ impl Report {
         self.live.subscribe()
     }
 
-    /// Where files go from now on; writes out everything recorded so far.
+    /// Where files go from now on; writes out everything recorded so far, and takes the boot
+    /// lock (unless the boot is already over).
     pub fn attach_dir(&mut self, dir: &Path) {
         self.dir = Some(dir.to_path_buf());
+        if self.state.phase == Phase::Booting {
+            match take_boot_lock(dir) {
+                Ok(lock) => self.boot_lock = Some(lock),
+                Err(e) => tracing::warn!("cannot take the boot lock in {}: {e}", dir.display()),
+            }
+        }
         for stamped in std::mem::take(&mut self.pending_log) {
             self.append_log(&stamped);
         }
@@ -197,6 +209,7 @@ impl Report {
         self.finish(Outcome::Failed, None, Some(error), hint);
         self.log_line("boot failed; the agent was not started".into());
         self.flush();
+        self.boot_lock = None;
     }
 
     /// A progress line of the running stage, for the boot log only.
@@ -219,6 +232,7 @@ impl Report {
         tracing::info!(boot_ms = ms, "ready");
         self.log_line(format!("ready in {ms:.1} ms"));
         self.flush();
+        self.boot_lock = None;
     }
 
     pub fn set_phase(&mut self, phase: Phase, reason: Option<String>) {
@@ -273,6 +287,19 @@ impl Report {
             tracing::warn!("cannot write {}: {e}", dir.join(STATE_FILE).display());
         }
     }
+}
+
+/// Creates the boot lock already locked: the file is locked under a temporary name and then
+/// renamed into place, so nobody ever sees it unlocked while the boot runs. Root-only (0600):
+/// the agent can neither take nor replace it (the directory is root's).
+fn take_boot_lock(dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(".boot.lock.tmp");
+    let _ = fs::remove_file(&tmp);
+    let file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    file.lock()?;
+    fs::rename(&tmp, dir.join(BOOT_LOCK))?;
+    Ok(file)
 }
 
 fn round_ms(ms: f64) -> f64 {

@@ -18,28 +18,64 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("tmux").join("agent.sock")
 }
 
-/// How tmux reports a pane.
+/// Where the pane wrapper records the agent's exit status.
+pub fn status_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("tmux").join("agent.status")
+}
+
+/// `cordon pane-run --status-file F -- ARGV`: what the agent pane runs. tmux does not reliably
+/// learn a pane's exit status (it can miss SIGCHLD and leave the process a zombie), so this
+/// wrapper runs the agent as its child, waits for it, writes its status (shell convention) to
+/// `F`, and exits with it. Signals meant for the agent reach it through the process group; the
+/// wrapper keeps them blocked, so it outlives the agent and always records the status.
+pub fn pane_run(status_file: &Path, argv: &[String]) -> i32 {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let _ = std::fs::remove_file(status_file);
+    if let Err(e) = crate::sys::block_signals() {
+        eprintln!("cordon pane-run: cannot block signals: {e}");
+    }
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: only sigprocmask between fork and exec.
+    unsafe {
+        cmd.pre_exec(crate::sys::unblock_all_signals);
+    }
+    let code = match cmd.status() {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(e) => {
+            eprintln!("cordon: cannot start the agent `{}`: {e}", argv[0]);
+            127
+        }
+    };
+    let tmp = status_file.with_extension("tmp");
+    if std::fs::write(&tmp, format!("{code}\n")).and_then(|_| std::fs::rename(&tmp, status_file)).is_err() {
+        eprintln!("cordon pane-run: cannot record the exit status in {}", status_file.display());
+    }
+    code
+}
+
+/// The status `pane_run` recorded, if any.
+pub fn recorded_status(state_dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(status_path(state_dir)).ok()?.trim().parse().ok()
+}
+
+/// How tmux reports a pane (its exit status is not taken from tmux: see `pane_run`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaneState {
     pub dead: bool,
-    /// Shell convention: the exit code, or 128 + signal.
-    pub exit: Option<i32>,
+    /// In cordon's pid namespace.
     pub pid: Option<i32>,
 }
 
-/// Parses `#{pane_dead} #{pane_dead_status} #{pane_dead_signal} #{pane_pid}`.
+/// Parses `#{pane_dead} #{pane_pid}`.
 pub fn parse_pane(line: &str) -> Option<PaneState> {
-    let f: Vec<&str> = line.trim().split(' ').collect();
-    let dead = match *f.first()? {
+    let mut f = line.split_whitespace();
+    let dead = match f.next()? {
         "1" => true,
         "0" => false,
         _ => return None,
     };
-    let status = f.get(1).and_then(|s| s.parse::<i32>().ok());
-    let signal = f.get(2).and_then(|s| s.parse::<i32>().ok());
-    let pid = f.get(3).and_then(|s| s.parse::<i32>().ok());
-    let exit = if dead { status.or(signal.map(|s| 128 + s)) } else { None };
-    Some(PaneState { dead, exit, pid })
+    Some(PaneState { dead, pid: f.next().and_then(|p| p.parse().ok()) })
 }
 
 /// The agent's tmux server.
@@ -51,6 +87,8 @@ pub struct Tmux {
     /// The agent's environment, which the server and every pane inherit.
     pub env: Vec<(String, String)>,
     pub session: String,
+    /// The state directory (the status file lives under it).
+    pub state_dir: PathBuf,
 }
 
 impl Tmux {
@@ -73,7 +111,14 @@ impl Tmux {
             std::fs::write(&path, DEFAULT_CONF)?;
             path
         };
-        Ok(Tmux { socket: socket_path(state_dir), conf, user: user.clone(), env, session: session.into() })
+        Ok(Tmux {
+            socket: socket_path(state_dir),
+            conf,
+            user: user.clone(),
+            env,
+            session: session.into(),
+            state_dir: state_dir.to_path_buf(),
+        })
     }
 
     fn command(&self) -> Command {
@@ -91,26 +136,31 @@ impl Tmux {
         }
     }
 
+    /// The agent's argv wrapped in `cordon pane-run`.
+    fn wrapped(&self, argv: &[String]) -> Vec<String> {
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/cordon".into());
+        let status = status_path(&self.state_dir);
+        let _ = std::fs::remove_file(&status);
+        let mut w = vec![
+            exe.display().to_string(),
+            "pane-run".into(),
+            "--status-file".into(),
+            status.display().to_string(),
+            "--".into(),
+        ];
+        w.extend(argv.iter().cloned());
+        w
+    }
+
     /// Starts the server and the session; returns the agent pane's id (`%0`).
     pub fn start(&self, workdir: &Path, argv: &[String], shell_pane: bool) -> Result<String, String> {
         let dir = workdir.display().to_string();
-        let mut args: Vec<&str> = vec![
-            "new-session",
-            "-d",
-            "-s",
-            &self.session,
-            "-x",
-            "220",
-            "-y",
-            "50",
-            "-c",
-            &dir,
-            "-P",
-            "-F",
-            "#{pane_id}",
-            "--",
-        ];
-        args.extend(argv.iter().map(String::as_str));
+        let size = ["-x", "220", "-y", "50"];
+        let mut args: Vec<&str> = vec!["new-session", "-d", "-s", &self.session];
+        args.extend(size);
+        args.extend(["-c", &dir, "-P", "-F", "#{pane_id}", "--"]);
+        let wrapped = self.wrapped(argv);
+        args.extend(wrapped.iter().map(String::as_str));
         let pane = self.run(&args)?;
         if shell_pane {
             let shell = self.user.shell.display().to_string();
@@ -120,18 +170,17 @@ impl Tmux {
     }
 
     pub fn pane(&self, pane: &str) -> Result<PaneState, String> {
-        let line = self.run(&[
-            "display-message",
-            "-p",
-            "-t",
-            pane,
-            "#{pane_dead} #{pane_dead_status} #{pane_dead_signal} #{pane_pid}",
-        ])?;
+        let line = self.run(&["display-message", "-p", "-t", pane, "#{pane_dead} #{pane_pid}"])?;
         parse_pane(&line).ok_or_else(|| format!("unexpected answer from tmux: {line}"))
     }
 
-    /// Restarts a dead pane with `argv`.
+    /// Restarts the dead agent pane with `argv`.
     pub fn respawn(&self, pane: &str, workdir: &Path, argv: &[String]) -> Result<(), String> {
+        self.respawn_raw(pane, workdir, &self.wrapped(argv))
+    }
+
+    /// Restarts a dead pane with `argv` as it is (the shell pane).
+    pub fn respawn_raw(&self, pane: &str, workdir: &Path, argv: &[String]) -> Result<(), String> {
         let dir = workdir.display().to_string();
         let mut args: Vec<&str> = vec!["respawn-pane", "-k", "-t", pane, "-c", &dir, "--"];
         args.extend(argv.iter().map(String::as_str));
@@ -168,10 +217,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pane_states_parse_exit_codes_and_signals() {
-        assert_eq!(parse_pane("0   42"), Some(PaneState { dead: false, exit: None, pid: Some(42) }));
-        assert_eq!(parse_pane("1 7  42"), Some(PaneState { dead: true, exit: Some(7), pid: Some(42) }));
-        assert_eq!(parse_pane("1  9 42"), Some(PaneState { dead: true, exit: Some(137), pid: Some(42) }));
+    fn pane_states_parse() {
+        assert_eq!(parse_pane("0 42"), Some(PaneState { dead: false, pid: Some(42) }));
+        assert_eq!(parse_pane("1 42\n"), Some(PaneState { dead: true, pid: Some(42) }));
         assert_eq!(parse_pane(""), None);
     }
 

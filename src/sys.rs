@@ -127,6 +127,14 @@ pub fn live_descendants(root: i32, table: &[ProcEntry]) -> Vec<i32> {
     out
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| parse_stat(&t))
+        .is_some_and(|e| e.state != 'Z')
+}
+
 /// Sends `sig` to each pid, ignoring those that are already gone.
 pub fn signal_all(pids: &[i32], sig: Signal) {
     for &pid in pids {

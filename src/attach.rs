@@ -1,0 +1,158 @@
+//! `cordon attach`: what an operator's login shell runs. Session ready: attach at once. Still
+//! booting: show the boot log live while waiting on the boot lock, then attach. Boot failed:
+//! say which stage, its error and the fix, and exit non-zero so the login shell stays usable.
+//! The tmux client always runs as the agent user: a root client on the agent's server would let
+//! the agent run commands as root (`detach-client -E`).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::report::{self, Phase};
+use crate::session;
+
+pub struct Options {
+    pub no_wait: bool,
+    pub timeout: Duration,
+}
+
+/// Runs attach; returns only when it does not attach (the exit status to use).
+pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> u8 {
+    let dir = &config.supervisor.state_dir;
+    let deadline = Instant::now() + opts.timeout;
+    let mut log_pos = 0u64;
+    let mut announced = false;
+    loop {
+        let state = report::read_state(dir).ok();
+        let booting = state.as_ref().is_none_or(|s| s.phase == Phase::Booting);
+        // The lock answers "is the boot over" without a race; the state file says how it ended.
+        let lock_free = boot_over(dir);
+        if !booting || lock_free {
+            let state = report::read_state(dir).ok();
+            return match state.as_ref().map(|s| &s.phase) {
+                Some(Phase::Ready | Phase::Degraded) => attach(config, out),
+                Some(Phase::Failed) => {
+                    let s = state.expect("checked");
+                    let failed = s.stages.iter().find(|st| st.outcome == report::Outcome::Failed);
+                    let _ =
+                        writeln!(out, "cordon: the boot failed at stage {}:", failed.map_or("?", |f| f.name.as_str()));
+                    let _ = writeln!(
+                        out,
+                        "  {}",
+                        failed.and_then(|f| f.error.as_deref()).unwrap_or(s.reason.as_deref().unwrap_or(""))
+                    );
+                    if let Some(hint) = failed.and_then(|f| f.hint.as_deref()) {
+                        let _ = writeln!(out, "  fix: {hint}");
+                    }
+                    let _ = writeln!(
+                        out,
+                        "  the agent was not started. Full log: {}; status: cordon status",
+                        dir.join(report::BOOT_LOG).display()
+                    );
+                    1
+                }
+                Some(p) => {
+                    let _ =
+                        writeln!(out, "cordon is {p:?}; there is no session to attach to (cordon status tells more)");
+                    1
+                }
+                None => {
+                    let _ = writeln!(out, "cordon has released its boot lock but wrote no state in {}", dir.display());
+                    1
+                }
+            };
+        }
+        if opts.no_wait {
+            let stage = state
+                .as_ref()
+                .and_then(|s| s.stages.last())
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| "starting".into());
+            let _ = writeln!(
+                out,
+                "cordon is still booting (stage {stage}); run `cordon attach` without --no-wait to wait for it"
+            );
+            return 1;
+        }
+        if !announced {
+            let _ = writeln!(
+                out,
+                "cordon is booting; waiting for the agent session (up to {})...",
+                humantime::format_duration(opts.timeout)
+            );
+            announced = true;
+        }
+        log_pos = print_new_log(&dir.join(report::BOOT_LOG), log_pos, out);
+        if Instant::now() >= deadline {
+            let _ = writeln!(
+                out,
+                "cordon: still booting after {}; see `cordon status`",
+                humantime::format_duration(opts.timeout)
+            );
+            return 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// True when the boot lock exists and can be taken shared: cordon has released it. Without
+/// permission to open it (the agent user), the state file decides.
+fn boot_over(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir.join(report::BOOT_LOCK)) else { return false };
+    file.try_lock_shared().is_ok()
+}
+
+fn print_new_log(path: &Path, pos: u64, out: &mut dyn Write) -> u64 {
+    let Ok(mut f) = std::fs::File::open(path) else { return pos };
+    if f.seek(SeekFrom::Start(pos)).is_err() {
+        return pos;
+    }
+    let mut text = String::new();
+    let n = f.read_to_string(&mut text).unwrap_or(0);
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+    pos + n as u64
+}
+
+/// Replaces this process with a tmux client on the agent's session, running as the agent user.
+fn attach(config: &Config, out: &mut dyn Write) -> u8 {
+    let user = match crate::users::resolve_agent(&config.agent.user) {
+        Ok(u) => u,
+        Err(e) => {
+            let _ = writeln!(out, "cordon attach: {e}");
+            return 1;
+        }
+    };
+    if !config.agent.tmux {
+        let _ = writeln!(out, "the agent runs headless (agent.tmux = false): there is no session to attach to");
+        return 1;
+    }
+    let socket = session::socket_path(&config.supervisor.state_dir);
+    let term =
+        std::env::var("TERM").ok().filter(|t| !t.is_empty() && t != "dumb").unwrap_or_else(|| "xterm-256color".into());
+    let me = nix::unistd::getuid().as_raw();
+    let mut cmd = if me == 0 {
+        crate::agent::unprivileged_command("tmux", &user)
+    } else if me == user.uid {
+        std::process::Command::new("tmux")
+    } else {
+        let _ = writeln!(out, "cordon attach: only root or the agent user ({}) may attach", user.name);
+        return 1;
+    };
+    cmd.env("TERM", term)
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LANG", std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()))
+        .env("COLORTERM", "truecolor")
+        .env("PATH", crate::agent::AGENT_PATH)
+        .env_remove("TMUX")
+        .stdin(std::process::Stdio::inherit())
+        .arg("-S")
+        .arg(&socket)
+        .args(["attach-session", "-t", &config.agent.session]);
+    let e = cmd.exec();
+    let _ = writeln!(out, "cordon attach: cannot run tmux: {e}");
+    1
+}
