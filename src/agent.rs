@@ -26,8 +26,14 @@ pub struct AgentSpec {
     pub env: Vec<(String, String)>,
 }
 
-/// The agent's environment, built from nothing.
-pub fn agent_env(user: &AgentUser, boot_env: &BTreeMap<String, String>, secrets: &Secrets) -> Vec<(String, String)> {
+/// The agent's environment, built from nothing: the basics, `CLAUDE_CODE_OAUTH_TOKEN`, and the
+/// variables `passthrough` names.
+pub fn agent_env(
+    user: &AgentUser,
+    boot_env: &BTreeMap<String, String>,
+    secrets: &Secrets,
+    passthrough: &[String],
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("HOME".to_string(), user.home.display().to_string()),
         ("USER".into(), user.name.clone()),
@@ -41,6 +47,13 @@ pub fn agent_env(user: &AgentUser, boot_env: &BTreeMap<String, String>, secrets:
     for name in AGENT_ENV_SECRETS {
         if let Some(s) = secrets.get(name) {
             env.push((name.into(), s.expose().into()));
+        }
+    }
+    for name in passthrough {
+        if let Some(v) = boot_env.get(name)
+            && !env.iter().any(|(k, _)| k == name)
+        {
+            env.push((name.clone(), v.clone()));
         }
     }
     env
@@ -62,7 +75,8 @@ pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUs
     let mut cmd = std::process::Command::new(program);
     cmd.env_clear().stdin(std::process::Stdio::null());
     let (uid, gid) = (user.uid, user.gid);
-    let groups = [gid];
+    let mut groups = vec![gid];
+    groups.extend(user.groups.iter().filter(|g| **g != gid));
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
     // syscalls (sigprocmask, close_range, prctl, set*id, capset); it allocates nothing.
     unsafe {
@@ -244,6 +258,7 @@ mod tests {
             gid: 5000,
             home: "/home/agent".into(),
             shell: "/bin/bash".into(),
+            groups: vec![],
         };
         let boot_env: BTreeMap<String, String> = [("LANG", "en_US.UTF-8"), ("GH_PAT", "ghp_x"), ("SECRET_THING", "y")]
             .into_iter()
@@ -252,11 +267,22 @@ mod tests {
         let mut full = boot_env.clone();
         full.insert("CLAUDE_CODE_OAUTH_TOKEN".into(), "tok".into());
         let secrets = Secrets::check(&["GH_PAT".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()], &[], &full);
-        let env = agent_env(&user, &boot_env, &secrets);
+        let env = agent_env(&user, &boot_env, &secrets, &["SECRET_THING".into(), "MISSING".into()]);
         let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             names,
-            ["HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "TERM", "COLORTERM", "CLAUDE_CODE_OAUTH_TOKEN"]
+            [
+                "HOME",
+                "USER",
+                "LOGNAME",
+                "SHELL",
+                "PATH",
+                "LANG",
+                "TERM",
+                "COLORTERM",
+                "CLAUDE_CODE_OAUTH_TOKEN",
+                "SECRET_THING"
+            ]
         );
         assert!(env.contains(&("LANG".into(), "en_US.UTF-8".into())));
     }

@@ -194,7 +194,7 @@ fn stages(
     // 5. Filesystem. tmpfs for everything the agent writes, before anything is written there
     //    (credentials, the clone), and while the root can still take new mount points.
     let user = stage(report, "filesystem", |report| {
-        let user = users::resolve_agent(&config.agent.user).map_err(|e| {
+        let user = users::resolve_agent_with_groups(&config.agent.user, &config.agent.groups).map_err(|e| {
             StageError::from_error(&e, Some("create the agent user in the image (useradd), or set agent.user".into()))
         })?;
         let mut specs = Vec::new();
@@ -387,7 +387,7 @@ fn stages(
         }
         let spec = AgentSpec {
             argv: config.agent.command.clone(),
-            env: agent::agent_env(&user, env, &secrets),
+            env: agent::agent_env(&user, env, &secrets, &config.agent.env),
             user: user.clone(),
             workdir: workdir.clone(),
         };
@@ -407,10 +407,15 @@ fn stages(
                 Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
             )
         };
+        // The first prompt (CLAUDE_PROMPT) is the last argument of the first start only: a
+        // restarted agent must not redo the task. It is never logged.
+        let mut first = spec.clone();
+        first.argv.extend(config.agent.prompt.iter().cloned());
         if config.agent.tmux {
             let tmux = Tmux::prepare(&state_dir, &user, spec.env.clone(), &config.agent.session)
                 .map_err(|e| StageError::new(format!("cannot prepare the tmux socket directory: {e}"), None))?;
-            let pane = tmux.start(&workdir, &spec.argv, config.agent.shell_pane).map_err(start_error)?;
+            let pane = tmux.start(&workdir, &first.argv, config.agent.shell_pane).map_err(start_error)?;
+            let _ = live.tmux.set(tmux.clone());
             let detail = format!(
                 "tmux session `{}` on {}, agent `{}` as {} (uid {})",
                 config.agent.session,
@@ -421,7 +426,7 @@ fn stages(
             );
             Ok(((spec, agent::AgentHandle::Tmux { tmux, pane }), detail))
         } else {
-            let child = agent::spawn(&spec).map_err(|e| start_error(e.to_string()))?;
+            let child = agent::spawn(&first).map_err(|e| start_error(e.to_string()))?;
             let detail = format!(
                 "agent `{}` pid {} as {} (uid {}), headless",
                 spec.argv[0],

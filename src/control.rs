@@ -25,11 +25,12 @@ pub struct Live {
     pub state: watch::Receiver<State>,
     pub egress: OnceLock<Arc<Egress>>,
     pub tmpfs: OnceLock<Vec<PathBuf>>,
+    pub tmux: OnceLock<crate::session::Tmux>,
 }
 
 impl Live {
     pub fn new(state: watch::Receiver<State>) -> Arc<Live> {
-        Arc::new(Live { state, egress: OnceLock::new(), tmpfs: OnceLock::new() })
+        Arc::new(Live { state, egress: OnceLock::new(), tmpfs: OnceLock::new(), tmux: OnceLock::new() })
     }
 }
 
@@ -88,6 +89,16 @@ async fn live_status(live: &Live) -> StatusDoc {
         doc.egress = Some(egress_status(egress).await);
     }
     doc.filesystem.tmpfs = live.tmpfs.get().into_iter().flatten().filter_map(|p| status::usage(p)).collect();
+    if let Some(tmux) = live.tmux.get().cloned() {
+        doc.session.tmux = tokio::task::spawn_blocking(move || status::TmuxStatus {
+            session: tmux.session.clone(),
+            socket: tmux.socket.display().to_string(),
+            alive: tmux.has_session(),
+            clients: tmux.clients(),
+        })
+        .await
+        .ok();
+    }
     doc
 }
 

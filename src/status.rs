@@ -100,6 +100,18 @@ pub struct RefreshStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionStatus {
     pub agent: Option<AgentState>,
+    /// The tmux session, when the agent runs in one (live only).
+    pub tmux: Option<TmuxStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TmuxStatus {
+    pub session: String,
+    pub socket: String,
+    /// The tmux server answers and the session exists.
+    pub alive: bool,
+    /// Attached clients: "pid tty WIDTHxHEIGHT".
+    pub clients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,7 +192,7 @@ pub fn from_state(state: &State, source: &str) -> StatusDoc {
         stages: state.stages.clone(),
         dns: None,
         egress: None,
-        session: SessionStatus { agent: state.agent.clone() },
+        session: SessionStatus { agent: state.agent.clone(), tmux: None },
         filesystem: FilesystemStatus { readonly_root, tmpfs: vec![] },
         warnings: state.warnings.clone(),
     }
@@ -353,6 +365,10 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
         None => {
             let _ = writeln!(o, "agent:  not started");
         }
+    }
+    if let Some(t) = &doc.session.tmux {
+        let alive = if t.alive { paint("32", "up") } else { paint("31", "DOWN") };
+        let _ = writeln!(o, "tmux:   session `{}` {alive}; {} attached (cordon attach)", t.session, t.clients.len());
     }
     let ro = match doc.filesystem.readonly_root {
         Some(true) => paint("32", "root read-only (verified)"),

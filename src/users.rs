@@ -14,6 +14,8 @@ pub struct AgentUser {
     pub gid: u32,
     pub home: PathBuf,
     pub shell: PathBuf,
+    /// Supplementary groups (`agent.groups`), resolved.
+    pub groups: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +42,36 @@ fn lookup_user(name: &str) -> Result<Option<User>, UserError> {
     found.map_err(|source| UserError::Lookup { name: name.into(), source })
 }
 
+/// The agent user with its configured supplementary groups.
+pub fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
+    let mut user = resolve_agent(name)?;
+    for g in groups {
+        let gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => Group::from_name(g)
+                .map_err(|source| UserError::Lookup { name: g.clone(), source })?
+                .ok_or_else(|| UserError::NoSuchGroup(g.clone()))?
+                .gid
+                .as_raw(),
+        };
+        user.groups.push(gid);
+    }
+    Ok(user)
+}
+
 pub fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
     let user = lookup_user(name)?.ok_or_else(|| UserError::NoSuchUser(name.into()))?;
     if user.uid.is_root() {
         return Err(UserError::AgentIsRoot(name.into()));
     }
-    Ok(AgentUser { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir, shell: user.shell })
+    Ok(AgentUser {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        home: user.dir,
+        shell: user.shell,
+        groups: vec![],
+    })
 }
 
 /// The uid and gid an [`Owner`] stands for. A numeric user that is not in passwd is taken as

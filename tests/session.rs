@@ -90,6 +90,10 @@ fn attach_as_root_lands_in_the_session_as_the_agent_uid() {
     });
     assert_eq!(seen.len(), 1);
     assert!(seen[0].starts_with(&format!("{AGENT_UID} ")), "the tmux client must run as the agent, not root: {seen:?}");
+    let cmd = format!("{} status --json --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display());
+    let v: serde_json::Value = serde_json::from_slice(&c.exec(&cmd).stdout).expect("status");
+    assert_eq!(v["session"]["tmux"]["alive"], true, "{v}");
+    assert_eq!(v["session"]["tmux"]["clients"].as_array().map(Vec::len), Some(1), "{v}");
     // No root-owned tmux client process anywhere in the namespace.
     for p in c.processes() {
         let cmd = std::fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();

@@ -262,3 +262,51 @@ fn json_logs_on_request() {
         assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
     }
 }
+
+#[test]
+fn the_first_prompt_reaches_the_first_start_only_and_is_never_logged() {
+    let sb = Sandbox::new("prompt");
+    let prompt = "PROMPT-SENTINEL fix the flaky test";
+    let cfg = TestConfig {
+        agent_command: "echo \"[$0]\" >> seen; if [ -e ran ]; then exec sleep 1000; fi; touch ran; exit 1".into(),
+        on_exit: "restart",
+        ..Default::default()
+    };
+    let text =
+        sb.render_config(&cfg).replace("on_exit = \"restart\"", "on_exit = \"restart\"\nrestart_backoff = \"10ms\"");
+    let mut c = sb.launch(&sb.write_file("cordon.toml", &text), &[("CLAUDE_PROMPT", prompt)], Mode::Pid1, "");
+    harness::wait_until("a restart", BOOT, || {
+        c.state().filter(|s| s.agent.as_ref().is_some_and(|a| a.restarts == 1)).map(|_| ())
+    });
+    let seen = harness::wait_until("both starts recorded", BOOT, || {
+        fs::read_to_string(c.inside(&sb.path("ws/seen"))).ok().filter(|t| t.lines().count() == 2)
+    });
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines[0], format!("[{prompt}]"), "the first start gets the prompt as its last argument");
+    assert_ne!(lines[1], format!("[{prompt}]"), "a restart must not get it again");
+    for text in [c.boot_log(), c.stderr(), fs::read_to_string(c.inside(&sb.path("state/state.json"))).unwrap()] {
+        assert!(!text.contains("PROMPT-SENTINEL"), "the prompt was logged");
+    }
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+}
+
+#[test]
+fn configured_variables_and_groups_reach_the_agent_and_nothing_else() {
+    let sb = Sandbox::new("passthrough");
+    let text = sb
+        .render_config(&TestConfig::default())
+        .replace("tmux = false", "tmux = false\nenv = [\"PASS_ME\"]\ngroups = [\"users\"]");
+    let mut c =
+        sb.launch(&sb.write_file("cordon.toml", &text), &[("PASS_ME", "yes"), ("KEEP_OUT", "no")], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let agent = c.agent();
+    let environ = String::from_utf8_lossy(&fs::read(format!("/proc/{agent}/environ")).unwrap()).into_owned();
+    assert!(environ.split('\0').any(|kv| kv == "PASS_ME=yes"), "{environ}");
+    assert!(!environ.contains("KEEP_OUT"));
+    let status = fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
+    let groups = status.lines().find_map(|l| l.strip_prefix("Groups:")).unwrap().trim().to_string();
+    assert_eq!(groups, format!("100 {AGENT_UID}"), "the agent's group and the configured `users` (100)");
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+}

@@ -240,6 +240,11 @@ pub struct Agent {
     pub session: String,
     /// A login shell in a bottom pane (20%) beside the agent.
     pub shell_pane: bool,
+    /// Variables of cordon's environment passed on to the agent by name (secrets among them
+    /// included: listing one is the operator's decision).
+    pub env: Vec<String>,
+    /// Supplementary groups of the agent (it has none otherwise).
+    pub groups: Vec<String>,
     /// Working directory of the agent.
     pub workdir: PathBuf,
 }
@@ -255,6 +260,8 @@ impl Default for Agent {
             tmux: true,
             session: "agent".into(),
             shell_pane: true,
+            env: vec![],
+            groups: vec![],
             workdir: "/workspace".into(),
         }
     }
@@ -421,6 +428,9 @@ impl Config {
             || !self.agent.session.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
         {
             return Err(err("agent.session", "must be letters, digits, `_` or `-`".into()));
+        }
+        if let Some(bad) = self.agent.env.iter().find(|n| !is_env_name(n)) {
+            return Err(err("agent.env", format!("`{bad}` is not a valid environment variable name")));
         }
         if self.agent.command.is_empty() || self.agent.command[0].is_empty() {
             return Err(err("agent.command", "must name a program, e.g. [\"claude\"]".into()));
