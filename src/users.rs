@@ -46,17 +46,21 @@ fn lookup_user(name: &str) -> Result<Option<User>, UserError> {
 pub fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
     let mut user = resolve_agent(name)?;
     for g in groups {
-        let gid = match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => Group::from_name(g)
-                .map_err(|source| UserError::Lookup { name: g.clone(), source })?
-                .ok_or_else(|| UserError::NoSuchGroup(g.clone()))?
-                .gid
-                .as_raw(),
-        };
-        user.groups.push(gid);
+        user.groups.push(resolve_group(g)?);
     }
     Ok(user)
+}
+
+/// A group name or gid as a gid.
+fn resolve_group(group: &str) -> Result<u32, UserError> {
+    match group.parse::<u32>() {
+        Ok(n) => Ok(n),
+        Err(_) => Ok(Group::from_name(group)
+            .map_err(|source| UserError::Lookup { name: group.into(), source })?
+            .ok_or_else(|| UserError::NoSuchGroup(group.into()))?
+            .gid
+            .as_raw()),
+    }
 }
 
 pub fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
@@ -90,14 +94,7 @@ pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), Use
             };
             let gid = match group {
                 None => primary,
-                Some(g) => match g.parse::<u32>() {
-                    Ok(n) => n,
-                    Err(_) => Group::from_name(g)
-                        .map_err(|source| UserError::Lookup { name: g.clone(), source })?
-                        .ok_or_else(|| UserError::NoSuchGroup(g.clone()))?
-                        .gid
-                        .as_raw(),
-                },
+                Some(g) => resolve_group(g)?,
             };
             Ok((uid, gid))
         }

@@ -143,14 +143,14 @@ fn answer(query: &Message, zone: &Zone) -> Message {
     reply
 }
 
-/// A TCP server that writes "hello from <addr>\n" to each connection and closes it.
-pub struct Greeter {
+/// A TCP server in a namespace: each accepted connection is handed to `handle`.
+pub struct TcpService {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Greeter {
-    pub fn start(ns: &str, addr: SocketAddr) -> Greeter {
+impl TcpService {
+    pub fn start(ns: &str, addr: SocketAddr, handle: impl Fn(std::net::TcpStream) + Send + 'static) -> TcpService {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -160,24 +160,37 @@ impl Greeter {
             ready_tx.send(()).unwrap();
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = writeln!(conn, "hello from {addr}");
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        handle(conn);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        ready_rx.recv_timeout(Duration::from_secs(10)).expect("greeter did not start");
-        Greeter { stop, thread: Some(thread) }
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("TCP service did not start");
+        TcpService { stop, thread: Some(thread) }
     }
 }
 
-impl Drop for Greeter {
+impl Drop for TcpService {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A TCP server that writes "hello from <addr>\n" to each connection and closes it.
+pub struct Greeter(TcpService);
+
+impl Greeter {
+    pub fn start(ns: &str, addr: SocketAddr) -> Greeter {
+        Greeter(TcpService::start(ns, addr, move |mut conn| {
+            let _ = writeln!(conn, "hello from {addr}");
+        }))
     }
 }
 
@@ -188,8 +201,7 @@ pub type Request = (String, Option<String>);
 /// "dumb" HTTP protocol, prepared by `git update-server-info`). Records every request's path
 /// and Authorization header.
 pub struct GitServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _service: TcpService,
     pub requests: Arc<Mutex<Vec<Request>>>,
 }
 
@@ -216,68 +228,45 @@ impl GitServer {
     pub fn start(ns: &str, addr: SocketAddr, root: std::path::PathBuf, user: &str, password: &str) -> GitServer {
         use std::io::{BufRead, BufReader};
         let expected = format!("Basic {}", base64(format!("{user}:{password}").as_bytes()));
-        let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (s, log) = (stop.clone(), requests.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = in_netns(ns, move || {
-            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            listener.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
-            while !s.load(Ordering::Relaxed) {
-                let Ok((mut conn, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                conn.set_nonblocking(false).unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut request_line = String::new();
-                let _ = reader.read_line(&mut request_line);
-                let mut auth = None;
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = header.split_once(':')
-                        && k.eq_ignore_ascii_case("authorization")
-                    {
-                        auth = Some(v.trim().to_string());
-                    }
+        let log = requests.clone();
+        let service = TcpService::start(ns, addr, move |mut conn| {
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut auth = None;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                    break;
                 }
-                let path =
-                    request_line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
-                log.lock().unwrap().push((path.clone(), auth.clone()));
-                let file = root.join(path.trim_start_matches('/'));
-                let reply: Vec<u8> = if auth.as_deref() != Some(expected.as_str()) {
-                    b"HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\n\r\n"
-                        .to_vec()
-                } else if path.contains("..") || !file.is_file() {
-                    b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
-                } else {
-                    let body = std::fs::read(&file).unwrap();
-                    let mut r = format!(
-                        "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    )
-                    .into_bytes();
-                    r.extend(body);
-                    r
-                };
-                let _ = conn.write_all(&reply);
+                if let Some((k, v)) = header.split_once(':')
+                    && k.eq_ignore_ascii_case("authorization")
+                {
+                    auth = Some(v.trim().to_string());
+                }
             }
+            let path =
+                request_line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
+            log.lock().unwrap().push((path.clone(), auth.clone()));
+            let file = root.join(path.trim_start_matches('/'));
+            let reply: Vec<u8> = if auth.as_deref() != Some(expected.as_str()) {
+                b"HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\n\r\n"
+                    .to_vec()
+            } else if path.contains("..") || !file.is_file() {
+                b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+            } else {
+                let body = std::fs::read(&file).unwrap();
+                let mut r = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                r.extend(body);
+                r
+            };
+            let _ = conn.write_all(&reply);
         });
-        ready_rx.recv_timeout(Duration::from_secs(10)).expect("git server did not start");
-        GitServer { stop, thread: Some(thread), requests }
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        GitServer { _service: service, requests }
     }
 }
