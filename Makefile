@@ -13,7 +13,7 @@ unit:
 	cargo test --lib
 
 build:
-	cargo build --release
+	cargo build --release --bin cordon --examples
 
 # Boots cordon as PID 1 in fresh namespaces with a demo agent (root; Ctrl-C stops it).
 demo: build
