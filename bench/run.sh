@@ -29,12 +29,8 @@ cleanup() {
 trap cleanup EXIT
 
 # Network: world 192.0.2.1 (the upstream), cordon's namespace 192.0.2.2.
-ip netns add "$world"; ip netns add "$inner"
-ip link add "vw$tag" netns "$world" type veth peer name "vi$tag" netns "$inner"
-ip -n "$world" addr add 192.0.2.1/24 dev "vw$tag"; ip -n "$inner" addr add 192.0.2.2/24 dev "vi$tag"
-for ns in "$world" "$inner"; do ip -n "$ns" link set lo up; done
-ip -n "$world" link set "vw$tag" up; ip -n "$inner" link set "vi$tag" up
-ip -n "$inner" route add default via 192.0.2.1
+source scripts/netns-pair.sh
+netns_pair "$world" "$inner" "$tag"
 ip netns exec "$world" "$bin/examples/bench_upstream" 192.0.2.1:53 >/dev/null 2>&1 & pids+=($!)
 
 # The same allowlist for both: 999 exact names and one wildcard.

@@ -21,12 +21,8 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-ip netns add "$world"; ip netns add "$inner"
-ip link add "vw$tag" netns "$world" type veth peer name "vi$tag" netns "$inner"
-ip -n "$world" addr add 192.0.2.1/24 dev "vw$tag"; ip -n "$inner" addr add 192.0.2.2/24 dev "vi$tag"
-for ns in "$world" "$inner"; do ip -n "$ns" link set lo up; done
-ip -n "$world" link set "vw$tag" up; ip -n "$inner" link set "vi$tag" up
-ip -n "$inner" route add default via 192.0.2.1
+source scripts/netns-pair.sh
+netns_pair "$world" "$inner" "$tag"
 ip netns exec "$world" "$upstream" 192.0.2.1:53 >/dev/null 2>&1 &
 upstream_pid=$!
 echo "nameserver 192.0.2.1" > "$dir/resolv.conf"
