@@ -135,16 +135,21 @@ fn normalize_name(name: &str) -> Result<String, String> {
 pub struct Reach {
     pub default_ports: bool,
     pub extra_ports: BTreeSet<u16>,
-    /// The entry that decided, with where it came from (`domains.conf:12`).
-    pub decided_by: Vec<String>,
+}
+
+/// One pattern's reach and the entries (with their origin, `domains.conf:12`) behind it.
+#[derive(Debug, Default)]
+struct Rule {
+    reach: Reach,
+    origins: Vec<String>,
 }
 
 /// The compiled allowlist: exact names in one map, wildcard suffixes in another, so a lookup
 /// costs one probe per label of the name.
 #[derive(Debug, Default)]
 pub struct Allowlist {
-    exact: HashMap<String, Reach>,
-    below: HashMap<String, Reach>,
+    exact: HashMap<String, Rule>,
+    below: HashMap<String, Rule>,
     len: usize,
 }
 
@@ -154,15 +159,15 @@ impl Allowlist {
         let mut list = Allowlist::default();
         for (entry, origin) in entries {
             list.len += 1;
-            let reach = match &entry.pattern {
+            let rule = match &entry.pattern {
                 DomainPattern::Exact(n) => list.exact.entry(n.clone()).or_default(),
                 DomainPattern::Below(n) => list.below.entry(n.clone()).or_default(),
             };
             match entry.port {
-                Some(p) => reach.extra_ports.insert(p),
-                None => std::mem::replace(&mut reach.default_ports, true),
+                Some(p) => rule.reach.extra_ports.insert(p),
+                None => std::mem::replace(&mut rule.reach.default_ports, true),
             };
-            reach.decided_by.push(format!("{entry} ({origin})"));
+            rule.origins.push(format!("{entry} ({origin})"));
         }
         list
     }
@@ -182,7 +187,7 @@ impl Allowlist {
 
     /// Every per-entry port (`name:port`), each needing its own allow set.
     pub fn extra_ports(&self) -> BTreeSet<u16> {
-        self.exact.values().chain(self.below.values()).flat_map(|r| r.extra_ports.iter().copied()).collect()
+        self.exact.values().chain(self.below.values()).flat_map(|r| r.reach.extra_ports.iter().copied()).collect()
     }
 
     /// Whether `name` (lowercase, no trailing dot) is an exact entry.
@@ -190,21 +195,34 @@ impl Allowlist {
         self.exact.contains_key(name)
     }
 
-    /// What `name` may reach, merged over every pattern that matches it; None when denied.
-    pub fn lookup(&self, name: &str) -> Option<Reach> {
+    /// Every rule matching `name` (the exact one, then wildcards from the nearest suffix up).
+    fn matching<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Rule> + 'a {
         let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-        let mut found: Option<Reach> = self.exact.get(&name).cloned();
+        let exact = self.exact.get(&name);
+        let mut suffixes = Vec::new();
         let mut rest = name.as_str();
         while let Some((_, suffix)) = rest.split_once('.') {
-            if let Some(r) = self.below.get(suffix) {
-                let acc = found.get_or_insert_with(Reach::default);
-                acc.default_ports |= r.default_ports;
-                acc.extra_ports.extend(&r.extra_ports);
-                acc.decided_by.extend(r.decided_by.iter().cloned());
-            }
+            suffixes.extend(self.below.get(suffix));
             rest = suffix;
         }
+        exact.into_iter().chain(suffixes)
+    }
+
+    /// What `name` may reach, merged over every pattern that matches it; None when denied.
+    /// On the DNS answer path: it allocates nothing beyond the lowercased name.
+    pub fn lookup(&self, name: &str) -> Option<Reach> {
+        let mut found: Option<Reach> = None;
+        for rule in self.matching(name) {
+            let acc = found.get_or_insert_with(Reach::default);
+            acc.default_ports |= rule.reach.default_ports;
+            acc.extra_ports.extend(&rule.reach.extra_ports);
+        }
         found
+    }
+
+    /// The entries that allow `name`, each with its origin; empty when denied (for `why`).
+    pub fn explain(&self, name: &str) -> Vec<String> {
+        self.matching(name).flat_map(|r| r.origins.iter().cloned()).collect()
     }
 }
 
@@ -357,7 +375,8 @@ mod tests {
         let r = l.lookup("git.example.com").unwrap();
         assert!(r.default_ports);
         assert_eq!(r.extra_ports.iter().copied().collect::<Vec<_>>(), [8443]);
-        assert_eq!(r.decided_by, ["git.example.com:8443 (d:1)", "*.example.com (d:2)"]);
+        assert_eq!(l.explain("git.example.com"), ["git.example.com:8443 (d:1)", "*.example.com (d:2)"]);
+        assert!(l.explain("other.example.net").is_empty());
         let r = l.lookup("only.example.net").unwrap();
         assert!(!r.default_ports, "a name:port entry admits that port only");
         assert_eq!(l.len(), 3);

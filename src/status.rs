@@ -442,10 +442,10 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
         None => {
             let name = target.trim_end_matches('.').to_ascii_lowercase();
             match egress.allowlist.lookup(&name) {
-                Some(reach) => {
+                Some(_) => {
                     doc.verdict = "allowed".into();
                     doc.explanation = "the name is answered and its addresses admitted".into();
-                    doc.decided_by = reach.decided_by;
+                    doc.decided_by = egress.allowlist.explain(&name);
                 }
                 None => {
                     doc.verdict = "denied".into();
