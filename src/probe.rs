@@ -63,6 +63,8 @@ fn query(name: &str, id: u16) -> Vec<u8> {
     q
 }
 
+/// An immediate "no": the firewall's reject (refused, not permitted), or no way to send at all
+/// (no route; no address of that family, as in a container without IPv6).
 fn refused(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
@@ -70,6 +72,7 @@ fn refused(e: &std::io::Error) -> bool {
             | ErrorKind::PermissionDenied
             | ErrorKind::NetworkUnreachable
             | ErrorKind::HostUnreachable
+            | ErrorKind::AddrNotAvailable
     )
 }
 
@@ -168,6 +171,15 @@ mod tests {
         let q = query("a.bc", 0x1234);
         assert_eq!(&q[..2], &[0x12, 0x34]);
         assert_eq!(&q[12..], &[1, b'a', 2, b'b', b'c', 0, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn immediate_refusals_count_and_timeouts_do_not() {
+        for errno in [libc::ECONNREFUSED, libc::EPERM, libc::ENETUNREACH, libc::EHOSTUNREACH, libc::EADDRNOTAVAIL] {
+            assert!(refused(&std::io::Error::from_raw_os_error(errno)), "errno {errno}");
+        }
+        assert!(!refused(&std::io::Error::from(ErrorKind::TimedOut)));
+        assert!(!refused(&std::io::Error::from_raw_os_error(libc::ETIMEDOUT)));
     }
 
     #[test]
