@@ -34,7 +34,7 @@ RUN set -eux; \
     useradd --create-home --uid 1000 --shell /bin/bash agent; \
     mkdir -p /workspace /etc/cordon
 COPY --from=binary /cordon /usr/local/bin/cordon
-COPY config/cordon.toml config/tmux.conf /etc/cordon/
+COPY config/cordon.toml config/tmux.conf config/claude-settings.json /etc/cordon/
 COPY network/domains.conf /etc/cordon/domains.conf
 # An interactive root shell (docker exec -it ... bash, fly ssh console) joins the agent's
 # session; when that is not possible it says why and leaves the root shell usable.

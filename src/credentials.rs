@@ -194,6 +194,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_claude_settings_template_is_valid_json_for_an_unattended_agent() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/claude-settings.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(v["permissions"]["defaultMode"], "bypassPermissions");
+        assert_eq!(v["env"]["DISABLE_AUTOUPDATER"], "1", "the root is read-only: the updater cannot work");
+    }
+
+    #[test]
     fn npmrc_points_scopes_at_github_packages() {
         let text = render_npmrc(&["@acme".into()], &Secret::new("t0k"));
         assert_eq!(text, "@acme:registry=https://npm.pkg.github.com\n//npm.pkg.github.com/:_authToken=t0k\n");
