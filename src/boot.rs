@@ -310,13 +310,16 @@ fn stages(
     // 9. Read-only root. After everything boot writes outside the tmpfs mounts, before
     //    anything the agent influences runs. Per mount point, then proven with a write.
     if config.filesystem.readonly_root {
-        stage(report, "readonly_root", |_| {
+        stage(report, "readonly_root", |report| {
             let writable = writable_paths(&config, &user, &state_dir);
             let mountinfo = mounts::read_mountinfo().map_err(|e| StageError::from_error(&e, None))?;
             let plan = mounts::plan_readonly(&mountinfo, &writable);
-            mounts::apply_readonly(&plan).map_err(|e| StageError::from_error(&e, e.hint()))?;
-            mounts::verify_readonly(&plan).map_err(|e| StageError::from_error(&e, None))?;
-            Ok(((), format!("{} mounts read-only, write to / fails with EROFS", plan.len())))
+            let done = mounts::apply_readonly(&plan).map_err(|e| StageError::from_error(&e, e.hint()))?;
+            mounts::verify_readonly(&done.remounted).map_err(|e| StageError::from_error(&e, None))?;
+            for w in done.warnings {
+                report.warn(w);
+            }
+            Ok(((), format!("{} mounts read-only, write to / fails with EROFS", done.remounted.len())))
         })?;
     } else {
         report.begin("readonly_root");

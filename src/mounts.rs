@@ -212,7 +212,12 @@ impl FsError {
     pub fn hint(&self) -> Option<String> {
         let perm = |e: &nix::Error| *e == nix::Error::EPERM;
         match self {
-            FsError::MountTmpfs { source, path } | FsError::Remount { source, path } if perm(source) => Some(format!(
+            FsError::Remount { source, path } if perm(source) => Some(format!(
+                "remounting {} read-only needs CAP_SYS_ADMIN: run with --cap-add SYS_ADMIN, or let the runtime make the \
+                 root read-only (docker --read-only, Kubernetes readOnlyRootFilesystem: true)",
+                path.display()
+            )),
+            FsError::MountTmpfs { source, path } if perm(source) => Some(format!(
                 "mounting needs CAP_SYS_ADMIN: run the container with --cap-add SYS_ADMIN (and an AppArmor profile that \
                  allows mounts), or let the runtime provide the mounts (docker --read-only --tmpfs {}:size=...,mode=...) \
                  and cordon will verify them instead",
@@ -417,16 +422,41 @@ pub fn plan_readonly(mounts: &[MountInfo], writable: &[PathBuf]) -> Vec<RemountR
     plan
 }
 
+/// What the read-only remount did.
+#[derive(Debug, Default)]
+pub struct ReadonlyOutcome {
+    pub remounted: Vec<RemountRo>,
+    /// File bind mounts left writable, with why that is safe.
+    pub warnings: Vec<String>,
+}
+
 /// Remounts each planned mount read-only with `MS_BIND|MS_REMOUNT|MS_RDONLY`, which changes
 /// only this mount, never the superblock (a plain `remount,ro` of a bind-shared superblock
 /// would make the host's root read-only too when run in a mount namespace).
-pub fn apply_readonly(plan: &[RemountRo]) -> Result<(), FsError> {
+///
+/// Without CAP_SYS_ADMIN (the runtime made the root read-only: Docker `--read-only`, Kubernetes
+/// `readOnlyRootFilesystem`) the runtime's own read-write file bind mounts (resolv.conf, hosts,
+/// hostname) cannot be remounted; a regular file owned by root and writable by nobody else is
+/// left as it is, with a warning, since the agent cannot write it. Anything else fails closed.
+pub fn apply_readonly(plan: &[RemountRo]) -> Result<ReadonlyOutcome, FsError> {
+    let mut outcome = ReadonlyOutcome::default();
     for r in plan {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | r.keep;
-        mount(None::<&str>, &r.path, None::<&str>, flags, None::<&str>)
-            .map_err(|source| FsError::Remount { path: r.path.clone(), source })?;
+        match mount(None::<&str>, &r.path, None::<&str>, flags, None::<&str>) {
+            Ok(()) => outcome.remounted.push(r.clone()),
+            Err(nix::Error::EPERM) if root_only_file(&r.path) => outcome.warnings.push(format!(
+                "{} stays a writable bind mount of the runtime's (no CAP_SYS_ADMIN to remount it); it is a root-owned file \
+                 nobody else may write",
+                r.path.display()
+            )),
+            Err(source) => return Err(FsError::Remount { path: r.path.clone(), source }),
+        }
     }
-    Ok(())
+    Ok(outcome)
+}
+
+fn root_only_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0)
 }
 
 /// Proves the root is read-only: every planned mount shows `ro`, and creating a file in `/`

@@ -133,3 +133,63 @@ fn readonly_root_can_be_turned_off() {
     c.kill(c.reaper(), Signal::SIGTERM);
     c.wait_exit(Duration::from_secs(20));
 }
+
+/// What `docker run --read-only` leaves: every directory mount read-only (memory and kernel
+/// filesystems aside), the runtime's file bind mounts read-write.
+const RUNTIME_READ_ONLY: &str = r#"findmnt -rn -o TARGET,FSTYPE | while read -r t f; do
+  case "$f" in tmpfs|proc|sysfs|devtmpfs|devpts|mqueue|cgroup|cgroup2|nsfs|securityfs|debugfs|tracefs|bpf|pstore|fusectl|configfs|hugetlbfs|binfmt_misc|autofs) continue;; esac
+  case "$t" in /proc*|/sys*|/dev*) continue;; esac
+  if [ -d "$t" ]; then mount -o remount,bind,ro "$t" 2>/dev/null || true; fi
+done"#;
+
+#[test]
+fn with_the_runtime_doing_the_filesystem_part_cordon_verifies_without_sys_admin() {
+    // Docker `--read-only --tmpfs ...` with only NET_ADMIN: the runtime mounts the tmpfs and
+    // makes the root read-only; its file bind mounts (resolv.conf here) stay read-write.
+    let sb = Sandbox::new("runtime-ro");
+    let (ws, home) = (sb.path("ws"), sb.path("home"));
+    let text = sb
+        .render_config(&TestConfig::default())
+        .replace(&format!("state_dir = \"{}\"", sb.path("state").display()), "state_dir = \"/run/cordon\"");
+    let before = format!(
+        "mount -t tmpfs -o size=3m,nosuid,nodev tmpfs {}\nmount -t tmpfs -o size=3m,nosuid,nodev tmpfs {}\n{RUNTIME_READ_ONLY}\nWRAP='setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin --'",
+        ws.display(),
+        home.display()
+    );
+    let mut c = sb.launch(&sb.write_file("runtime.toml", &text), &[], Mode::Pid1, &before);
+    let state = c.wait_phase(Phase::Ready, BOOT);
+    let fs_detail = state.stages.iter().find(|s| s.name == "filesystem").unwrap().detail.clone().unwrap();
+    assert!(fs_detail.contains("2 provided by the runtime"), "{fs_detail}");
+    assert!(state.stages.iter().find(|s| s.name == "readonly_root").unwrap().outcome == cordon::report::Outcome::Ok);
+    assert!(
+        state.warnings.iter().any(|w| w.contains("/etc/resolv.conf stays a writable bind mount")),
+        "{:?}",
+        state.warnings
+    );
+    let out = c.agent_exec("echo nameserver 192.0.2.66 >> /etc/resolv.conf");
+    assert!(!out.status.success(), "the agent wrote resolv.conf");
+    let out = c.exec("touch /cordon-probe");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(0));
+}
+
+#[test]
+fn without_sys_admin_a_writable_root_fails_closed_with_the_runtime_hint() {
+    let sb = Sandbox::new("nosysadmin");
+    let text = sb
+        .render_config(&TestConfig { on_boot_failure: "hold", ..TestConfig::default() })
+        .replace(&format!("state_dir = \"{}\"", sb.path("state").display()), "state_dir = \"/run/cordon\"");
+    let before = format!(
+        "mount -t tmpfs -o size=3m tmpfs {}\nmount -t tmpfs -o size=3m tmpfs {}\nWRAP='setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin --'",
+        sb.path("ws").display(),
+        sb.path("home").display()
+    );
+    let mut c = sb.launch(&sb.write_file("runtime.toml", &text), &[], Mode::Pid1, &before);
+    let state = c.wait_phase(Phase::Failed, BOOT);
+    let failed = state.stages.last().unwrap();
+    assert_eq!(failed.name, "readonly_root", "{state:?}");
+    assert!(failed.hint.as_deref().unwrap().contains("docker --read-only"), "{failed:?}");
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(1));
+}
