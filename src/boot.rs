@@ -249,8 +249,23 @@ fn stages(
                 StageError::from_error(&e, Some(hint.into()))
             })?;
             let _ = live.egress.set(egress.clone());
-            write_in_place(Path::new(RESOLV_CONF), &egress::render_resolv_conf(config.network.listen, &original))
-                .map_err(|e| StageError::new(format!("cannot write {RESOLV_CONF}: {e}"), None))?;
+            // Already pointing at cordon only (a read-only root started with --dns 127.0.0.53):
+            // nothing to write.
+            let ours = egress::parse_nameservers(&original).iter().all(|ns| ns.ip() == config.network.listen.ip())
+                && !egress::parse_nameservers(&original).is_empty();
+            if !ours {
+                write_in_place(Path::new(RESOLV_CONF), &egress::render_resolv_conf(config.network.listen, &original))
+                    .map_err(|e| {
+                    StageError::new(
+                        format!("cannot point {RESOLV_CONF} at cordon's DNS server: {e}"),
+                        Some(format!(
+                            "with a read-only root, start the container with --dns {} (Kubernetes: dnsPolicy None, \
+                                 dnsConfig.nameservers) and set network.upstream, or give it a writable {RESOLV_CONF}",
+                            config.network.listen.ip()
+                        )),
+                    )
+                })?;
+            }
             let ups: Vec<String> = egress.upstreams.iter().map(ToString::to_string).collect();
             let detail = format!(
                 "listening on {}, {} allowlist entries, upstream {}",

@@ -298,3 +298,28 @@ fn without_net_admin_the_boot_fails_closed_with_the_capability_hint() {
     c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
     assert_eq!(c.wait_exit(BOOT).code(), Some(1));
 }
+
+#[test]
+fn a_read_only_resolv_conf_already_pointing_at_cordon_is_accepted_and_any_other_fails_with_the_fix() {
+    let sb = Sandbox::new("ro-resolv");
+    let w = world(&sb, "api.example.com\n", &["192.0.2.10"]);
+    w.dns.set("api.example.com", vec![ip("192.0.2.10")]);
+    let ours = sb.write_file("ours.conf", "nameserver 127.0.0.53\n");
+    let cfg = TestConfig { network: format!("upstream = [\"{WORLD_V4}\"]\n"), ..TestConfig::default() };
+    let before = format!("mount --bind {} /etc/resolv.conf\nmount -o remount,bind,ro /etc/resolv.conf", ours.display());
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, &before);
+    c.wait_phase(Phase::Ready, BOOT);
+    assert_eq!(connect(&c, "api.example.com", true).unwrap(), "hello from 192.0.2.10:443");
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    c.wait_exit(BOOT);
+
+    let sb = Sandbox::new("ro-resolv-other");
+    let cfg = TestConfig { on_boot_failure: "hold", ..TestConfig::default() };
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, "mount -o remount,bind,ro /etc/resolv.conf");
+    let state = c.wait_phase(Phase::Failed, BOOT);
+    let stage = state.stages.last().unwrap();
+    assert_eq!(stage.name, "dns");
+    assert!(stage.hint.as_deref().unwrap().contains("--dns 127.0.0.53"), "{stage:?}");
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(1));
+}
