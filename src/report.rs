@@ -140,10 +140,6 @@ impl Report {
         self.flush();
     }
 
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
-    }
-
     pub fn begin(&mut self, name: &str) {
         tracing::info!(stage = name, "stage started");
         self.stage_started = Some(Instant::now());
