@@ -151,11 +151,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The default log filter. hickory-server logs every request at `info`; cordon reports DNS
+/// itself (denials, rate-limited, and counters in `cordon status`), so hickory says only
+/// warnings unless `CORDON_LOG` asks for more.
+const DEFAULT_LOG_FILTER: &str = "info,hickory_server=warn,hickory_proto=warn,hickory_resolver=warn";
+
 /// Structured logs on stderr: text by default, JSON with `CORDON_LOG_FORMAT=json`; the level
-/// from `CORDON_LOG` (an env-filter directive), default `info`.
+/// from `CORDON_LOG` (an env-filter directive), default [`DEFAULT_LOG_FILTER`].
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
