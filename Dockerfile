@@ -24,7 +24,7 @@ ENV LANG=C.UTF-8
 RUN set -eux; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        bash ca-certificates git gh iproute2 ipset iptables less procps tmux; \
+        bash ca-certificates curl git gh iproute2 ipset iptables less procps tmux; \
     if [ -n "$CLAUDE_CODE" ]; then \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm; \
         npm install -g --no-fund --no-audit "@anthropic-ai/claude-code@${CLAUDE_CODE}"; \
@@ -34,7 +34,8 @@ RUN set -eux; \
     useradd --create-home --uid 1000 --shell /bin/bash agent; \
     mkdir -p /workspace /etc/cordon
 COPY --from=binary /cordon /usr/local/bin/cordon
-COPY config/cordon.toml config/tmux.conf config/claude-settings.json /etc/cordon/
+COPY config/cordon.toml config/tmux.conf config/claude-settings.json config/demo.toml /etc/cordon/
+COPY config/demo-agent.sh /usr/local/share/cordon/demo-agent
 COPY network/domains.conf /etc/cordon/domains.conf
 # An interactive root shell (docker exec -it ... bash, fly ssh console) joins the agent's
 # session; when that is not possible it says why and leaves the root shell usable.
