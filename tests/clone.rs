@@ -6,27 +6,13 @@ mod harness;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 use std::time::Duration;
 
-use harness::world::{FakeDns, GitServer, Rec};
+use harness::world::{FakeDns, GitServer, Rec, make_repo};
 use harness::{AGENT_UID, Mode, Phase, Sandbox, TestConfig, WORLD_V4};
 
 const BOOT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "ghp_CLONE_SENTINEL_0123456789abcdef";
-
-fn git(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// A world with git.example.com serving repo.git (one commit, README "hello from the world").
 fn git_world(sb: &Sandbox) -> (FakeDns, GitServer) {
@@ -35,14 +21,7 @@ fn git_world(sb: &Sandbox) -> (FakeDns, GitServer) {
     dns.set("git.example.com", vec![Rec::A("192.0.2.80".parse().unwrap())]);
     sb.net.add_world_addr("192.0.2.80");
     let srv = sb.path("srv");
-    fs::create_dir_all(srv.join("src")).unwrap();
-    git(&srv, &["init", "-q", "--bare", "-b", "main", "repo.git"]);
-    git(&srv.join("src"), &["init", "-q", "-b", "main"]);
-    fs::write(srv.join("src/README"), "hello from the world\n").unwrap();
-    git(&srv.join("src"), &["add", "README"]);
-    git(&srv.join("src"), &["commit", "-q", "-m", "first"]);
-    git(&srv.join("src"), &["push", "-q", &srv.join("repo.git").display().to_string(), "main"]);
-    git(&srv.join("repo.git"), &["update-server-info"]);
+    make_repo(&srv, "hello from the world\n");
     let server = GitServer::start(&sb.net.world, "192.0.2.80:80".parse().unwrap(), srv, "x-access-token", TOKEN);
     (dns, server)
 }

@@ -9,6 +9,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
+pub mod docker;
 pub mod world;
 
 use std::fmt::Write as _;

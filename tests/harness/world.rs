@@ -270,3 +270,29 @@ impl GitServer {
         GitServer { _service: service, requests }
     }
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Makes `srv/repo.git`, a bare repository with one commit on `main` whose README says
+/// `readme`, prepared for [`GitServer`] (dumb HTTP).
+pub fn make_repo(srv: &std::path::Path, readme: &str) {
+    std::fs::create_dir_all(srv.join("src")).unwrap();
+    git(srv, &["init", "-q", "--bare", "-b", "main", "repo.git"]);
+    git(&srv.join("src"), &["init", "-q", "-b", "main"]);
+    std::fs::write(srv.join("src/README"), readme).unwrap();
+    git(&srv.join("src"), &["add", "README"]);
+    git(&srv.join("src"), &["commit", "-q", "-m", "first"]);
+    git(&srv.join("src"), &["push", "-q", &srv.join("repo.git").display().to_string(), "main"]);
+    git(&srv.join("repo.git"), &["update-server-info"]);
+}

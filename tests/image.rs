@@ -1,0 +1,333 @@
+//! End to end through the real container image: `scripts/build-image.sh` builds it as a user
+//! would, and Docker runs it in both runtime profiles against a world of the test's own (a fake
+//! upstream DNS server, TCP greeters and a git server over HTTP on documentation addresses).
+//!
+//! - Profile 1: cordon locks down itself (`--cap-add NET_ADMIN --cap-add SYS_ADMIN`).
+//! - Profile 2: the runtime makes the root read-only and mounts the tmpfs (`--read-only
+//!   --tmpfs …`), cordon has only NET_ADMIN, verifies the filesystem and enforces egress.
+//!
+//! Each test checks what an operator relies on: the boot reaches ready; the agent user reaches
+//! the allowed name and nothing else; `docker exec -it … bash -i` lands in the agent's tmux
+//! session as the agent; `cordon status` says ready; `docker stop` is a graceful stop within the
+//! grace period with exit code 0; a missing secret is reported where operators look.
+
+mod harness;
+
+use std::io::Write;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::docker::{Container, IMAGE_AGENT_UID, Pod, docker, host_dir};
+use harness::world::{FakeDns, GitServer, Greeter, Rec, make_repo};
+use harness::{WORLD_V4, wait_until};
+
+const BOOT: Duration = Duration::from_secs(60);
+const TOKEN: &str = "ghp_E2E_SENTINEL_0123456789abcdef";
+/// The agent: waits for SIGTERM, then leaves proof of a graceful stop in the /out volume.
+const AGENT: &str = r#"command = ["bash", "-c", "echo agent up; trap 'echo graceful > /out/agent-term; exit 0' TERM; while :; do sleep 0.2; done"]"#;
+
+/// The world of these tests: `git.example.com` (allowlisted; HTTPS greeter on v4 and v6, the
+/// git server on port 80) and `exfil.example.net` (not allowlisted; a greeter that must never
+/// be reached).
+struct World {
+    dns: FakeDns,
+    git: GitServer,
+    _greeters: Vec<Greeter>,
+}
+
+fn world(pod: &Pod, tag: &str) -> World {
+    let dns = FakeDns::start(&pod.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("git.example.com", vec![Rec::A("192.0.2.80".parse().unwrap()), Rec::A("2001:db8::80".parse().unwrap())]);
+    dns.set("exfil.example.net", vec![Rec::A("192.0.2.81".parse().unwrap())]);
+    for ip in ["192.0.2.80", "2001:db8::80", "192.0.2.81"] {
+        pod.add_world_addr(ip);
+    }
+    let greeters = ["192.0.2.80:443", "[2001:db8::80]:443", "192.0.2.81:443"]
+        .iter()
+        .map(|a| Greeter::start(&pod.world, a.parse().unwrap()))
+        .collect();
+    let srv = host_dir(&format!("{tag}-srv"));
+    make_repo(&srv, "hello from the world\n");
+    let git = GitServer::start(&pod.world, "192.0.2.80:80".parse().unwrap(), srv, "x-access-token", TOKEN);
+    World { dns, git, _greeters: greeters }
+}
+
+/// The host directory mounted at /etc/cordon-e2e (config and allowlist) and /out (writable by
+/// the agent; it outlives the container).
+fn files(tag: &str, extra: &str) -> std::path::PathBuf {
+    let dir = host_dir(tag);
+    std::fs::write(dir.join("domains.conf"), "git.example.com\n").unwrap();
+    let config = format!(
+        "[secrets]\nrequired = [\"GH_PAT\"]\n\
+         [filesystem]\nwritable = [\"/out\"]\n\
+         [network]\nallowlist = \"/etc/cordon-e2e/domains.conf\"\n{extra}\n\
+         [git]\ncredential_hosts = [\"http://git.example.com\"]\n\
+         [agent]\n{AGENT}\n\
+         [supervisor]\nstop_grace = \"10s\"\n"
+    );
+    std::fs::write(dir.join("cordon.toml"), config).unwrap();
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    dir
+}
+
+/// `docker run` arguments shared by both profiles.
+fn common_args(dir: &std::path::Path) -> Vec<String> {
+    [
+        "-e",
+        "CORDON_CONFIG=/etc/cordon-e2e/cordon.toml",
+        "-e",
+        &format!("GH_PAT={TOKEN}"),
+        "-e",
+        "REPO_URL=http://git.example.com/repo.git",
+        "-v",
+        &format!("{}:/etc/cordon-e2e:ro", dir.display()),
+        "-v",
+        &format!("{}:/out", dir.join("out").display()),
+        "--health-interval",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+const PROFILE_1: &[&str] =
+    &["--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--security-opt", "apparmor=unconfined"];
+const PROFILE_2: &[&str] = &[
+    "--cap-add",
+    "NET_ADMIN",
+    "--read-only",
+    "--tmpfs",
+    "/workspace:exec,size=512m",
+    "--tmpfs",
+    "/tmp:exec,size=512m",
+    "--tmpfs",
+    "/home/agent:exec,size=1g",
+    "--tmpfs",
+    "/run:size=64m",
+];
+
+/// The agent user's view of the network, and the upstream's: the allowed name resolves and
+/// connects over IPv4 and IPv6 and its git server serves the clone; the denied name is
+/// NXDOMAIN without ever reaching the upstream; its address and the world's resolver are
+/// refused.
+fn check_egress(c: &Container, w: &World, ipv6: bool) {
+    let ok = c.agent_sh(
+        "addr=$(getent ahostsv4 git.example.com | awk 'NR==1{print $1}') && exec 3<>/dev/tcp/$addr/443 && head -1 <&3",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim(),
+        "hello from 192.0.2.80:443",
+        "allowed name over IPv4: {ok:?}"
+    );
+    if ipv6 {
+        let v6 = c.agent_sh(
+            "addr=$(getent ahostsv6 git.example.com | awk 'NR==1{print $1}') && exec 3<>/dev/tcp/$addr/443 && head -1 <&3",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&v6.stdout).trim(),
+            "hello from [2001:db8::80]:443",
+            "allowed name over IPv6: {v6:?}"
+        );
+    }
+
+    let denied = c.agent_sh("getent hosts exfil.example.net");
+    assert_eq!(denied.status.code(), Some(2), "a denied name is not found: {denied:?}");
+    assert!(
+        !w.dns.queries().iter().any(|q| q.contains("exfil")),
+        "the denied name reached the upstream: {:?}",
+        w.dns.queries()
+    );
+    let direct = c.agent_sh("timeout 5 bash -c 'exec 3<>/dev/tcp/192.0.2.81/443' && echo connected");
+    assert!(!direct.status.success(), "a never-resolved address is refused: {direct:?}");
+    let resolver = c.agent_sh("timeout 5 bash -c 'exec 3<>/dev/tcp/192.0.2.1/53' && echo connected");
+    assert!(!resolver.status.success(), "the upstream resolver is cordon's alone: {resolver:?}");
+
+    // The clone came through the firewall with the credential helper, and the agent's own
+    // fetch works the same way.
+    let readme = c.agent_sh("cat /workspace/repo/README && stat -c %u /workspace/repo");
+    assert_eq!(
+        String::from_utf8_lossy(&readme.stdout),
+        format!("hello from the world\n{IMAGE_AGENT_UID}\n"),
+        "{readme:?}"
+    );
+    let fetch = c.agent_sh("cd /workspace/repo && git fetch -q origin && echo fetched");
+    assert_eq!(String::from_utf8_lossy(&fetch.stdout).trim(), "fetched", "{fetch:?}");
+    assert!(w.git.requests.lock().unwrap().iter().any(|(_, auth)| auth.is_some()), "the token was sent");
+}
+
+/// An interactive `docker exec -it NAME bash -i` under a real pty (`script`), fed by a pipe.
+struct Terminal {
+    child: Child,
+    stdin: ChildStdin,
+    out: std::path::PathBuf,
+}
+
+impl Terminal {
+    fn open(command: &str, out: std::path::PathBuf) -> Terminal {
+        let mut child = Command::new("script")
+            .args(["-qfec", &format!("stty cols 120 rows 40; exec {command}"), "/dev/null"])
+            .env("TERM", "xterm-256color")
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("script (util-linux)");
+        let stdin = child.stdin.take().unwrap();
+        Terminal { child, stdin, out }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stdin.write_all(bytes).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.out).unwrap_or_default()).into_owned()
+    }
+
+    fn wait(mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the terminal did not end; it shows:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.output()
+    }
+}
+
+/// `docker exec -it NAME bash -i` lands in the agent's session as the agent; detaching leaves
+/// the operator in a root shell of the container.
+fn check_login(c: &Container, dir: &std::path::Path) {
+    let mut t = Terminal::open(&format!("docker exec -it {} bash -i", c.name), dir.join("terminal.out"));
+    let clients = wait_until("a tmux client", BOOT, || Some(c.tmux_clients()).filter(|v| !v.is_empty()));
+    assert_eq!(clients, vec![IMAGE_AGENT_UID.to_string()], "the login's tmux client runs as the agent");
+    let ps = c.exec(&["ps", "-eo", "user:12,comm"]);
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(ps.lines().filter(|l| l.contains("tmux")).all(|l| l.starts_with("agent")), "no root tmux:\n{ps}");
+    t.send(b"\x02d");
+    wait_until("the client to detach", BOOT, || c.tmux_clients().is_empty().then_some(()));
+    t.send(b"id -u; exit\n");
+    let shown = t.wait(BOOT);
+    assert!(shown.contains("[detached"), "tmux said it detached:\n{shown}");
+}
+
+/// `docker stop` ends in a graceful stop: the agent got SIGTERM and exited, nothing needed
+/// SIGKILL, well within the grace period, with exit code 0.
+fn check_stop(c: &Container, dir: &std::path::Path) {
+    let started = Instant::now();
+    let out = docker(&["stop", "-t", "30", &c.name]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{out:?}");
+    assert!(took < Duration::from_secs(10), "docker stop took {took:?}, not less than stop_grace (10s)");
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "0", "exit code after a graceful stop");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/agent-term")).unwrap_or_default(),
+        "graceful\n",
+        "the agent saw SIGTERM"
+    );
+    let logs = c.logs();
+    assert!(logs.contains("stopping"), "cordon logged the stop:\n{logs}");
+    assert!(!logs.contains("ignored SIGTERM"), "nothing had to be killed:\n{logs}");
+}
+
+fn check_ready(c: &Container, provided_by_runtime: bool) {
+    let doc = c.wait_phase("ready", BOOT);
+    let (_, code) = c.status();
+    assert_eq!(code, 0, "cordon status exits 0 when ready");
+    let human = c.exec(&["cordon", "status"]);
+    assert!(String::from_utf8_lossy(&human.stdout).starts_with("cordon READY"), "{human:?}");
+    assert_eq!(doc["init_mode"], "pid1");
+    assert_eq!(doc["filesystem"]["readonly_root"], true);
+    let fs_detail =
+        doc["stages"].as_array().unwrap().iter().find(|s| s["name"] == "filesystem").unwrap()["detail"].to_string();
+    let provided = if provided_by_runtime { "3 provided by the runtime" } else { "0 provided by the runtime" };
+    assert!(fs_detail.contains(provided), "filesystem stage: {fs_detail}");
+    assert_eq!(doc["session"]["agent"]["running"], true);
+    let healthy = wait_until("the health check", BOOT, || {
+        let h = c.inspect("{{.State.Health.Status}}");
+        (h != "starting").then_some(h)
+    });
+    assert_eq!(healthy, "healthy", "the image's HEALTHCHECK (cordon status)");
+    // The root is read-only for root too, except the volume the config keeps writable.
+    let write = c.exec(&["sh", "-c", "touch /etc/e2e-write 2>&1; touch /out/root-write && echo out-ok"]);
+    let text = String::from_utf8_lossy(&write.stdout);
+    assert!(text.contains("Read-only file system") && text.contains("out-ok"), "{text}");
+}
+
+#[test]
+fn profile_1_cordon_locks_down_the_container_itself() {
+    let mut pod = Pod::new("p1", WORLD_V4, true);
+    let w = world(&pod, "p1");
+    let dir = files("p1", "");
+    let mut args = common_args(&dir);
+    args.extend(PROFILE_1.iter().map(|s| s.to_string()));
+    let c = pod.run("cordon", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    check_ready(&c, false);
+    check_egress(&c, &w, true);
+    check_login(&c, &dir);
+    check_stop(&c, &dir);
+}
+
+#[test]
+fn profile_2_the_runtime_makes_the_filesystem_and_cordon_verifies_it() {
+    // The runtime's read-only root includes resolv.conf, so it must already name cordon, and
+    // cordon is told the upstream.
+    let mut pod = Pod::new("p2", "127.0.0.53", false);
+    let w = world(&pod, "p2");
+    let dir = files("p2", "upstream = [\"192.0.2.1\"]");
+    let mut args = common_args(&dir);
+    args.extend(PROFILE_2.iter().map(|s| s.to_string()));
+    let c = pod.run("cordon", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    check_ready(&c, true);
+    let caps = c.exec(&["sh", "-c", "grep CapEff /proc/1/status"]);
+    let caps = String::from_utf8_lossy(&caps.stdout);
+    let eff = u64::from_str_radix(caps.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_eq!(eff & (1 << 21), 0, "no CAP_SYS_ADMIN in this profile: {caps}");
+    check_egress(&c, &w, false);
+    check_login(&c, &dir);
+    check_stop(&c, &dir);
+}
+
+#[test]
+fn a_missing_secret_is_reported_in_status_logs_and_the_login_shell() {
+    // The shipped configuration, as a user would first run it: no secrets given.
+    let mut pod = Pod::new("ms", WORLD_V4, false);
+    let dir = host_dir("ms");
+    let held = pod.run("held", PROFILE_1);
+    let doc = held.wait_phase("failed", BOOT);
+    let (_, code) = held.status();
+    assert_eq!(code, 1, "cordon status exits 1 when the boot failed");
+    assert_eq!(doc["failed"]["stage"], "secrets");
+    let error = doc["failed"]["error"].as_str().unwrap();
+    assert!(error.contains("GH_PAT") && error.contains("CLAUDE_CODE_OAUTH_TOKEN"), "{error}");
+    assert!(doc["failed"]["hint"].as_str().is_some_and(|h| !h.is_empty()), "a fix is offered: {doc}");
+    let logs = held.logs();
+    assert!(
+        logs.contains("GH_PAT") && logs.contains("secrets"),
+        "the container log names the stage and the secret:\n{logs}"
+    );
+    assert!(held.running(), "on_boot_failure = hold keeps the container up for an operator");
+
+    // The operator's login shows the failure and falls back to a root shell.
+    let mut t = Terminal::open(&format!("docker exec -it {} bash -i", held.name), dir.join("terminal.out"));
+    wait_until("the fallback to a root shell", BOOT, || t.output().contains("cordon attach failed").then_some(()));
+    t.send(b"echo root-shell-$(id -u); exit\n");
+    let shown = t.wait(BOOT);
+    assert!(shown.contains("secrets") && shown.contains("GH_PAT"), "attach explains the failure:\n{shown}");
+    assert!(shown.contains("root-shell-0"), "then the root shell is usable:\n{shown}");
+
+    // With on_boot_failure = "exit" the container ends with status 1 instead.
+    std::fs::write(dir.join("cordon.toml"), "[supervisor]\non_boot_failure = \"exit\"\n").unwrap();
+    let mount = format!("{}:/etc/cordon-e2e:ro", dir.display());
+    let exits =
+        pod.run("exits", &[PROFILE_1, &["-e", "CORDON_CONFIG=/etc/cordon-e2e/cordon.toml", "-v", &mount]].concat());
+    let code = docker(&["wait", &exits.name]);
+    assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "1", "{}", exits.logs());
+    assert!(exits.logs().contains("GH_PAT"));
+}
