@@ -169,8 +169,11 @@ fn stages(
     // 3. State directory. Next, so every failure from here on (and the one above) is visible
     //    in the boot log and state file to an operator who attaches.
     stage(report, "state", |report| {
-        mounts::prepare_state_dir(&state_dir).map_err(|e| StageError::from_error(&e, e.hint()))?;
+        let warning = mounts::prepare_state_dir(&state_dir).map_err(|e| StageError::from_error(&e, e.hint()))?;
         report.attach_dir(&state_dir);
+        if let Some(w) = warning {
+            report.warn(w);
+        }
         let listener = control::bind(&state_dir).map_err(|e| {
             StageError::new(format!("cannot bind the control socket in {}: {e}", state_dir.display()), None)
         })?;

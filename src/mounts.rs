@@ -351,24 +351,41 @@ pub fn make_link(path: &Path, target: &Path) -> Result<(), FsError> {
 
 /// Makes sure the state directory exists on a writable tmpfs that will survive the read-only
 /// root: the runtime's (`/run` on Fly, `--tmpfs /run` in Docker) or a small one of cordon's.
-pub fn prepare_state_dir(dir: &Path) -> Result<(), FsError> {
+///
+/// Without the right to mount (no CAP_SYS_ADMIN, or an AppArmor profile that denies mounts)
+/// on a root that is still writable, the directory stays on the root filesystem and a warning
+/// is returned: the boot then fails at a later stage that needs the same right, and the state
+/// directory is what lets `cordon status` and `cordon attach` say so.
+pub fn prepare_state_dir(dir: &Path) -> Result<Option<String>, FsError> {
     std::fs::create_dir_all(dir).map_err(|source| FsError::CreateDir { path: dir.into(), source })?;
     let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
     let on_tmpfs = mount_of(&mounts, dir).is_some_and(|m| m.fstype == "tmpfs" && !m.read_only());
+    let mut warning = None;
     if !on_tmpfs {
         // 16 MiB holds years of boot logs; the size cap keeps a runaway writer from eating RAM.
-        mount(
+        let mounted = mount(
             Some("tmpfs"),
             dir,
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             Some("size=16m,mode=755"),
-        )
-        .map_err(|source| FsError::MountTmpfs { path: dir.into(), source })?;
+        );
+        match mounted {
+            Ok(()) => {}
+            Err(nix::Error::EPERM) => {
+                warning = Some(format!(
+                    "no permission to mount a tmpfs at {}, so it is a directory on the root filesystem; \
+                     a read-only root needs that permission too",
+                    dir.display()
+                ))
+            }
+            Err(source) => return Err(FsError::MountTmpfs { path: dir.into(), source }),
+        }
     }
     std::os::unix::fs::chown(dir, Some(0), Some(0))
         .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
-        .map_err(|source| FsError::Chown { path: dir.into(), source })
+        .map_err(|source| FsError::Chown { path: dir.into(), source })?;
+    Ok(warning)
 }
 
 /// Filesystems that are memory, kernel interfaces or devices: never remounted read-only (their
