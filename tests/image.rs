@@ -184,6 +184,10 @@ impl Terminal {
         self.stdin.flush().unwrap();
     }
 
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     fn output(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.out).unwrap_or_default()).into_owned()
     }
@@ -330,4 +334,86 @@ fn a_missing_secret_is_reported_in_status_logs_and_the_login_shell() {
     let code = docker(&["wait", &exits.name]);
     assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "1", "{}", exits.logs());
     assert!(exits.logs().contains("GH_PAT"));
+}
+
+#[test]
+fn the_quick_start_builds_runs_and_joins_the_demo_agent() {
+    let mut pod = Pod::new("qs", WORLD_V4, false);
+    let dns = FakeDns::start(&pod.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("api.anthropic.com", vec![Rec::A("192.0.2.90".parse().unwrap())]);
+    pod.add_world_addr("192.0.2.90");
+    let _api = Greeter::start(&pod.world, "192.0.2.90:443".parse().unwrap());
+    let dir = host_dir("qs");
+    let c = pod.adopt("cordon-e2e-qs-demo");
+
+    let script = format!(
+        "env CORDON_NAME={} CORDON_DOCKER_NETWORK=container:{} bash {}/scripts/quickstart.sh",
+        c.name,
+        pod.holder,
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut t = Terminal::open(&script, dir.join("terminal.out"));
+    let clients = wait_until("the quick start to join the session", Duration::from_secs(600), || {
+        assert!(t.running(), "the quick start ended early:\n{}", t.output());
+        Some(c.tmux_clients()).filter(|v| !v.is_empty())
+    });
+    assert_eq!(clients, vec![IMAGE_AGENT_UID.to_string()], "joined as the agent");
+
+    // The demo agent's report, in its pane.
+    let pane = wait_until("the demo agent's report", BOOT, || {
+        let out = c.exec(&[
+            "su",
+            "agent",
+            "-s",
+            "/bin/sh",
+            "-c",
+            "tmux -S /run/cordon/tmux/agent.sock capture-pane -p -t agent:0.0 -S -60",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("Try, in this shell").then_some(text)
+    });
+    for expect in [
+        "uid=1000(agent)",
+        "effective 0000000000000000, no_new_privs 1",
+        "refused: the root filesystem is read-only",
+        "api.anthropic.com: connected to 192.0.2.90 port 443",
+        "exfil.example.org: no address (cordon answered NXDOMAIN",
+        "203.0.113.10:443 refused",
+    ] {
+        assert!(pane.contains(expect), "the demo agent shows {expect:?}:\n{pane}");
+    }
+    assert!(!dns.queries().iter().any(|q| q.contains("exfil")), "the denied name never left");
+    assert_eq!(c.phase().as_deref(), Some("ready"));
+
+    t.send(b"\x02d");
+    wait_until("the client to detach", BOOT, || c.tmux_clients().is_empty().then_some(()));
+    t.send(b"exit\n");
+    let shown = t.wait(BOOT);
+    assert!(
+        shown.contains("keeps running") && shown.contains(&format!("docker exec -it {} bash -i", c.name)),
+        "{shown}"
+    );
+    assert!(c.running(), "the container outlives the terminal");
+}
+
+#[test]
+fn a_missing_capability_fails_the_boot_with_the_fix_in_status() {
+    let mut pod = Pod::new("cap", WORLD_V4, false);
+    let dir = files("cap", "");
+    let mount = format!("{}:/etc/cordon-e2e:ro", dir.display());
+    let common = ["-e", "CORDON_CONFIG=/etc/cordon-e2e/cordon.toml", "-e", "GH_PAT=x", "-v", &mount];
+    // Neither SYS_ADMIN nor the runtime's read-only root and tmpfs: cordon cannot lock the
+    // filesystem down; its state directory stays on the root so status can say why.
+    let no_sys_admin = pod.run("nosys", &[&common[..], &["--cap-add", "NET_ADMIN"]].concat());
+    // No NET_ADMIN: no firewall, so no agent.
+    let no_net_admin =
+        pod.run("nonet", &[&common[..], &["--cap-add", "SYS_ADMIN", "--security-opt", "apparmor=unconfined"]].concat());
+    for (c, stage, fix) in [(&no_sys_admin, "filesystem", "SYS_ADMIN"), (&no_net_admin, "firewall", "NET_ADMIN")] {
+        let doc = c.wait_phase("failed", BOOT);
+        assert_eq!(doc["failed"]["stage"], stage, "{doc}");
+        assert!(doc["failed"]["hint"].as_str().is_some_and(|h| h.contains(fix)), "the fix names {fix}: {doc}");
+        assert_eq!(c.status().1, 1);
+        let ps = c.exec(&["ps", "-u", "agent", "-o", "pid=,comm="]);
+        assert_eq!(String::from_utf8_lossy(&ps.stdout).trim(), "", "no process of the agent user's runs");
+    }
 }

@@ -111,6 +111,7 @@ impl Pod {
             "none",
             "--dns",
             nameserver,
+            "--no-healthcheck",
             "--entrypoint",
             "sleep",
             image,
@@ -150,6 +151,14 @@ impl Pod {
             args.push("nodad");
         }
         run("ip", &args);
+    }
+
+    /// A container started by something else (the quick start) that joins the pod's network;
+    /// removed with the pod.
+    pub fn adopt(&mut self, name: &str) -> Container {
+        let _ = docker(&["rm", "-f", name]);
+        self.containers.push(name.to_string());
+        Container { name: name.to_string() }
     }
 
     /// `docker run -d` of the image on the pod's network, with `args` before the image name.
