@@ -7,6 +7,9 @@
 #   BINARY_FROM     "source" compiles cordon in BUILDER; "prebuilt" copies target/image/cordon
 #                   (then BUILDER can be BASE: no Rust image needed)
 #   CLAUDE_CODE     npm version of @anthropic-ai/claude-code to install; empty for none
+#   IPTABLES        "nft" (Debian's default) or "legacy", for kernels without nf_tables support
+# An extra CA certificate (a TLS-intercepting proxy's) is trusted in the build and the image
+# when the context holds target/image/extra-ca.crt (scripts/build-image.sh EXTRA_CA_CERT=...).
 # (One builder stage for both cases: the classic builder builds every stage.)
 ARG BASE=debian:bookworm-slim
 ARG BUILDER=rust:1.95-bookworm
@@ -16,19 +19,27 @@ ARG BINARY_FROM=source
 WORKDIR /src
 COPY . .
 RUN if [ "$BINARY_FROM" = prebuilt ]; then cp target/image/cordon /cordon; \
-    else cargo build --release --locked --bin cordon && cp target/release/cordon /cordon; fi
+    else cargo build --release --locked --bin cordon && cp target/release/cordon /cordon; fi; \
+    mkdir /extra-ca; if [ -f target/image/extra-ca.crt ]; then cp target/image/extra-ca.crt /extra-ca/; fi
 
 FROM ${BASE}
 ARG CLAUDE_CODE=
+ARG IPTABLES=nft
 ENV LANG=C.UTF-8
+COPY --from=binary /extra-ca/ /usr/local/share/ca-certificates/
 RUN set -eux; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         bash ca-certificates curl git gh iproute2 ipset iptables less procps tmux; \
     if [ -n "$CLAUDE_CODE" ]; then \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm; \
-        npm install -g --no-fund --no-audit "@anthropic-ai/claude-code@${CLAUDE_CODE}"; \
+        NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt \
+            npm install -g --no-fund --no-audit "@anthropic-ai/claude-code@${CLAUDE_CODE}"; \
         npm cache clean --force; \
+    fi; \
+    if [ "$IPTABLES" = legacy ]; then \
+        update-alternatives --set iptables /usr/sbin/iptables-legacy; \
+        update-alternatives --set ip6tables /usr/sbin/ip6tables-legacy; \
     fi; \
     rm -rf /var/lib/apt/lists/*; \
     useradd --create-home --uid 1000 --shell /bin/bash agent; \

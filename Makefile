@@ -1,5 +1,5 @@
 # The README's commands. `make test` is what CI runs.
-.PHONY: test lint unit build demo
+.PHONY: test lint unit build demo quickstart
 
 # The whole suite: format, lints, unit tests and the privileged namespace tests (run as root).
 test:
@@ -18,3 +18,7 @@ build:
 # Boots cordon as PID 1 in fresh namespaces with a demo agent (root; Ctrl-C stops it).
 demo: build
 	bash scripts/demo.sh
+
+# Builds the image, starts it with the demo agent and joins the agent's session (needs Docker).
+quickstart:
+	bash scripts/quickstart.sh

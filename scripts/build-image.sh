@@ -7,6 +7,8 @@
 # Needs root (debootstrap) and a running Docker engine. Options via the environment:
 #   CLAUDE_CODE=<npm version>  install Claude Code (default: none, a lighter image)
 #   TAG=<image tag>            default cordon:dev
+#   IPTABLES=legacy            iptables-legacy instead of Debian's nf_tables backend
+#   EXTRA_CA_CERT=<pem file>   a CA to trust in the build and the image (a TLS-intercepting proxy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${TAG:-cordon:dev}
@@ -37,9 +39,16 @@ if ! have_image "$builder"; then
   builder=$base
 fi
 
-echo "build-image: base $base, cordon from $binary_from, Claude Code ${CLAUDE_CODE:-not installed}"
+mkdir -p target/image
+if [ -n "${EXTRA_CA_CERT:-}" ]; then
+  cp "$EXTRA_CA_CERT" target/image/extra-ca.crt
+else
+  rm -f target/image/extra-ca.crt
+fi
+
+echo "build-image: base $base, cordon from $binary_from, Claude Code ${CLAUDE_CODE:-not installed}, iptables ${IPTABLES:-nft}"
 DOCKER_BUILDKIT=0 docker build --network host \
   --build-arg BASE="$base" --build-arg BUILDER="$builder" --build-arg BINARY_FROM="$binary_from" \
-  --build-arg CLAUDE_CODE="${CLAUDE_CODE:-}" \
+  --build-arg CLAUDE_CODE="${CLAUDE_CODE:-}" --build-arg IPTABLES="${IPTABLES:-nft}" \
   -t "$tag" .
 echo "build-image: built $tag"
