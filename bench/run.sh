@@ -103,7 +103,7 @@ done
 # Memory with 1,000 allowlist entries and 10,000 admitted addresses.
 for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/unique.txt" -n 1 -q 50 >/dev/null 2>&1; done
 reaper=$(cat /proc/"${pids[1]}"/task/*/children | awk '{print $1}')
-supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do grep -q supervise /proc/"$p"/cmdline && echo "$p"; done)
+supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do if grep -q supervise /proc/"$p"/cmdline; then echo "$p"; fi; done)
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/"$1"/status; }
 dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
 admitted=$(ip netns exec "$inner" ipset list cordon6 | grep -c timeout || true)
