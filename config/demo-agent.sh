@@ -6,11 +6,15 @@
 row() { printf '  %-14s %s\n' "$1" "$2"; }
 
 # Resolve a name through cordon's DNS server, then open a TCP connection to it on port 443.
+# Without an address, `cordon status why` tells a denied name from an unanswered allowed one.
 reach() {
   local addr
   addr=$(getent ahosts "$1" | awk 'NR == 1 { print $1 }')
   if [ -z "$addr" ]; then
-    echo "$1: no address (cordon answered NXDOMAIN; the query never left)"
+    case "$(cordon status why "$1" 2>/dev/null | head -1)" in
+      *": denied"*) echo "$1: denied, answered NXDOMAIN by cordon; the query never left" ;;
+      *) echo "$1: allowed, but the upstream resolver did not answer (no network?)" ;;
+    esac
   elif timeout 5 bash -c "exec 3<>/dev/tcp/$1/443" 2>/dev/null; then
     echo "$1: connected to $addr port 443"
   else

@@ -371,7 +371,7 @@ fn the_quick_start_builds_runs_and_joins_the_demo_agent() {
         "effective 0000000000000000, no_new_privs 1",
         "refused: the root filesystem is read-only",
         "api.anthropic.com: connected to 192.0.2.90 port 443",
-        "exfil.example.org: no address (cordon answered NXDOMAIN",
+        "exfil.example.org: denied, answered NXDOMAIN by cordon; the query never left",
         "203.0.113.10:443 refused",
     ] {
         assert!(pane.contains(expect), "the demo agent shows {expect:?}:\n{pane}");
