@@ -642,4 +642,17 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(Config::parse(&text, &path).unwrap(), Config::default());
     }
+
+    #[test]
+    fn demo_config_is_the_defaults_with_no_secrets_and_the_demo_agent() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut demo = Config::parse(&text, &path).unwrap();
+        assert!(demo.secrets.required.is_empty());
+        assert_eq!(demo.agent.command, ["/usr/local/share/cordon/demo-agent"]);
+        let defaults = Config::default();
+        demo.secrets.required = defaults.secrets.required.clone();
+        demo.agent.command = defaults.agent.command.clone();
+        assert_eq!(demo, defaults, "config/demo.toml changes nothing else");
+    }
 }
