@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{WORLD_V4, WORLD_V6, require_root, run};
+use super::{add_world_addr, configure_inner_end, configure_world_end, require_root, run};
 
 /// The tag the tests build and run; the same one `scripts/build-image.sh` and the quick start use.
 pub const IMAGE: &str = "cordon:dev";
@@ -123,34 +123,19 @@ impl Pod {
             "ip",
             &["link", "add", &pod.dev, "netns", &pod.world, "type", "veth", "peer", "name", "eth0", "netns", &pid],
         );
-        run("ip", &["-n", &pod.world, "link", "set", "lo", "up"]);
-        run("ip", &["-n", &pod.world, "addr", "add", &format!("{WORLD_V4}/24"), "dev", &pod.dev]);
-        run("ip", &["-n", &pod.world, "addr", "add", &format!("{WORLD_V6}/64"), "dev", &pod.dev, "nodad"]);
-        run("ip", &["-n", &pod.world, "link", "set", &pod.dev, "up"]);
-        let mut inner =
-            vec!["ip addr add 192.0.2.2/24 dev eth0", "ip link set eth0 up", "ip route add default via 192.0.2.1"];
+        configure_world_end(&pod.world, &pod.dev);
         if ipv6 {
-            inner.extend([
-                "sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.eth0.disable_ipv6=0",
-                "ip addr add 2001:db8::2/64 dev eth0 nodad",
-                "ip -6 route add default via 2001:db8::1",
-            ]);
+            // Docker disables IPv6 in a --network none namespace.
+            let sysctl = "net.ipv6.conf.all.disable_ipv6=0";
+            run("nsenter", &["-t", &pid, "-n", "sysctl", "-qw", sysctl, "net.ipv6.conf.eth0.disable_ipv6=0"]);
         }
-        for cmd in inner {
-            let args: Vec<&str> = ["-t", pid.as_str(), "-n"].into_iter().chain(cmd.split(' ')).collect();
-            run("nsenter", &args);
-        }
+        configure_inner_end(&["nsenter", "-t", &pid, "-n", "ip"], "eth0", ipv6);
         pod
     }
 
     /// Adds a host address to the world (one of the documentation ranges).
     pub fn add_world_addr(&self, ip: &str) {
-        let cidr = if ip.contains(':') { format!("{ip}/64") } else { format!("{ip}/24") };
-        let mut args = vec!["-n", self.world.as_str(), "addr", "add", cidr.as_str(), "dev", self.dev.as_str()];
-        if ip.contains(':') {
-            args.push("nodad");
-        }
-        run("ip", &args);
+        add_world_addr(&self.world, &self.dev, ip);
     }
 
     /// A container started by something else (the quick start) that joins the pod's network;

@@ -55,43 +55,67 @@ fn run(cmd: &str, args: &[&str]) {
 pub struct Net {
     pub world: String,
     pub inner: String,
+    /// The world's end of the veth pair.
+    dev: String,
 }
 
 impl Net {
     fn new(tag: &str) -> Net {
-        let net = Net { world: format!("cw-{tag}"), inner: format!("cc-{tag}") };
+        let net = Net { world: format!("cw-{tag}"), inner: format!("cc-{tag}"), dev: format!("vw{tag}") };
         run("ip", &["netns", "add", &net.world]);
         run("ip", &["netns", "add", &net.inner]);
-        let (vw, vi) = (format!("vw{tag}"), format!("vi{tag}"));
-        run("ip", &["link", "add", &vw, "netns", &net.world, "type", "veth", "peer", "name", &vi, "netns", &net.inner]);
-        for (ns, dev, v4, v6) in [(&net.world, &vw, WORLD_V4, WORLD_V6), (&net.inner, &vi, CORDON_V4, CORDON_V6)] {
-            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-            run("ip", &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
-            run("ip", &["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
-            run("ip", &["-n", ns, "link", "set", dev, "up"]);
-        }
-        run("ip", &["-n", &net.inner, "route", "add", "default", "via", WORLD_V4]);
-        run("ip", &["-n", &net.inner, "-6", "route", "add", "default", "via", WORLD_V6]);
+        let vi = format!("vi{tag}");
+        run(
+            "ip",
+            &["link", "add", &net.dev, "netns", &net.world, "type", "veth", "peer", "name", &vi, "netns", &net.inner],
+        );
+        configure_world_end(&net.world, &net.dev);
+        run("ip", &["-n", &net.inner, "link", "set", "lo", "up"]);
+        configure_inner_end(&["ip", "-n", &net.inner], &vi, true);
         net
+    }
+
+    /// Adds a host address to the world (one of the documentation ranges).
+    pub fn add_world_addr(&self, ip: &str) {
+        add_world_addr(&self.world, &self.dev, ip);
     }
 }
 
-impl Net {
-    /// Adds a host address to the world (one of the documentation ranges).
-    pub fn add_world_addr(&self, ip: &str) {
-        let (dev, prefix) = if ip.contains(':') { (self.world_dev(), "/64") } else { (self.world_dev(), "/24") };
-        let mut args = vec!["-n", self.world.as_str(), "addr", "add"];
-        let cidr = format!("{ip}{prefix}");
-        args.extend([cidr.as_str(), "dev", dev.as_str()]);
-        if ip.contains(':') {
-            args.push("nodad");
-        }
-        run("ip", &args);
-    }
+/// The world's end of the veth pair: 192.0.2.1/24 and 2001:db8::1/64, up, with loopback.
+fn configure_world_end(world: &str, dev: &str) {
+    run("ip", &["-n", world, "link", "set", "lo", "up"]);
+    run("ip", &["-n", world, "addr", "add", &format!("{WORLD_V4}/24"), "dev", dev]);
+    run("ip", &["-n", world, "addr", "add", &format!("{WORLD_V6}/64"), "dev", dev, "nodad"]);
+    run("ip", &["-n", world, "link", "set", dev, "up"]);
+}
 
-    fn world_dev(&self) -> String {
-        format!("vw{}", &self.world[3..])
+/// cordon's end of the veth pair: 192.0.2.2/24 (and 2001:db8::2/64), up, with default routes
+/// via the world. `ip` is how to run `ip` in cordon's namespace (`ip -n NAME`, or `nsenter -t
+/// PID -n ip` for a container's).
+fn configure_inner_end(ip: &[&str], dev: &str, ipv6: bool) {
+    let mut commands = vec![
+        format!("addr add {CORDON_V4}/24 dev {dev}"),
+        format!("link set {dev} up"),
+        format!("route add default via {WORLD_V4}"),
+    ];
+    if ipv6 {
+        commands.insert(1, format!("addr add {CORDON_V6}/64 dev {dev} nodad"));
+        commands.push(format!("-6 route add default via {WORLD_V6}"));
     }
+    for c in &commands {
+        let args: Vec<&str> = ip[1..].iter().copied().chain(c.split(' ')).collect();
+        run(ip[0], &args);
+    }
+}
+
+/// Adds a host address (one of the documentation ranges) to the world's end `dev`.
+fn add_world_addr(world: &str, dev: &str, ip: &str) {
+    let cidr = if ip.contains(':') { format!("{ip}/64") } else { format!("{ip}/24") };
+    let mut args = vec!["-n", world, "addr", "add", cidr.as_str(), "dev", dev];
+    if ip.contains(':') {
+        args.push("nodad");
+    }
+    run("ip", &args);
 }
 
 impl Drop for Net {
