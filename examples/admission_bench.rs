@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use cordon::admission::{Admitter, Lifetimes};
-use cordon::allowlist::Reach;
-use cordon::firewall::{self, Plan};
+use cordon::config::allowlist::Reach;
+use cordon::egress::admission::{Admitter, Lifetimes};
+use cordon::egress::firewall::{self, Plan};
 
 fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
     v.sort();
@@ -24,7 +24,7 @@ fn main() {
         extra_ports: vec![],
     };
     firewall::apply(&plan, 360).expect("firewall in the private namespace");
-    let sets = cordon::ipset::Ipset::open().unwrap();
+    let sets = cordon::egress::ipset::Ipset::open().unwrap();
     let lifetimes = Lifetimes { min_ttl: Duration::from_secs(60), grace: Duration::from_secs(300) };
     let admitter = Admitter::new(Box::new(sets), vec![], lifetimes);
     let reach = Reach { default_ports: true, ..Reach::default() };

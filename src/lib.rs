@@ -1,27 +1,15 @@
-//! cordon: a hardened container entrypoint for AI coding agents. See `docs/architecture.md`.
+//! cordon: a hardened container entrypoint for AI coding agents. See `docs/architecture.md`
+//! for the map. The layers, from the bottom: `sys` (every libc call), `config` (pure),
+//! `mounts`, `egress` and `session` (the effects of each part of the lockdown), `state` (what
+//! is reported), `boot` (the stage script), `supervise` (the two processes) and `cli` (the
+//! subcommands). A module imports only from the layers below it.
 
-pub mod addrs;
-pub mod admission;
-pub mod agent;
-pub mod allowlist;
-pub mod attach;
 pub mod boot;
-pub mod check;
-pub mod clone;
+pub mod cli;
 pub mod config;
-pub mod control;
-pub mod credentials;
-pub mod dns;
 pub mod egress;
-pub mod firewall;
-pub mod ipset;
 pub mod mounts;
-pub mod probe;
-pub mod reaper;
-pub mod report;
-pub mod secrets;
 pub mod session;
-pub mod status;
-pub mod supervisor;
+pub mod state;
+pub mod supervise;
 pub mod sys;
-pub mod users;

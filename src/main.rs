@@ -3,8 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use cordon::boot::ConfigSource;
-use cordon::config::DEFAULT_CONFIG_PATH;
+use cordon::config::ConfigSource;
 
 /// Hardened container entrypoint for AI coding agents.
 #[derive(Parser)]
@@ -78,64 +77,62 @@ enum StatusWhat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let source = ConfigSource {
-        explicit: cli.config.is_some(),
-        path: cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()),
-    };
+    let source = ConfigSource::new(cli.config.clone());
     match cli.command.unwrap_or(Command::Init) {
         Command::Init => {
             let mut args = vec!["supervise".into()];
             if let Some(path) = cli.config {
                 args.extend(["--config".into(), path.into_os_string()]);
             }
-            cordon::reaper::run(args)
+            cordon::supervise::reaper::run(args)
         }
-        Command::Supervise => ExitCode::from(cordon::supervisor::run(source).clamp(0, 255) as u8),
+        Command::Supervise => ExitCode::from(cordon::supervise::run(source).clamp(0, 255) as u8),
         Command::PaneRun { status_file, argv } => {
-            ExitCode::from(cordon::session::pane_run(&status_file, &argv).clamp(0, 255) as u8)
+            ExitCode::from(cordon::session::tmux::pane_run(&status_file, &argv).clamp(0, 255) as u8)
         }
         Command::GitCredential { operation, hosts } => {
             let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
             let stdin = std::io::stdin().lock();
-            if let Some(answer) = cordon::credentials::helper(&operation, stdin, &hosts, &home) {
+            if let Some(answer) = cordon::session::credentials::helper(&operation, stdin, &hosts, &home) {
                 print!("{answer}");
             }
             ExitCode::SUCCESS
         }
         Command::Probe { spec } => {
-            let spec: cordon::probe::Spec = match serde_json::from_str(&spec) {
+            let spec: cordon::egress::probe::Spec = match serde_json::from_str(&spec) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("cordon probe: bad spec: {e}");
                     return ExitCode::from(2);
                 }
             };
-            let results = cordon::probe::run(&spec);
+            let results = cordon::egress::probe::run(&spec);
             println!("{}", serde_json::to_string(&results).expect("results serialise"));
             if results.iter().all(|r| r.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Command::Attach { no_wait, timeout } => {
-            let mut config = cordon::config::Config::load(&source.path, source.explicit).unwrap_or_default();
             let env = std::env::vars().collect();
-            let _ = config.apply_env(&env);
-            let opts = cordon::attach::Options { no_wait, timeout };
-            ExitCode::from(cordon::attach::run(&config, &opts, &mut std::io::stdout()))
+            let config = cordon::cli::config_or_defaults(&source, &env, "attach", &mut std::io::stderr());
+            let opts = cordon::cli::attach::Options { no_wait, timeout };
+            ExitCode::from(cordon::cli::attach::run(&config, &opts, &mut std::io::stdout()))
         }
         Command::Status { json, what } => {
             use std::io::IsTerminal;
-            // The state directory comes from the config; when that cannot be read, the default.
-            let state_dir = cordon::config::Config::load(&source.path, source.explicit)
-                .map(|c| c.supervisor.state_dir)
-                .unwrap_or_else(|_| cordon::config::DEFAULT_STATE_DIR.into());
+            let env = std::env::vars().collect();
+            let config = cordon::cli::config_or_defaults(&source, &env, "status", &mut std::io::stderr());
             let why = what.map(|StatusWhat::Why { target }| target);
-            let (text, code) =
-                cordon::status::client(&state_dir, json, why.as_deref(), std::io::stdout().is_terminal());
+            let (text, code) = cordon::cli::status::client(
+                &config.supervisor.state_dir,
+                json,
+                why.as_deref(),
+                std::io::stdout().is_terminal(),
+            );
             print!("{text}");
             ExitCode::from(code)
         }
         Command::Check => {
             let env = std::env::vars().collect();
-            let report = cordon::check::check(&source, &env);
+            let report = cordon::cli::check::check(&source, &env);
             print!("{}", report.effective);
             if report.problems.is_empty() {
                 println!("# ok");

@@ -128,7 +128,7 @@ fn readonly_root_can_be_turned_off() {
     let mut c = sb.start(&cfg, &[], Mode::Pid1);
     let state = c.wait_phase(Phase::Ready, BOOT);
     let stage = state.stages.iter().find(|s| s.name == "readonly_root").unwrap();
-    assert_eq!(stage.outcome, cordon::report::Outcome::Skipped);
+    assert_eq!(stage.outcome, cordon::state::report::Outcome::Skipped);
     assert!(c.exec(&format!("touch {}", sb.path("host/probe").display())).status.success());
     c.kill(c.reaper(), Signal::SIGTERM);
     c.wait_exit(Duration::from_secs(20));
@@ -160,7 +160,9 @@ fn with_the_runtime_doing_the_filesystem_part_cordon_verifies_without_sys_admin(
     let state = c.wait_phase(Phase::Ready, BOOT);
     let fs_detail = state.stages.iter().find(|s| s.name == "filesystem").unwrap().detail.clone().unwrap();
     assert!(fs_detail.contains("2 provided by the runtime"), "{fs_detail}");
-    assert!(state.stages.iter().find(|s| s.name == "readonly_root").unwrap().outcome == cordon::report::Outcome::Ok);
+    assert!(
+        state.stages.iter().find(|s| s.name == "readonly_root").unwrap().outcome == cordon::state::report::Outcome::Ok
+    );
     assert!(
         state.warnings.iter().any(|w| w.contains("/etc/resolv.conf stays a writable bind mount")),
         "{:?}",

@@ -6,8 +6,8 @@ mod harness;
 
 use std::process::Command;
 
-use cordon::firewall::{self, Family, Plan};
-use cordon::ipset::Ipset;
+use cordon::egress::firewall::{self, Family, Plan};
+use cordon::egress::ipset::Ipset;
 
 /// Runs `f` on a thread inside a new, empty network namespace.
 fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

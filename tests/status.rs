@@ -259,7 +259,7 @@ fn status_falls_back_to_the_state_file_and_exits_2_when_nothing_is_there() {
     assert!(text(&out).contains("cordon is not running here"), "{}", text(&out));
 
     // A state file left by a cordon that no longer answers: shown, with a note.
-    let mut report = cordon::report::Report::new("pid1");
+    let mut report = cordon::state::report::Report::new("pid1");
     report.attach_dir(&dir);
     report.ready();
     let out = run();

@@ -233,7 +233,7 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
         ]
     );
     for s in state.stages.iter().filter(|s| s.name != "clone") {
-        assert_eq!(s.outcome, cordon::report::Outcome::Ok, "{s:?}");
+        assert_eq!(s.outcome, cordon::state::report::Outcome::Ok, "{s:?}");
         assert!(s.duration_ms.is_some_and(|d| d >= 0.0), "{s:?}");
     }
     assert_eq!(state.init_mode, "pid1");

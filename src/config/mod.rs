@@ -2,6 +2,8 @@
 //! environment variables of the system cordon replaces applied on top. Every key is optional;
 //! with no file at all cordon runs on the built-in defaults.
 
+pub mod allowlist;
+pub mod secrets;
 mod units;
 
 use std::collections::BTreeMap;
@@ -307,6 +309,16 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// What [`ConfigError::file`] says for a problem in an environment override.
+const FROM_ENVIRONMENT: &str = "environment";
+
+impl ConfigError {
+    /// The problem is in an environment variable ([`ENV_OVERRIDES`]), not in the file.
+    pub fn from_environment(&self) -> bool {
+        self.file == Path::new(FROM_ENVIRONMENT)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
@@ -330,6 +342,84 @@ pub const ENV_OVERRIDES: [(&str, &str); 5] = [
     ("GIT_USER_NAME", "git.user_name"),
     ("GIT_USER_EMAIL", "git.user_email"),
 ];
+
+/// Refuses URLs that would leak a credential into `.git/config` or become an option of git.
+pub fn check_repo_url(url: &str) -> Result<(), String> {
+    if url.starts_with('-') {
+        return Err("the repository URL starts with `-`, which git would read as an option".into());
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the repository URL contains whitespace or control characters".into());
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority = rest.split('/').next().unwrap_or("");
+        if scheme == "https" || scheme == "http" {
+            if authority.contains('@') {
+                return Err(
+                    "the repository URL carries credentials, which would end up in .git/config where the agent reads them: \
+                     remove them and set GH_PAT instead"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
+        if scheme == "ssh" {
+            return Ok(());
+        }
+        let scheme: String = scheme.chars().take(16).collect();
+        return Err(format!("`{scheme}://` repositories are not supported: use https://"));
+    }
+    // scp-like `git@github.com:owner/repo.git`, rewritten to HTTPS by the git config.
+    if url.split_once(':').is_some_and(|(host, _)| host.contains('@') && !host.contains('/')) {
+        return Ok(());
+    }
+    Err("the repository URL is not one git can clone here: use https://host/owner/repo.git".into())
+}
+
+/// Where the configuration comes from: the file `--config` or `CORDON_CONFIG` names, or the
+/// default path.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Named by `--config` or `CORDON_CONFIG`: then a missing file is an error.
+    pub explicit: bool,
+}
+
+impl ConfigSource {
+    /// The file named on the command line, else the default path.
+    pub fn new(named: Option<PathBuf>) -> ConfigSource {
+        ConfigSource { explicit: named.is_some(), path: named.unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()) }
+    }
+
+    /// The one way cordon loads its configuration (`init`, `check`, `attach`, `status`): the
+    /// file (or the defaults, where the default path has none), then the environment overrides.
+    pub fn load(&self, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let mut config = Config::load(&self.path, self.explicit)?;
+        config.apply_env(env)?;
+        Ok(config)
+    }
+}
+
+/// The allowlist file plus inline entries, or every bad line.
+pub fn load_allowlist(config: &Config) -> Result<Vec<(allowlist::Entry, String)>, Vec<String>> {
+    let path = &config.network.allowlist;
+    let mut errors = Vec::new();
+    let mut entries = match std::fs::read_to_string(path) {
+        Ok(text) => allowlist::parse_file(&text, path).unwrap_or_else(|e| {
+            errors.extend(e.iter().map(ToString::to_string));
+            vec![]
+        }),
+        Err(e) => {
+            errors.push(format!("{}: cannot read the allowlist: {e}", path.display()));
+            vec![]
+        }
+    };
+    match allowlist::parse_inline(&config.network.allow) {
+        Ok(more) => entries.extend(more),
+        Err(e) => errors.extend(e.iter().map(ToString::to_string)),
+    }
+    if errors.is_empty() { Ok(entries) } else { Err(errors) }
+}
 
 impl Config {
     /// Parses a config file's text. `file` only names the file in errors.
@@ -374,8 +464,8 @@ impl Config {
             self.git.user_email = v;
         }
         if let Some(url) = get("REPO_URL") {
-            crate::clone::check_url(&url).map_err(|message| ConfigError {
-                file: "environment".into(),
+            check_repo_url(&url).map_err(|message| ConfigError {
+                file: FROM_ENVIRONMENT.into(),
                 line: None,
                 key: Some("REPO_URL".into()),
                 message,
@@ -448,9 +538,9 @@ impl Config {
             return Err(err("network.refresh_interval", "must be at least 10s".into()));
         }
         if let Some(probe) = &self.network.probe {
-            crate::allowlist::Entry::parse(probe)
+            crate::config::allowlist::Entry::parse(probe)
                 .ok()
-                .filter(|e| matches!(e.pattern, crate::allowlist::DomainPattern::Exact(_)) && e.port.is_some())
+                .filter(|e| matches!(e.pattern, crate::config::allowlist::DomainPattern::Exact(_)) && e.port.is_some())
                 .ok_or_else(|| {
                     err(
                         "network.probe",
@@ -465,7 +555,7 @@ impl Config {
             return Err(err("repo.dest", "must be an absolute path".into()));
         }
         if let Some(url) = &self.repo.url {
-            crate::clone::check_url(url).map_err(|e| err("repo.url", e))?;
+            check_repo_url(url).map_err(|e| err("repo.url", e))?;
         }
         for scope in &self.git.npm_scopes {
             if !scope.starts_with('@') || scope.len() < 2 || scope.contains(['/', ' ', ':']) {
@@ -525,6 +615,25 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("cordon.toml"))
+    }
+
+    #[test]
+    fn urls_with_credentials_options_or_odd_schemes_are_refused() {
+        for ok in [
+            "https://github.com/o/r.git",
+            "http://git.example.com/r.git",
+            "git@github.com:o/r.git",
+            "ssh://git@github.com/o/r.git",
+        ] {
+            assert_eq!(check_repo_url(ok), Ok(()), "{ok}");
+        }
+        let e = check_repo_url("https://ghp_abc@github.com/o/r.git").unwrap_err();
+        assert!(e.contains("GH_PAT"), "{e}");
+        assert!(check_repo_url("https://user:pw@github.com/o/r.git").is_err());
+        assert!(check_repo_url("--upload-pack=touch /tmp/x").unwrap_err().contains("option"));
+        assert!(check_repo_url("file:///etc").is_err());
+        assert!(check_repo_url("ext::sh -c touch% /tmp/pwned").is_err());
+        assert!(check_repo_url("/srv/repo").is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use cordon::report::{Phase, State};
+pub use cordon::state::report::{Phase, State};
 
 /// uid/gid of the test agent user. Not 1000: that uid belongs to another account on CI hosts.
 pub const AGENT_UID: u32 = 4242;
@@ -386,7 +386,7 @@ impl Cordon {
     pub fn state(&self) -> Option<State> {
         [self.dir.join("state"), PathBuf::from(cordon::config::DEFAULT_STATE_DIR)]
             .iter()
-            .find_map(|d| cordon::report::read_state(&self.inside(d)).ok())
+            .find_map(|d| cordon::state::report::read_state(&self.inside(d)).ok())
     }
 
     pub fn boot_log(&self) -> String {

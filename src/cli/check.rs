@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::boot::{ConfigSource, load_allowlist};
-use crate::config::Config;
-use crate::secrets::{Problem, Secrets};
+use crate::config::secrets::{Problem, Secrets};
+use crate::config::{Config, ConfigSource, load_allowlist};
 
 /// What `check` found: the text to print on stdout, and every problem.
 pub struct CheckReport {
@@ -17,18 +16,12 @@ pub struct CheckReport {
 
 pub fn check(source: &ConfigSource, env: &BTreeMap<String, String>) -> CheckReport {
     let mut problems = Vec::new();
-    let mut config = match Config::load(&source.path, source.explicit) {
-        Ok(c) => c,
-        Err(e) => {
-            problems.push(e.to_string());
-            // Keep checking what can be checked with the defaults (secrets), so one run
-            // lists as much as possible.
-            Config::default()
-        }
-    };
-    if let Err(e) = config.apply_env(env) {
+    let config = source.load(env).unwrap_or_else(|e| {
         problems.push(e.to_string());
-    }
+        // Keep checking what can be checked with the defaults (secrets), so one run lists as
+        // much as possible.
+        Config::default()
+    });
     let config_ok = problems.is_empty();
 
     let mut out = String::new();

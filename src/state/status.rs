@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::{AgentState, Phase, StageRecord, State};
+use crate::state::report::{AgentState, Phase, StageRecord, State};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -163,18 +163,16 @@ pub fn from_state(state: &State, source: &str) -> StatusDoc {
         .ok()
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
-    let failed = state.stages.iter().find(|s| s.outcome == crate::report::Outcome::Failed).map(|s| FailedStage {
-        stage: s.name.clone(),
-        error: s.error.clone().unwrap_or_default(),
-        hint: s.hint.clone(),
+    let failed = state.stages.iter().find(|s| s.outcome == crate::state::report::Outcome::Failed).map(|s| {
+        FailedStage { stage: s.name.clone(), error: s.error.clone().unwrap_or_default(), hint: s.hint.clone() }
     });
     let current_stage = (state.phase == Phase::Booting)
-        .then(|| state.stages.iter().rev().find(|s| s.outcome == crate::report::Outcome::Running))
+        .then(|| state.stages.iter().rev().find(|s| s.outcome == crate::state::report::Outcome::Running))
         .flatten()
         .map(|s| s.name.clone());
     let readonly_root = state.stages.iter().find(|s| s.name == "readonly_root").and_then(|s| match s.outcome {
-        crate::report::Outcome::Ok => Some(true),
-        crate::report::Outcome::Failed => Some(false),
+        crate::state::report::Outcome::Ok => Some(true),
+        crate::state::report::Outcome::Failed => Some(false),
         _ => None,
     });
     StatusDoc {
@@ -272,10 +270,10 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
         .iter()
         .map(|s| {
             let mark = match s.outcome {
-                crate::report::Outcome::Ok => paint("32", "ok"),
-                crate::report::Outcome::Failed => paint("31", "FAILED"),
-                crate::report::Outcome::Skipped => "skipped".into(),
-                crate::report::Outcome::Running => paint("33", "..."),
+                crate::state::report::Outcome::Ok => paint("32", "ok"),
+                crate::state::report::Outcome::Failed => paint("31", "FAILED"),
+                crate::state::report::Outcome::Skipped => "skipped".into(),
+                crate::state::report::Outcome::Running => paint("33", "..."),
             };
             match s.duration_ms {
                 Some(ms) => format!("{} {mark} {ms:.0}ms", s.name),
@@ -416,7 +414,7 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
         return doc;
     };
     let admitted = egress.admitter.admitted();
-    let out = |a: &crate::admission::AdmittedAddr| AdmittedStatus {
+    let out = |a: &crate::egress::admission::AdmittedAddr| AdmittedStatus {
         ip: a.ip.to_string(),
         name: a.name.clone(),
         set: a.set.clone(),
@@ -428,7 +426,7 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
             if !doc.admitted.is_empty() {
                 doc.verdict = "admitted".into();
                 doc.explanation = "an allowed name resolved to it; the agent may connect on the allowed ports".into();
-            } else if let Some(why) = crate::addrs::refusal(ip, &[]) {
+            } else if let Some(why) = crate::egress::addrs::refusal(ip, &[]) {
                 doc.verdict = "never admitted".into();
                 doc.explanation = format!(
                     "{why} address: never admitted for a public name (DNS rebinding protection) unless network.allow_cidrs lists it"
@@ -461,55 +459,4 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
 /// Where a state directory's control socket is.
 pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("control.sock")
-}
-
-/// `cordon status [--json] [why TARGET]`: what to print and the exit status (0 ready, 1 not
-/// ready, 2 cordon cannot be reached at all).
-pub fn client(state_dir: &std::path::Path, json: bool, why_target: Option<&str>, color: bool) -> (String, u8) {
-    let socket = socket_path(state_dir);
-    if let Some(target) = why_target {
-        return match crate::control::request(state_dir, &format!("why {target}")) {
-            Ok(reply) => match serde_json::from_str::<WhyDoc>(&reply) {
-                Ok(doc) if json => (format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or(reply)), 0),
-                Ok(doc) => (render_why(&doc), 0),
-                Err(_) => (reply, 2),
-            },
-            Err(e) => {
-                (format!("cordon is not answering on {} ({e}); `why` needs the running cordon\n", socket.display()), 2)
-            }
-        };
-    }
-    let doc = match crate::control::request(state_dir, "status").map(|r| serde_json::from_str::<StatusDoc>(&r)) {
-        Ok(Ok(doc)) => doc,
-        // Shown for what it tells, but a cordon that does not answer is not healthy, whatever
-        // its last state said.
-        _ => match crate::report::read_state(state_dir) {
-            Ok(state) => {
-                let doc = from_state(&state, "state-file");
-                let out = if json {
-                    format!("{}\n", serde_json::to_string_pretty(&doc).expect("status serialises"))
-                } else {
-                    render_human(&doc, color)
-                };
-                return (out, 2);
-            }
-            Err(e) => {
-                return (
-                    format!(
-                        "cordon is not running here: no answer on {} and no state file in {} ({e}).\n\
-                         Is this the container cordon runs in, and is supervisor.state_dir the same?\n",
-                        socket.display(),
-                        state_dir.display()
-                    ),
-                    2,
-                );
-            }
-        },
-    };
-    let code = exit_code(&doc);
-    if json {
-        (format!("{}\n", serde_json::to_string_pretty(&doc).expect("status serialises")), code)
-    } else {
-        (render_human(&doc, color), code)
-    }
 }

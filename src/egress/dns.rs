@@ -26,8 +26,8 @@ use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 
-use crate::admission::{Admitter, Verdict};
-use crate::allowlist::Allowlist;
+use crate::config::allowlist::Allowlist;
+use crate::egress::admission::{Admitter, Verdict};
 
 /// RFC 8914 §4.16: "Blocked" — the resolver blocked the name by policy.
 const EDE_BLOCKED: u16 = 15;
@@ -160,7 +160,7 @@ pub fn admit_answer(
     admitter: &Admitter,
     stats: &DnsStats,
     name: &str,
-    reach: &crate::allowlist::Reach,
+    reach: &crate::config::allowlist::Reach,
     records: &[Record],
 ) -> std::io::Result<Filtered> {
     let mut out = Filtered { records: Vec::with_capacity(records.len()), addresses: Vec::new() };

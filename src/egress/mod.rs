@@ -1,6 +1,13 @@
 //! Egress as a whole: the DNS server, the admission table, the refresh, and the shared state
 //! `status` reads. Built by the boot's `dns` stage, kept alive by the supervisor.
 
+pub mod addrs;
+pub mod admission;
+pub mod dns;
+pub mod firewall;
+pub mod ipset;
+pub mod probe;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -9,10 +16,10 @@ use std::time::{Duration, SystemTime};
 use hickory_resolver::TokioResolver;
 use hickory_server::proto::rr::{Name, RecordType};
 
-use crate::admission::{Admitter, Lifetimes};
-use crate::allowlist::{Allowlist, Entry};
+use self::dns::{DnsStats, Handler, LastGood};
 use crate::config::Network;
-use crate::dns::{self, DnsStats, Handler, LastGood};
+use crate::config::allowlist::{Allowlist, Entry};
+use crate::egress::admission::{Admitter, Lifetimes};
 
 /// How long the refresh waits for one lookup.
 const REFRESH_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,7 +111,7 @@ impl Egress {
         entries: Vec<(Entry, String)>,
         upstreams: Vec<SocketAddr>,
     ) -> Result<Arc<Egress>, EgressError> {
-        let sets = crate::ipset::Ipset::open().map_err(EgressError::Ipset)?;
+        let sets = crate::egress::ipset::Ipset::open().map_err(EgressError::Ipset)?;
         let allowlist = Arc::new(Allowlist::new(entries));
         let lifetimes = Lifetimes { min_ttl: network.min_ttl.0, grace: network.grace.0 };
         let admitter = Arc::new(Admitter::new(Box::new(sets), network.allow_cidrs.clone(), lifetimes));

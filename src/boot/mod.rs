@@ -10,27 +10,21 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use crate::agent::{self, AgentSpec};
-use crate::allowlist;
-use crate::config::{self, Config};
-use crate::control::{self, Live};
+use crate::config::secrets::Secrets;
+use crate::config::{self, Config, ConfigSource};
+use crate::egress::firewall;
+use crate::egress::probe;
 use crate::egress::{self, Egress};
-use crate::firewall;
 use crate::mounts::{self, TmpfsSpec};
-use crate::probe;
-use crate::reaper::REAPER_ENV;
-use crate::report::Report;
-use crate::secrets::Secrets;
-use crate::session::Tmux;
-use crate::users::{self, AgentUser};
+use crate::session::agent::{self, AgentSpec};
+use crate::session::tmux::Tmux;
+use crate::session::users::{self, AgentUser};
+use crate::state::control::{self, Live};
+use crate::state::report::Report;
 
-/// Where the configuration comes from.
-#[derive(Debug, Clone)]
-pub struct ConfigSource {
-    pub path: PathBuf,
-    /// Named by `--config` or `CORDON_CONFIG`: then a missing file is an error.
-    pub explicit: bool,
-}
+/// Set in the supervisor's environment to the reaper's pid, so `cordon supervise` can refuse
+/// to run without a reaper above it (the sanity stage).
+pub const REAPER_ENV: &str = "CORDON_REAPER_PID";
 
 /// A stage's failure: the error chain in one line and, where there is one, the fix.
 #[derive(Debug)]
@@ -146,13 +140,15 @@ fn stages(
     //    container is still untouched. If it fails, the state directory is the default one,
     //    so that `attach` and `status` can still show why.
     let config = stage(report, "config", |_| {
-        let mut config = Config::load(&source.path, source.explicit).map_err(|e| {
-            StageError::new(e.to_string(), Some("fix the file, then check it with `cordon check --config FILE`".into()))
+        let config = source.load(env).map_err(|e| {
+            let hint = if e.from_environment() {
+                "fix the environment variable"
+            } else {
+                "fix the file, then check it with `cordon check --config FILE`"
+            };
+            StageError::new(e.to_string(), Some(hint.into()))
         })?;
-        config
-            .apply_env(env)
-            .map_err(|e| StageError::new(e.to_string(), Some("fix the environment variable".into())))?;
-        let entries = load_allowlist(&config).map_err(|errors| {
+        let entries = config::load_allowlist(&config).map_err(|errors| {
             StageError::new(
                 errors.join("; "),
                 Some("each line must be a name (example.com) or a wildcard below one (*.example.com)".into()),
@@ -315,8 +311,8 @@ fn stages(
     stage(report, "credentials", |_| {
         let exe = std::env::current_exe()
             .map_err(|e| StageError::new(format!("cannot find cordon's own binary: {e}"), None))?;
-        let summary =
-            crate::credentials::write_all(&config, &user, secrets.get("GH_PAT"), &workdir, &exe).map_err(|e| {
+        let summary = crate::session::credentials::write_all(&config, &user, secrets.get("GH_PAT"), &workdir, &exe)
+            .map_err(|e| {
                 StageError::new(
                     format!("cannot write the credential files in {}: {e}", user.home.display()),
                     Some("the agent's home must be writable (a tmpfs, by default)".into()),
@@ -348,8 +344,8 @@ fn stages(
     //     does; as the agent, with the credential helper; before the readiness probes.
     if let Some(url) = &config.repo.url {
         stage(report, "clone", |report| {
-            let mut cmd = agent::unprivileged_command("git", &user);
-            cmd.args(crate::clone::clone_args(
+            let mut cmd = users::unprivileged_command("git", &user);
+            cmd.args(crate::session::clone::clone_args(
                 url,
                 &config.repo.dest,
                 config.repo.branch.as_deref(),
@@ -357,12 +353,12 @@ fn stages(
             ))
             .envs([
                 ("HOME", user.home.display().to_string()),
-                ("PATH", agent::AGENT_PATH.to_string()),
+                ("PATH", users::AGENT_PATH.to_string()),
                 ("GIT_TERMINAL_PROMPT", "0".to_string()),
                 ("LANG", "C.UTF-8".to_string()),
             ])
             .current_dir(config.repo.dest.parent().unwrap_or(Path::new("/")));
-            crate::clone::run(cmd, config.repo.timeout.0, |line| report.progress(&format!("clone: {line}"))).map_err(|e| {
+            crate::session::clone::run(cmd, config.repo.timeout.0, |line| report.progress(&format!("clone: {line}"))).map_err(|e| {
                 StageError::new(
                     e,
                     Some("check REPO_URL and that GH_PAT can read the repository (fine-grained tokens: Contents); the host must be in the allowlist".into()),
@@ -412,12 +408,12 @@ fn stages(
             user: user.clone(),
             workdir: workdir.clone(),
         };
-        if agent::find_program(&spec.argv[0]).is_none() {
+        if users::find_program(&spec.argv[0]).is_none() {
             return Err(StageError::new(
                 format!(
                     "cannot start the agent `{}`: not found on the agent's PATH ({})",
                     spec.argv[0],
-                    agent::AGENT_PATH
+                    users::AGENT_PATH
                 ),
                 Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
             ));
@@ -472,7 +468,7 @@ fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-fn entries_extra_ports(list: &crate::allowlist::Allowlist) -> Vec<u16> {
+fn entries_extra_ports(list: &crate::config::allowlist::Allowlist) -> Vec<u16> {
     list.extra_ports().into_iter().collect()
 }
 
@@ -481,9 +477,9 @@ fn run_probes(spec: &probe::Spec, user: &AgentUser) -> Result<Vec<probe::ProbeRe
     let exe =
         std::env::current_exe().map_err(|e| StageError::new(format!("cannot find cordon's own binary: {e}"), None))?;
     let spec_json = serde_json::to_string(spec).expect("probe spec serialises");
-    let out = agent::unprivileged_command(&exe, user)
+    let out = users::unprivileged_command(&exe, user)
         .args(["probe", "--spec", &spec_json])
-        .env("PATH", agent::AGENT_PATH)
+        .env("PATH", users::AGENT_PATH)
         .current_dir("/")
         .output()
         .map_err(|e| StageError::new(format!("cannot run the readiness probes: {e}"), None))?;
@@ -505,25 +501,4 @@ fn writable_paths(config: &Config, user: &AgentUser, state_dir: &Path) -> Vec<Pa
     let mut paths: Vec<PathBuf> = tmpfs.chain(&config.filesystem.writable).map(|p| p.resolve(&user.home)).collect();
     paths.push(state_dir.to_path_buf());
     paths
-}
-
-/// The allowlist file plus inline entries, or every bad line.
-pub fn load_allowlist(config: &Config) -> Result<Vec<(allowlist::Entry, String)>, Vec<String>> {
-    let path = &config.network.allowlist;
-    let mut errors = Vec::new();
-    let mut entries = match std::fs::read_to_string(path) {
-        Ok(text) => allowlist::parse_file(&text, path).unwrap_or_else(|e| {
-            errors.extend(e.iter().map(ToString::to_string));
-            vec![]
-        }),
-        Err(e) => {
-            errors.push(format!("{}: cannot read the allowlist: {e}", path.display()));
-            vec![]
-        }
-    };
-    match allowlist::parse_inline(&config.network.allow) {
-        Ok(more) => entries.extend(more),
-        Err(e) => errors.extend(e.iter().map(ToString::to_string)),
-    }
-    if errors.is_empty() { Ok(entries) } else { Err(errors) }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::report::{self, Phase};
-use crate::session;
+use crate::session::tmux;
+use crate::state::report::{self, Phase};
 
 pub struct Options {
     pub no_wait: bool,
@@ -118,7 +118,7 @@ fn print_new_log(path: &Path, pos: u64, out: &mut dyn Write) -> u64 {
 
 /// Replaces this process with a tmux client on the agent's session, running as the agent user.
 fn attach(config: &Config, out: &mut dyn Write) -> u8 {
-    let user = match crate::users::resolve_agent(&config.agent.user) {
+    let user = match crate::session::users::resolve_agent(&config.agent.user) {
         Ok(u) => u,
         Err(e) => {
             let _ = writeln!(out, "cordon attach: {e}");
@@ -129,12 +129,12 @@ fn attach(config: &Config, out: &mut dyn Write) -> u8 {
         let _ = writeln!(out, "the agent runs headless (agent.tmux = false): there is no session to attach to");
         return 1;
     }
-    let socket = session::socket_path(&config.supervisor.state_dir);
+    let socket = tmux::socket_path(&config.supervisor.state_dir);
     let term =
         std::env::var("TERM").ok().filter(|t| !t.is_empty() && t != "dumb").unwrap_or_else(|| "xterm-256color".into());
     let me = nix::unistd::getuid().as_raw();
     let mut cmd = if me == 0 {
-        crate::agent::unprivileged_command("tmux", &user)
+        crate::session::users::unprivileged_command("tmux", &user)
     } else if me == user.uid {
         std::process::Command::new("tmux")
     } else {
@@ -146,7 +146,7 @@ fn attach(config: &Config, out: &mut dyn Write) -> u8 {
         .env("USER", &user.name)
         .env("LANG", std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()))
         .env("COLORTERM", "truecolor")
-        .env("PATH", crate::agent::AGENT_PATH)
+        .env("PATH", crate::session::users::AGENT_PATH)
         .env_remove("TMUX")
         .stdin(std::process::Stdio::inherit())
         .arg("-S")

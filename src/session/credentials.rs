@@ -8,8 +8,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::secrets::Secret;
-use crate::users::AgentUser;
+use crate::config::secrets::Secret;
+use crate::session::users::AgentUser;
 
 /// Where the token lives, relative to the agent's home.
 pub const TOKEN_FILE: &str = ".config/cordon/github-token";

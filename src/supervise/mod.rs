@@ -2,6 +2,8 @@
 //! running. It owns the agent, forwards signals to it, applies `agent.on_exit`, and performs
 //! the graceful stop. Its whole lifecycle is the `supervise` function below.
 
+pub mod reaper;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -9,10 +11,11 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
-use crate::agent::{self, RestartPolicy};
-use crate::boot::{self, BootFailed, Booted, ConfigSource};
+use crate::boot::{self, BootFailed, Booted};
+use crate::config::ConfigSource;
 use crate::config::{OnBootFailure, OnExit, Supervisor};
-use crate::report::{AgentState, Phase, Report};
+use crate::session::agent::{self, RestartPolicy};
+use crate::state::report::{AgentState, Phase, Report};
 use crate::sys;
 
 /// PATH for the helper programs cordon runs as root (iptables, git, tmux): system directories
@@ -72,7 +75,7 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     }
     let init_mode = if nix::unistd::getppid() == Pid::from_raw(1) { "pid1" } else { "subreaper" };
     let mut report = Report::new(init_mode);
-    let live = crate::control::Live::new(report.subscribe());
+    let live = crate::state::control::Live::new(report.subscribe());
 
     let Booted { config, agent: spec, mut handle, egress } = match boot::boot(&source, &env, &mut report, &live) {
         Ok(booted) => booted,

@@ -1,10 +1,13 @@
-//! Users and owners, resolved through the passwd and group databases (NSS).
+//! Users and owners, resolved through the passwd and group databases (NSS), and how a command
+//! is made to run as the agent user.
 
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 
 use nix::unistd::{Group, User};
 
 use crate::config::Owner;
+use crate::sys;
 
 /// The unprivileged user the agent runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,4 +102,37 @@ pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), Use
             Ok((uid, gid))
         }
     }
+}
+
+/// PATH for the agent: no user-writable directory first.
+pub const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Where `program` is found: as given when it contains a `/`, else on [`AGENT_PATH`].
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return executable(Path::new(program)).then(|| PathBuf::from(program));
+    }
+    AGENT_PATH.split(':').map(|d| Path::new(d).join(program)).find(|p| executable(p))
+}
+
+/// A command that runs `program` as `user` with an empty signal mask, no inherited
+/// descriptors beyond stdio, an empty environment, and every privilege dropped before exec.
+pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.env_clear().stdin(std::process::Stdio::null());
+    let (uid, gid) = (user.uid, user.gid);
+    let mut groups = vec![gid];
+    groups.extend(user.groups.iter().filter(|g| **g != gid));
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // syscalls (sigprocmask, close_range, prctl, set*id, capset); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::unblock_all_signals()?;
+            sys::cloexec_from_3()?;
+            sys::drop_privileges(uid, gid, &groups)
+        });
+    }
+    cmd
 }

@@ -10,19 +10,19 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::addrs;
-use crate::allowlist::Reach;
 use crate::config::Cidr;
-use crate::firewall::{self, Family};
+use crate::config::allowlist::Reach;
+use crate::egress::addrs;
+use crate::egress::firewall::{self, Family};
 
 /// Where admitted addresses go: the kernel's ipset, or a recorder in tests.
 pub trait Sets: Send {
     fn add(&mut self, set: &str, ip: IpAddr, timeout_secs: u32) -> io::Result<()>;
 }
 
-impl Sets for crate::ipset::Ipset {
+impl Sets for crate::egress::ipset::Ipset {
     fn add(&mut self, set: &str, ip: IpAddr, timeout_secs: u32) -> io::Result<()> {
-        crate::ipset::Ipset::add(self, set, ip, timeout_secs)
+        crate::egress::ipset::Ipset::add(self, set, ip, timeout_secs)
     }
 }
 

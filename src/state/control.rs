@@ -12,8 +12,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 use crate::egress::Egress;
-use crate::report::State;
-use crate::status::{self, StatusDoc};
+use crate::state::report::State;
+use crate::state::status::{self, StatusDoc};
 
 /// A request line longer than this is refused.
 const MAX_REQUEST: usize = 512;
@@ -25,7 +25,7 @@ pub struct Live {
     pub state: watch::Receiver<State>,
     pub egress: OnceLock<Arc<Egress>>,
     pub tmpfs: OnceLock<Vec<PathBuf>>,
-    pub tmux: OnceLock<crate::session::Tmux>,
+    pub tmux: OnceLock<crate::session::tmux::Tmux>,
 }
 
 impl Live {
@@ -132,7 +132,7 @@ fn dns_status(egress: &Egress) -> status::DnsStatus {
 }
 
 async fn egress_status(egress: &Egress) -> status::EgressStatus {
-    use crate::firewall::{Family, counters};
+    use crate::egress::firewall::{Family, counters};
     let admitted = egress.admitter.admitted();
     let mut v4 = std::collections::BTreeSet::new();
     let mut v6 = std::collections::BTreeSet::new();

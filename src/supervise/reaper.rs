@@ -14,11 +14,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, getpid};
 
+use crate::boot::REAPER_ENV;
 use crate::sys;
-
-/// Set in the supervisor's environment to the reaper's pid, so `cordon supervise` can refuse
-/// to run without a reaper above it.
-pub const REAPER_ENV: &str = "CORDON_REAPER_PID";
 
 /// How long the final sweep waits for SIGKILLed stragglers to be reaped before exiting anyway
 /// (a process stuck in uninterruptible sleep cannot be waited for forever).

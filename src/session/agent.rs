@@ -6,12 +6,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::secrets::Secrets;
-use crate::sys;
-use crate::users::AgentUser;
-
-/// PATH for the agent: no user-writable directory first.
-pub const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+use crate::config::secrets::Secrets;
+use crate::session::users::{AGENT_PATH, AgentUser, unprivileged_command};
 
 /// Secrets the agent reads from its environment by design (Claude Code authenticates with it).
 const AGENT_ENV_SECRETS: [&str; 1] = ["CLAUDE_CODE_OAUTH_TOKEN"];
@@ -57,36 +53,6 @@ pub fn agent_env(
         }
     }
     env
-}
-
-/// Where `program` is found: as given when it contains a `/`, else on [`AGENT_PATH`].
-pub fn find_program(program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if program.contains('/') {
-        return executable(Path::new(program)).then(|| PathBuf::from(program));
-    }
-    AGENT_PATH.split(':').map(|d| Path::new(d).join(program)).find(|p| executable(p))
-}
-
-/// A command that runs `program` as `user` with an empty signal mask, no inherited
-/// descriptors beyond stdio, an empty environment, and every privilege dropped before exec.
-pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
-    let mut cmd = std::process::Command::new(program);
-    cmd.env_clear().stdin(std::process::Stdio::null());
-    let (uid, gid) = (user.uid, user.gid);
-    let mut groups = vec![gid];
-    groups.extend(user.groups.iter().filter(|g| **g != gid));
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // syscalls (sigprocmask, close_range, prctl, set*id, capset); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::unblock_all_signals()?;
-            sys::cloexec_from_3()?;
-            sys::drop_privileges(uid, gid, &groups)
-        });
-    }
-    cmd
 }
 
 /// Starts the agent as its own process group (so signals reach its children too).
@@ -138,7 +104,7 @@ impl RestartPolicy {
 /// the agent's tmux session.
 pub enum AgentHandle {
     Direct(Option<tokio::process::Child>),
-    Tmux { tmux: crate::session::Tmux, pane: String },
+    Tmux { tmux: crate::session::tmux::Tmux, pane: String },
 }
 
 /// How often the agent pane is looked at.
@@ -168,7 +134,7 @@ impl AgentHandle {
                 let mut wrapper_gone = 0;
                 loop {
                     tokio::time::sleep(PANE_POLL).await;
-                    if let Some(code) = crate::session::recorded_status(&tmux.state_dir) {
+                    if let Some(code) = crate::session::tmux::recorded_status(&tmux.state_dir) {
                         return code;
                     }
                     let (t, p) = (tmux.clone(), pane.clone());
@@ -184,7 +150,7 @@ impl AgentHandle {
                     match looked {
                         Ok((_, false)) => {
                             tracing::error!("the agent's tmux session is gone");
-                            return crate::session::recorded_status(&tmux.state_dir).unwrap_or(1);
+                            return crate::session::tmux::recorded_status(&tmux.state_dir).unwrap_or(1);
                         }
                         Ok((Ok(state), true)) if state.pid.is_none_or(|pid| !crate::sys::alive(pid)) => {
                             wrapper_gone += 1;

@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::agent::unprivileged_command;
-use crate::users::AgentUser;
+use crate::session::users::AgentUser;
+use crate::session::users::unprivileged_command;
 
 /// The built-in configuration, used when /etc/cordon/tmux.conf does not exist.
-pub const DEFAULT_CONF: &str = include_str!("../config/tmux.conf");
+pub const DEFAULT_CONF: &str = include_str!("../../config/tmux.conf");
 pub const SHIPPED_CONF: &str = "/etc/cordon/tmux.conf";
 
 /// The socket of the agent's tmux server in a state directory.

@@ -1,0 +1,9 @@
+//! The agent's side of the container: the agent user and how commands run as it (`users`), the
+//! agent process and its restart policy (`agent`), its tmux session (`tmux`), its credentials
+//! (`credentials`) and the repository it works on (`clone`).
+
+pub mod agent;
+pub mod clone;
+pub mod credentials;
+pub mod tmux;
+pub mod users;
