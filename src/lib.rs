@@ -8,6 +8,7 @@ pub mod attach;
 pub mod boot;
 pub mod check;
 pub mod clone;
+pub mod command;
 pub mod config;
 pub mod control;
 pub mod credentials;
