@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::agent::{self, AgentSpec};
 use crate::allowlist;
+use crate::command::BOOT;
 use crate::config::{self, Config};
 use crate::control::{self, Live};
 use crate::egress::{self, Egress};
@@ -61,15 +62,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A stage failed; the report holds which and why.
-#[derive(Debug)]
-struct StageFailed;
+/// A stage failed, or cordon was asked to stop during it; the report holds which and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StageFailed {
+    Failed,
+    Stopped,
+}
 
-/// The boot stopped at a stage (the report holds which and why). Carries the supervisor
+/// The boot ended at a stage (the report holds which and why). Carries the supervisor
 /// settings in force: the configured ones, or the defaults when the config itself failed.
 #[derive(Debug)]
 pub struct BootFailed {
     pub supervisor: config::Supervisor,
+    /// The stage did not fail: cordon was asked to stop (`command::BOOT`) while it ran.
+    pub stopped: bool,
 }
 
 /// What a completed boot hands to the supervisor: the running agent and how to restart it,
@@ -81,29 +87,43 @@ pub struct Booted {
     pub egress: Option<Arc<Egress>>,
 }
 
-/// Runs one stage: records its start, outcome and duration in the report.
+/// Runs one stage: records its start, outcome and duration in the report. A stop request
+/// (`command::BOOT`, set by the supervisor on SIGTERM/SIGINT) ends the boot at the next stage,
+/// or at once when the stage is running a command, which is killed; a stage that fails after a
+/// stop request is recorded as stopped, since its error is most likely the kill.
 fn stage<T>(
     report: &mut Report,
     name: &str,
     f: impl FnOnce(&mut Report) -> Result<(T, String), StageError>,
 ) -> Result<T, StageFailed> {
     report.begin(name);
+    if BOOT.is_requested() {
+        report.stopped(STOP_REQUESTED);
+        return Err(StageFailed::Stopped);
+    }
     match f(report) {
         Ok((value, detail)) => {
             report.ok(detail);
             Ok(value)
         }
+        Err(_) if BOOT.is_requested() => {
+            report.stopped(STOP_REQUESTED);
+            Err(StageFailed::Stopped)
+        }
         Err(e) => {
             report.fail(e.error, e.hint);
-            Err(StageFailed)
+            Err(StageFailed::Failed)
         }
     }
 }
 
+const STOP_REQUESTED: &str = "cordon was asked to stop (SIGTERM or SIGINT)";
+
 /// Boots the container into its locked-down state and starts the agent. `env` is the
 /// environment cordon was started with, already removed from the process (see
 /// `supervisor::take_environment`). Must run inside the async runtime (the agent is a tokio
-/// child).
+/// child), on a thread that may block: the supervisor runs it with `spawn_blocking` and ends it
+/// early through `command::BOOT`.
 ///
 /// `live` is what the control socket answers from; the boot fills it in as stages complete.
 pub fn boot(
@@ -113,7 +133,8 @@ pub fn boot(
     live: &Arc<Live>,
 ) -> Result<Booted, BootFailed> {
     let mut supervisor = config::Supervisor::default();
-    stages(source, env, report, live, &mut supervisor).map_err(|StageFailed| BootFailed { supervisor })
+    stages(source, env, report, live, &mut supervisor)
+        .map_err(|end| BootFailed { supervisor, stopped: end == StageFailed::Stopped })
 }
 
 fn stages(
@@ -481,12 +502,10 @@ fn run_probes(spec: &probe::Spec, user: &AgentUser) -> Result<Vec<probe::ProbeRe
     let exe =
         std::env::current_exe().map_err(|e| StageError::new(format!("cannot find cordon's own binary: {e}"), None))?;
     let spec_json = serde_json::to_string(spec).expect("probe spec serialises");
-    let out = agent::unprivileged_command(&exe, user)
-        .args(["probe", "--spec", &spec_json])
-        .env("PATH", agent::AGENT_PATH)
-        .current_dir("/")
-        .output()
-        .map_err(|e| StageError::new(format!("cannot run the readiness probes: {e}"), None))?;
+    let mut cmd = agent::unprivileged_command(&exe, user);
+    cmd.args(["probe", "--spec", &spec_json]).env("PATH", agent::AGENT_PATH).current_dir("/");
+    let out = crate::command::output(cmd, crate::command::Options::new(probe::deadline(spec)))
+        .map_err(|e| StageError::new(format!("cannot run the readiness probes: {}", error_chain(&e)), None))?;
     serde_json::from_slice(&out.stdout).map_err(|e| {
         StageError::new(
             format!(

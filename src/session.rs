@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use crate::agent::unprivileged_command;
 use crate::users::AgentUser;
@@ -12,6 +13,10 @@ use crate::users::AgentUser;
 /// The built-in configuration, used when /etc/cordon/tmux.conf does not exist.
 pub const DEFAULT_CONF: &str = include_str!("../config/tmux.conf");
 pub const SHIPPED_CONF: &str = "/etc/cordon/tmux.conf";
+
+/// How long one tmux command may take. Each is a round trip to a local server (or its start);
+/// a server that does not answer in this long is wedged.
+const TMUX_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The socket of the agent's tmux server in a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -128,7 +133,10 @@ impl Tmux {
     }
 
     fn run(&self, args: &[&str]) -> Result<String, String> {
-        let out = self.command().args(args).output().map_err(|e| format!("cannot run tmux: {e}"))?;
+        let mut cmd = self.command();
+        cmd.args(args);
+        let out = crate::command::output(cmd, crate::command::Options::new(TMUX_DEADLINE))
+            .map_err(|e| crate::boot::error_chain(&e))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {

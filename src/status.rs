@@ -275,6 +275,7 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
                 crate::report::Outcome::Ok => paint("32", "ok"),
                 crate::report::Outcome::Failed => paint("31", "FAILED"),
                 crate::report::Outcome::Skipped => "skipped".into(),
+                crate::report::Outcome::Stopped => paint("33", "STOPPED"),
                 crate::report::Outcome::Running => paint("33", "..."),
             };
             match s.duration_ms {
