@@ -433,22 +433,14 @@ fn stages(
             user: user.clone(),
             workdir: workdir.clone(),
         };
-        if agent::find_program(&spec.argv[0]).is_none() {
-            return Err(StageError::new(
-                format!(
-                    "cannot start the agent `{}`: not found on the agent's PATH ({})",
-                    spec.argv[0],
-                    agent::AGENT_PATH
-                ),
-                Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
-            ));
+        // A name that exists nowhere fails here; every other exec failure (no x bit, a missing
+        // #! interpreter) fails at the exec itself, which both modes wait for, and gives the
+        // same error and shell status.
+        let program = &spec.argv[0];
+        let start_error = |e: agent::StartError| StageError::new(e.message.clone(), Some(e.hint()));
+        if agent::find_program(program).is_none() {
+            return Err(start_error(agent::StartError::not_found(program)));
         }
-        let start_error = |e: String| {
-            StageError::new(
-                format!("cannot start the agent `{}`: {e}", spec.argv[0]),
-                Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
-            )
-        };
         // The first prompt (CLAUDE_PROMPT) is the last argument of the first start only: a
         // restarted agent must not redo the task. It is never logged.
         let mut first = spec.clone();
@@ -456,7 +448,12 @@ fn stages(
         if config.agent.tmux {
             let tmux = Tmux::prepare(&state_dir, &user, spec.env.clone(), &config.agent.session)
                 .map_err(|e| StageError::new(format!("cannot prepare the tmux socket directory: {e}"), None))?;
-            let pane = tmux.start(&workdir, &first.argv, config.agent.shell_pane).map_err(start_error)?;
+            let pane = tmux.start(&workdir, &first.argv, config.agent.shell_pane).map_err(|e| match e {
+                crate::session::PaneStartError::Agent(e) => start_error(e),
+                crate::session::PaneStartError::Tmux(e) => {
+                    StageError::new(format!("cannot start the agent's tmux session: {e}"), None)
+                }
+            })?;
             let _ = live.tmux.set(tmux.clone());
             let detail = format!(
                 "tmux session `{}` on {}, agent `{}` as {} (uid {})",
@@ -468,7 +465,7 @@ fn stages(
             );
             Ok(((spec, agent::AgentHandle::Tmux { tmux, pane }), detail))
         } else {
-            let child = agent::spawn(&first).map_err(|e| start_error(e.to_string()))?;
+            let child = agent::spawn(&first).map_err(|e| start_error(agent::StartError::from_exec(program, &e)))?;
             let detail = format!(
                 "agent `{}` pid {} as {} (uid {}), headless",
                 spec.argv[0],

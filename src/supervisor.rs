@@ -126,6 +126,11 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
             code = handle.wait(), if alive => {
                 alive = false;
                 tracing::info!(code, "agent exited");
+                // An exec failure in the tmux pane is known only from the pane's record: say
+                // why before on_exit acts (and, with "shutdown", the pane is gone).
+                if let Some(e) = handle.start_error() {
+                    report.warn(e);
+                }
                 state.running = false;
                 state.last_exit = Some(code);
                 state.pid = None;
