@@ -152,3 +152,35 @@ fn an_agent_that_cannot_be_executed_fails_the_headless_session_stage_naming_prog
 fn an_agent_that_cannot_be_executed_fails_the_tmux_session_stage_naming_program_reason_and_status() {
     unstartable_agents_fail_the_session_stage(true);
 }
+
+#[test]
+fn a_sigterm_during_slow_readiness_probes_stops_cordon_within_the_grace() {
+    use harness::world::{FakeDns, Greeter, Rec};
+    let sb = Sandbox::new("term-readiness");
+    sb.write_file("domains.conf", "api.example.com\n");
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("api.example.com", vec![Rec::A("192.0.2.10".parse().unwrap())]);
+    sb.net.add_world_addr("192.0.2.10");
+    let _greeter = Greeter::start(&sb.net.world, "192.0.2.10:443".parse().unwrap());
+    // The probe of api.example.com waits on an upstream that does not answer.
+    dns.set_up(false);
+    let cfg = TestConfig { network: "probe = \"api.example.com:443\"\n".into(), ..Default::default() };
+    let mut c = sb.start(&cfg, &[], Mode::Pid1);
+    harness::wait_until("the readiness stage", BOOT, || {
+        c.state().filter(|s| s.stages.last().is_some_and(|st| st.name == "readiness")).map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let state_dir = fs::File::open(c.inside(&sb.path("state"))).unwrap();
+    let t0 = std::time::Instant::now();
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(0), "{}", c.stderr());
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(3), "cordon took {took:?} to stop (stop_grace is 3s)");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&state_dir);
+    let state: harness::State =
+        serde_json::from_slice(&fs::read(format!("/proc/self/fd/{fd}/state.json")).unwrap()).unwrap();
+    assert_eq!((state.phase, state.reason.as_deref()), (Phase::Stopped, Some("stopped during readiness")));
+    assert_eq!(state.stages.last().map(|s| s.outcome.clone()), Some(cordon::report::Outcome::Stopped));
+    let stderr = c.stderr();
+    assert!(!stderr.contains("ignored SIGTERM") && !stderr.contains("left behind"), "{stderr}");
+}
