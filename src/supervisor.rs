@@ -173,6 +173,7 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
 }
 
 /// How the boot thread ended.
+#[allow(clippy::large_enum_variant, reason = "made once per process and moved once")]
 enum BootEnd {
     /// With the report it owned while it ran, and whether a stop was asked for meanwhile.
     Returned {
