@@ -6,10 +6,12 @@ mod harness;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use harness::world::{FakeDns, GitServer, Rec, make_repo};
-use harness::{AGENT_UID, Mode, Phase, Sandbox, TestConfig, WORLD_V4};
+use cordon::state::report::{Outcome, State};
+use harness::world::{FakeDns, GitServer, Rec, TcpService, make_repo};
+use harness::{AGENT_UID, Cordon, Mode, Phase, Sandbox, TestConfig, WORLD_V4};
 
 const BOOT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "ghp_CLONE_SENTINEL_0123456789abcdef";
@@ -143,4 +145,100 @@ fn a_repo_url_carrying_credentials_or_an_option_is_refused_at_config() {
         c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
         c.wait_exit(BOOT);
     }
+}
+
+/// A world where git.example.com accepts TCP connections and never answers (nor closes them).
+fn silent_world(sb: &Sandbox) -> (FakeDns, TcpService) {
+    sb.write_file("domains.conf", "git.example.com\n");
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("git.example.com", vec![Rec::A("192.0.2.80".parse().unwrap())]);
+    sb.net.add_world_addr("192.0.2.80");
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let server = TcpService::start(&sb.net.world, "192.0.2.80:80".parse().unwrap(), move |conn| {
+        held.lock().unwrap().push(conn);
+    });
+    (dns, server)
+}
+
+fn with_timeout(cfg: TestConfig, timeout: &str) -> TestConfig {
+    TestConfig { extra: cfg.extra.replace("timeout = \"30s\"", &format!("timeout = \"{timeout}\"")), ..cfg }
+}
+
+/// git (and its remote helper) among cordon's processes.
+fn git_processes(c: &Cordon) -> Vec<String> {
+    c.processes()
+        .iter()
+        .filter_map(|p| fs::read(format!("/proc/{}/cmdline", p.pid)).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .filter(|cmd| {
+            let program = cmd.split(' ').next().unwrap_or("");
+            program.rsplit('/').next().unwrap_or("").starts_with("git")
+        })
+        .collect()
+}
+
+/// The state directory, held open: it is a tmpfs in cordon's mount namespace, which goes away
+/// with cordon, and an open directory keeps it readable after that.
+fn hold_state_dir(c: &Cordon, sb: &Sandbox) -> fs::File {
+    fs::File::open(c.inside(&sb.path("state"))).expect("the state directory")
+}
+
+fn final_state(dir: &fs::File) -> State {
+    use std::os::fd::AsRawFd;
+    let text = fs::read(format!("/proc/self/fd/{}/state.json", dir.as_raw_fd())).expect("the final state file");
+    serde_json::from_slice(&text).expect("state.json")
+}
+
+#[test]
+fn a_clone_from_a_server_that_never_answers_fails_at_the_timeout_and_leaves_no_git() {
+    let sb = Sandbox::new("clone-silent");
+    let (_dns, _server) = silent_world(&sb);
+    let cfg =
+        TestConfig { on_boot_failure: "hold", ..with_timeout(config(&sb, "http://git.example.com/repo.git"), "3s") };
+    let mut c = sb.start(&cfg, &[("GH_PAT", TOKEN)], Mode::Pid1);
+    let state = c.wait_phase(Phase::Failed, BOOT);
+    let stage = state.stages.last().unwrap();
+    assert_eq!(stage.name, "clone");
+    let error = stage.error.as_deref().unwrap();
+    assert!(error.contains("the clone did not finish within 3s"), "{error}");
+    // The deadline is the timeout: not the server hanging up (it never does).
+    let took = Duration::from_secs_f64(stage.duration_ms.unwrap() / 1000.0);
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(5), "the clone stage took {took:?}");
+    assert_eq!(git_processes(&c), Vec::<String>::new(), "git or its remote helper outlived the timeout");
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(1));
+}
+
+#[test]
+fn a_sigterm_in_the_middle_of_a_slow_clone_stops_cordon_within_the_grace() {
+    let sb = Sandbox::new("clone-term");
+    let (_dns, _server) = silent_world(&sb);
+    // stop_grace is 3 s; the clone would wait 60 s.
+    let cfg = with_timeout(config(&sb, "http://git.example.com/repo.git"), "60s");
+    let mut c = sb.start(&cfg, &[("GH_PAT", TOKEN)], Mode::Pid1);
+    harness::wait_until("git running in the clone stage", BOOT, || {
+        let cloning = c.state().is_some_and(|s| s.stages.last().is_some_and(|st| st.name == "clone"));
+        (cloning && git_processes(&c).iter().any(|g| g.contains("remote-http"))).then_some(())
+    });
+    let state_dir = hold_state_dir(&c, &sb);
+    let t0 = Instant::now();
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    let status = c.wait_exit(BOOT);
+    let took = t0.elapsed();
+    assert_eq!(status.code(), Some(0), "a stop during the boot is a graceful stop; stderr:\n{}", c.stderr());
+    eprintln!("cordon stopped {took:?} after the SIGTERM");
+    assert!(took < Duration::from_secs(3), "cordon took {took:?} to stop (stop_grace is 3s)");
+
+    let state = final_state(&state_dir);
+    assert_eq!(state.phase, Phase::Stopped, "{state:?}");
+    assert_eq!(state.reason.as_deref(), Some("stopped during clone"), "{state:?}");
+    let clone = state.stages.last().unwrap();
+    assert_eq!((clone.name.as_str(), &clone.outcome), ("clone", &Outcome::Stopped), "{clone:?}");
+    assert!(state.stages.iter().all(|s| s.name != "session"), "the agent was started: {state:?}");
+    let log =
+        fs::read_to_string(format!("/proc/self/fd/{}/boot.log", std::os::fd::AsRawFd::as_raw_fd(&state_dir))).unwrap();
+    assert!(log.contains("clone: STOPPED") && log.contains("boot stopped during stage clone"), "{log}");
+    // The clone's processes were killed by cordon itself, not left to the final sweep.
+    let stderr = c.stderr();
+    assert!(!stderr.contains("ignored SIGTERM") && !stderr.contains("left behind"), "{stderr}");
 }

@@ -14,6 +14,7 @@ use crate::config::secrets::Secrets;
 use crate::config::{self, Config, ConfigSource};
 use crate::egress::firewall;
 use crate::egress::probe;
+use crate::sys::command::{self, BOOT};
 use crate::egress::{self, Egress};
 use crate::mounts::{self, TmpfsSpec};
 use crate::session::agent::{self, AgentSpec};
@@ -55,15 +56,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A stage failed; the report holds which and why.
-#[derive(Debug)]
-struct StageFailed;
+/// A stage failed, or cordon was asked to stop during it; the report holds which and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StageFailed {
+    Failed,
+    Stopped,
+}
 
-/// The boot stopped at a stage (the report holds which and why). Carries the supervisor
+/// The boot ended at a stage (the report holds which and why). Carries the supervisor
 /// settings in force: the configured ones, or the defaults when the config itself failed.
 #[derive(Debug)]
 pub struct BootFailed {
     pub supervisor: config::Supervisor,
+    /// The stage did not fail: cordon was asked to stop (`command::BOOT`) while it ran.
+    pub stopped: bool,
 }
 
 /// What a completed boot hands to the supervisor: the running agent and how to restart it,
@@ -75,29 +81,43 @@ pub struct Booted {
     pub egress: Option<Arc<Egress>>,
 }
 
-/// Runs one stage: records its start, outcome and duration in the report.
+/// Runs one stage: records its start, outcome and duration in the report. A stop request
+/// (`command::BOOT`, set by the supervisor on SIGTERM/SIGINT) ends the boot at the next stage,
+/// or at once when the stage is running a command, which is killed; a stage that fails after a
+/// stop request is recorded as stopped, since its error is most likely the kill.
 fn stage<T>(
     report: &mut Report,
     name: &str,
     f: impl FnOnce(&mut Report) -> Result<(T, String), StageError>,
 ) -> Result<T, StageFailed> {
     report.begin(name);
+    if BOOT.is_requested() {
+        report.stopped(STOP_REQUESTED);
+        return Err(StageFailed::Stopped);
+    }
     match f(report) {
         Ok((value, detail)) => {
             report.ok(detail);
             Ok(value)
         }
+        Err(_) if BOOT.is_requested() => {
+            report.stopped(STOP_REQUESTED);
+            Err(StageFailed::Stopped)
+        }
         Err(e) => {
             report.fail(e.error, e.hint);
-            Err(StageFailed)
+            Err(StageFailed::Failed)
         }
     }
 }
 
+const STOP_REQUESTED: &str = "cordon was asked to stop (SIGTERM or SIGINT)";
+
 /// Boots the container into its locked-down state and starts the agent. `env` is the
 /// environment cordon was started with, already removed from the process (see
 /// `supervisor::take_environment`). Must run inside the async runtime (the agent is a tokio
-/// child).
+/// child), on a thread that may block: the supervisor runs it with `spawn_blocking` and ends it
+/// early through `command::BOOT`.
 ///
 /// `live` is what the control socket answers from; the boot fills it in as stages complete.
 pub fn boot(
@@ -107,7 +127,8 @@ pub fn boot(
     live: &Arc<Live>,
 ) -> Result<Booted, BootFailed> {
     let mut supervisor = config::Supervisor::default();
-    stages(source, env, report, live, &mut supervisor).map_err(|StageFailed| BootFailed { supervisor })
+    stages(source, env, report, live, &mut supervisor)
+        .map_err(|end| BootFailed { supervisor, stopped: end == StageFailed::Stopped })
 }
 
 fn stages(
@@ -408,22 +429,14 @@ fn stages(
             user: user.clone(),
             workdir: workdir.clone(),
         };
-        if users::find_program(&spec.argv[0]).is_none() {
-            return Err(StageError::new(
-                format!(
-                    "cannot start the agent `{}`: not found on the agent's PATH ({})",
-                    spec.argv[0],
-                    users::AGENT_PATH
-                ),
-                Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
-            ));
+        // A name that exists nowhere fails here; every other exec failure (no x bit, a missing
+        // #! interpreter) fails at the exec itself, which both modes wait for, and gives the
+        // same error and shell status.
+        let program = &spec.argv[0];
+        let start_error = |e: users::StartError| StageError::new(e.message.clone(), Some(e.hint()));
+        if users::find_program(program).is_none() {
+            return Err(start_error(users::StartError::not_found(program)));
         }
-        let start_error = |e: String| {
-            StageError::new(
-                format!("cannot start the agent `{}`: {e}", spec.argv[0]),
-                Some("install the agent in the image, or set agent.command to a program on the agent's PATH".into()),
-            )
-        };
         // The first prompt (CLAUDE_PROMPT) is the last argument of the first start only: a
         // restarted agent must not redo the task. It is never logged.
         let mut first = spec.clone();
@@ -431,7 +444,12 @@ fn stages(
         if config.agent.tmux {
             let tmux = Tmux::prepare(&state_dir, &user, spec.env.clone(), &config.agent.session)
                 .map_err(|e| StageError::new(format!("cannot prepare the tmux socket directory: {e}"), None))?;
-            let pane = tmux.start(&workdir, &first.argv, config.agent.shell_pane).map_err(start_error)?;
+            let pane = tmux.start(&workdir, &first.argv, config.agent.shell_pane).map_err(|e| match e {
+                crate::session::tmux::PaneStartError::Agent(e) => start_error(e),
+                crate::session::tmux::PaneStartError::Tmux(e) => {
+                    StageError::new(format!("cannot start the agent's tmux session: {e}"), None)
+                }
+            })?;
             let _ = live.tmux.set(tmux.clone());
             let detail = format!(
                 "tmux session `{}` on {}, agent `{}` as {} (uid {})",
@@ -443,7 +461,7 @@ fn stages(
             );
             Ok(((spec, agent::AgentHandle::Tmux { tmux, pane }), detail))
         } else {
-            let child = agent::spawn(&first).map_err(|e| start_error(e.to_string()))?;
+            let child = agent::spawn(&first).map_err(|e| start_error(users::StartError::from_exec(program, &e)))?;
             let detail = format!(
                 "agent `{}` pid {} as {} (uid {}), headless",
                 spec.argv[0],
@@ -477,12 +495,10 @@ fn run_probes(spec: &probe::Spec, user: &AgentUser) -> Result<Vec<probe::ProbeRe
     let exe =
         std::env::current_exe().map_err(|e| StageError::new(format!("cannot find cordon's own binary: {e}"), None))?;
     let spec_json = serde_json::to_string(spec).expect("probe spec serialises");
-    let out = users::unprivileged_command(&exe, user)
-        .args(["probe", "--spec", &spec_json])
-        .env("PATH", users::AGENT_PATH)
-        .current_dir("/")
-        .output()
-        .map_err(|e| StageError::new(format!("cannot run the readiness probes: {e}"), None))?;
+    let mut cmd = users::unprivileged_command(&exe, user);
+    cmd.args(["probe", "--spec", &spec_json]).env("PATH", users::AGENT_PATH).current_dir("/");
+    let out = command::output(cmd, command::Options::new(probe::deadline(spec)))
+        .map_err(|e| StageError::new(format!("cannot run the readiness probes: {}", error_chain(&e)), None))?;
     serde_json::from_slice(&out.stdout).map_err(|e| {
         StageError::new(
             format!(

@@ -51,6 +51,15 @@ pub fn spec(listen: SocketAddr, upstreams: &[SocketAddr], allowed: Option<String
     }
 }
 
+/// How long the probe child may take: every probe can wait out its own [`TIMEOUT`] (an
+/// unanswered lookup, a dropped packet), the allowed name's lookup the C resolver's own
+/// timeouts (resolv.conf(5): 5 s per try, 2 tries), plus the child's start.
+pub fn deadline(spec: &Spec) -> Duration {
+    let probes = 1 + spec.not_admitted.len() + 2 * spec.outside_dns.len() + usize::from(spec.allowed.is_some());
+    let lookup = if spec.allowed.is_some() { Duration::from_secs(10) } else { Duration::ZERO };
+    TIMEOUT * u32::try_from(probes).unwrap_or(u32::MAX) + lookup + Duration::from_secs(5)
+}
+
 /// A DNS query for `name`/A with a random-enough id, EDNS-less (so plain RFC 1035).
 fn query(name: &str, id: u16) -> Vec<u8> {
     let mut q = id.to_be_bytes().to_vec();
@@ -187,5 +196,6 @@ mod tests {
         let s = spec("127.0.0.53:53".parse().unwrap(), &["127.0.0.11:53".parse().unwrap()], None);
         assert_eq!(s.outside_dns.len(), 2);
         assert_eq!(s.not_admitted.len(), 2);
+        assert_eq!(deadline(&s), Duration::from_secs(3 * 7 + 5), "one timeout per probe, and the start");
     }
 }

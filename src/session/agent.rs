@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::secrets::Secrets;
-use crate::session::users::{AGENT_PATH, AgentUser, unprivileged_command};
+use crate::session::users::{AGENT_PATH, AgentUser, StartError, unprivileged_command};
 
 /// Secrets the agent reads from its environment by design (Claude Code authenticates with it).
 const AGENT_ENV_SECRETS: [&str; 1] = ["CLAUDE_CODE_OAUTH_TOKEN"];
@@ -170,10 +170,19 @@ impl AgentHandle {
     pub fn restart(&mut self, spec: &AgentSpec) -> Result<(), String> {
         match self {
             AgentHandle::Direct(slot) => {
-                *slot = Some(spawn(spec).map_err(|e| e.to_string())?);
+                *slot = Some(spawn(spec).map_err(|e| StartError::from_exec(&spec.argv[0], &e).message)?);
                 Ok(())
             }
             AgentHandle::Tmux { tmux, pane } => tmux.respawn(pane, &spec.workdir, &spec.argv),
+        }
+    }
+
+    /// Why the agent's last start failed, when its pane wrapper recorded one (tmux mode; a
+    /// headless start fails in `restart` itself).
+    pub fn start_error(&self) -> Option<String> {
+        match self {
+            AgentHandle::Direct(_) => None,
+            AgentHandle::Tmux { tmux, .. } => crate::session::tmux::recorded_error(&tmux.state_dir),
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use crate::session::users::AgentUser;
 use crate::session::users::unprivileged_command;
@@ -12,6 +13,22 @@ use crate::session::users::unprivileged_command;
 /// The built-in configuration, used when /etc/cordon/tmux.conf does not exist.
 pub const DEFAULT_CONF: &str = include_str!("../../config/tmux.conf");
 pub const SHIPPED_CONF: &str = "/etc/cordon/tmux.conf";
+
+/// How long the agent pane may take to exec the agent once its session exists.
+const PANE_START_LIMIT: Duration = Duration::from_secs(10);
+
+/// Why [`Tmux::start`] failed.
+#[derive(Debug)]
+pub enum PaneStartError {
+    /// A tmux command failed.
+    Tmux(String),
+    /// The pane ran, but could not exec the agent.
+    Agent(crate::session::users::StartError),
+}
+
+/// How long one tmux command may take. Each is a round trip to a local server (or its start);
+/// a server that does not answer in this long is wedged.
+const TMUX_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The socket of the agent's tmux server in a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -40,23 +57,52 @@ pub fn pane_run(status_file: &Path, argv: &[String]) -> i32 {
     unsafe {
         cmd.pre_exec(crate::sys::unblock_all_signals);
     }
-    let code = match cmd.status() {
-        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+    // std's spawn returns only once the exec succeeded (or with the exec's error), so the
+    // marker written after it tells the session stage the agent really started.
+    let (code, error) = match cmd.spawn() {
+        Ok(mut child) => {
+            record(&started_path(status_file), &format!("{}\n", child.id()));
+            match child.wait() {
+                Ok(s) => (s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)), None),
+                Err(e) => (1, Some(format!("cannot wait for the agent `{}`: {e}", argv[0]))),
+            }
+        }
         Err(e) => {
-            eprintln!("cordon: cannot start the agent `{}`: {e}", argv[0]);
-            127
+            let e = crate::session::users::StartError::from_exec(&argv[0], &e);
+            (e.status, Some(e.message))
         }
     };
-    let tmp = status_file.with_extension("tmp");
-    if std::fs::write(&tmp, format!("{code}\n")).and_then(|_| std::fs::rename(&tmp, status_file)).is_err() {
-        eprintln!("cordon pane-run: cannot record the exit status in {}", status_file.display());
+    if let Some(e) = &error {
+        eprintln!("cordon: {e}");
     }
+    // The status on the first line, the reason the agent could not start (if so) after it.
+    record(status_file, &format!("{code}\n{}", error.map(|e| e + "\n").unwrap_or_default()));
     code
+}
+
+/// Writes `text` to `path` atomically (temporary file, then rename).
+fn record(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+        eprintln!("cordon pane-run: cannot write {}", path.display());
+    }
+}
+
+/// Where the pane wrapper notes that the agent was exec'd, next to its status file.
+fn started_path(status_file: &Path) -> PathBuf {
+    status_file.with_extension("started")
 }
 
 /// The status `pane_run` recorded, if any.
 pub fn recorded_status(state_dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(status_path(state_dir)).ok()?.trim().parse().ok()
+    std::fs::read_to_string(status_path(state_dir)).ok()?.lines().next()?.trim().parse().ok()
+}
+
+/// Why the agent could not be started, as `pane_run` recorded it with its status.
+pub fn recorded_error(state_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(status_path(state_dir)).ok()?;
+    let error = text.split_once('\n')?.1.trim();
+    (!error.is_empty()).then(|| error.to_string())
 }
 
 /// How tmux reports a pane (its exit status is not taken from tmux: see `pane_run`).
@@ -128,7 +174,10 @@ impl Tmux {
     }
 
     fn run(&self, args: &[&str]) -> Result<String, String> {
-        let out = self.command().args(args).output().map_err(|e| format!("cannot run tmux: {e}"))?;
+        let mut cmd = self.command();
+        cmd.args(args);
+        let out = crate::sys::command::output(cmd, crate::sys::command::Options::new(TMUX_DEADLINE))
+            .map_err(|e| crate::boot::error_chain(&e))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -141,6 +190,7 @@ impl Tmux {
         let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/cordon".into());
         let status = status_path(&self.state_dir);
         let _ = std::fs::remove_file(&status);
+        let _ = std::fs::remove_file(started_path(&status));
         let mut w = vec![
             exe.display().to_string(),
             "pane-run".into(),
@@ -152,8 +202,30 @@ impl Tmux {
         w
     }
 
-    /// Starts the server and the session; returns the agent pane's id (`%0`).
-    pub fn start(&self, workdir: &Path, argv: &[String], shell_pane: bool) -> Result<String, String> {
+    /// Starts the server and the session, and waits until the agent is exec'd in its pane;
+    /// returns the agent pane's id (`%0`), or why the agent could not be started.
+    pub fn start(&self, workdir: &Path, argv: &[String], shell_pane: bool) -> Result<String, PaneStartError> {
+        let pane = self.start_session(workdir, argv, shell_pane).map_err(PaneStartError::Tmux)?;
+        let status = status_path(&self.state_dir);
+        let deadline = std::time::Instant::now() + PANE_START_LIMIT;
+        while std::time::Instant::now() < deadline && !crate::sys::command::BOOT.is_requested() {
+            if let Some(message) = recorded_error(&self.state_dir) {
+                let status = recorded_status(&self.state_dir).unwrap_or(127);
+                return Err(PaneStartError::Agent(crate::session::users::StartError { message, status }));
+            }
+            // Started, or already ran and exited: either way the exec worked.
+            if started_path(&status).exists() || status.exists() {
+                return Ok(pane);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(
+            "the agent pane did not report the agent's start within {PANE_START_LIMIT:?}; carrying on (an exec failure will be reported when it exits)"
+        );
+        Ok(pane)
+    }
+
+    fn start_session(&self, workdir: &Path, argv: &[String], shell_pane: bool) -> Result<String, String> {
         let dir = workdir.display().to_string();
         let size = ["-x", "220", "-y", "50"];
         let mut args: Vec<&str> = vec!["new-session", "-d", "-s", &self.session];

@@ -107,14 +107,77 @@ pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), Use
 /// PATH for the agent: no user-writable directory first.
 pub const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// Where `program` is found: as given when it contains a `/`, else on [`AGENT_PATH`].
+/// Where `program` is found, as a shell finds it: as given when it contains a `/`, else the
+/// first executable file of that name on [`AGENT_PATH`], else the first file of that name
+/// (whose exec then fails with "Permission denied", status 126, rather than "not found").
+/// None: nothing of that name exists (status 127).
 pub fn find_program(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if program.contains('/') {
-        return executable(Path::new(program)).then(|| PathBuf::from(program));
+        return Path::new(program).exists().then(|| PathBuf::from(program));
     }
-    AGENT_PATH.split(':').map(|d| Path::new(d).join(program)).find(|p| executable(p))
+    let candidates: Vec<PathBuf> =
+        AGENT_PATH.split(':').map(|d| Path::new(d).join(program)).filter(|p| p.is_file()).collect();
+    let executable = |p: &&PathBuf| p.metadata().is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+    candidates.iter().find(executable).or(candidates.first()).cloned()
+}
+
+/// Why the agent could not be started: the message names the program and the reason, and the
+/// status is the shell's (126: found but not executable; 127: not found, which includes a
+/// missing `#!` interpreter, as exec reports it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartError {
+    pub message: String,
+    pub status: i32,
+}
+
+impl StartError {
+    /// The agent program does not exist (on the agent's PATH, for a bare name).
+    pub fn not_found(program: &str) -> StartError {
+        let reason = if program.contains('/') {
+            "No such file or directory".to_string()
+        } else {
+            format!("not found on the agent's PATH ({AGENT_PATH})")
+        };
+        StartError::new(program, &reason, 127)
+    }
+
+    /// From the error of exec'ing `program`.
+    pub fn from_exec(program: &str, e: &std::io::Error) -> StartError {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return StartError::new(program, &e.to_string(), 126);
+        }
+        // ENOENT for a file that exists: the kernel could not find its interpreter.
+        let reason = match find_program(program).as_deref().and_then(interpreter) {
+            Some(interp) => format!("its interpreter `{interp}` (from its #! line) is missing: {e}"),
+            None => e.to_string(),
+        };
+        StartError::new(program, &reason, 127)
+    }
+
+    fn new(program: &str, reason: &str, status: i32) -> StartError {
+        StartError { message: format!("cannot start the agent `{program}`: {reason} (exit status {status})"), status }
+    }
+
+    /// What to do about it.
+    pub fn hint(&self) -> String {
+        if self.status == 126 {
+            "make agent.command's program executable for the agent user (chmod 755), or point agent.command at one that is".into()
+        } else {
+            "install the agent (and its #! interpreter) in the image, or set agent.command to a program on the agent's PATH".into()
+        }
+    }
+}
+
+/// The interpreter a `#!` script names, if `path` is one.
+fn interpreter(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n').unwrap_or(line.len())];
+    let interp = String::from_utf8_lossy(line).split_whitespace().next()?.to_string();
+    Some(interp)
 }
 
 /// A command that runs `program` as `user` with an empty signal mask, no inherited
@@ -135,4 +198,40 @@ pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUs
         });
     }
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_errors_name_the_program_the_reason_and_the_shell_status() {
+        let dir = std::env::temp_dir().join(format!("cordon-start-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("agent");
+        std::fs::write(&script, "#!/nonexistent/interp -x\n").unwrap();
+        let program = script.display().to_string();
+
+        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(e.status, 127);
+        assert_eq!(
+            e.message,
+            format!(
+                "cannot start the agent `{program}`: its interpreter `/nonexistent/interp` (from its #! line) is missing: \
+                 No such file or directory (os error 2) (exit status 127)"
+            )
+        );
+        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(
+            (e.status, e.message),
+            (126, format!("cannot start the agent `{program}`: Permission denied (os error 13) (exit status 126)"))
+        );
+        assert!(StartError::not_found("no-such-agent").message.contains("not found on the agent's PATH"));
+        assert_eq!(StartError::not_found("/no/such").status, 127);
+        // A file without the x bit is found (its exec fails with 126), not "not found".
+        assert_eq!(find_program(&program), Some(script.clone()));
+        assert_eq!(find_program("/no/such/agent"), None);
+        assert_eq!(find_program("sh").map(|p| p.is_absolute()), Some(true));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -22,6 +22,8 @@ pub enum Outcome {
     Ok,
     Failed,
     Skipped,
+    /// cordon was asked to stop (SIGTERM, SIGINT) while the stage ran; the boot ended there.
+    Stopped,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +185,10 @@ impl Report {
                 }
                 l
             }
+            Outcome::Stopped => {
+                tracing::info!(stage = %name, duration_ms = ms, "stage stopped");
+                format!("{name}: STOPPED{took}: {}", rec.error.as_deref().unwrap_or("cordon was asked to stop"))
+            }
             Outcome::Running => return,
         };
         self.log_line(line);
@@ -204,6 +210,19 @@ impl Report {
         self.state.reason = Some(format!("boot failed at stage {stage}: {error}"));
         self.finish(Outcome::Failed, None, Some(error), hint);
         self.log_line("boot failed; the agent was not started".into());
+        self.flush();
+        self.boot_lock = None;
+    }
+
+    /// The boot was asked to stop during the current stage: the stage and the boot end there,
+    /// and the phase is `stopping` with the reason `stopped during <stage>` until the
+    /// supervisor's stop completes.
+    pub fn stopped(&mut self, why: &str) {
+        let stage = self.state.stages.last().map(|s| s.name.clone()).unwrap_or_default();
+        self.state.phase = Phase::Stopping;
+        self.state.reason = Some(format!("stopped during {stage}"));
+        self.finish(Outcome::Stopped, None, Some(why.into()), None);
+        self.log_line(format!("boot stopped during stage {stage}; the agent was not started"));
         self.flush();
         self.boot_lock = None;
     }

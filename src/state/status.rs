@@ -273,6 +273,7 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
                 crate::state::report::Outcome::Ok => paint("32", "ok"),
                 crate::state::report::Outcome::Failed => paint("31", "FAILED"),
                 crate::state::report::Outcome::Skipped => "skipped".into(),
+                crate::state::report::Outcome::Stopped => paint("33", "STOPPED"),
                 crate::state::report::Outcome::Running => paint("33", "..."),
             };
             match s.duration_ms {

@@ -12,8 +12,7 @@ use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
 use crate::boot::{self, BootFailed, Booted};
-use crate::config::ConfigSource;
-use crate::config::{OnBootFailure, OnExit, Supervisor};
+use crate::config::{self, ConfigSource, OnBootFailure, OnExit, Supervisor};
 use crate::session::agent::{self, RestartPolicy};
 use crate::state::report::{AgentState, Phase, Report};
 use crate::sys;
@@ -74,14 +73,39 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
         return 1;
     }
     let init_mode = if nix::unistd::getppid() == Pid::from_raw(1) { "pid1" } else { "subreaper" };
-    let mut report = Report::new(init_mode);
+    let report = Report::new(init_mode);
     let live = crate::state::control::Live::new(report.subscribe());
 
-    let Booted { config, agent: spec, mut handle, egress } = match boot::boot(&source, &env, &mut report, &live) {
+    let (mut report, booted, stop_requested) = match boot_until_stopped(source, env, report, live, &mut signals).await {
+        BootEnd::Returned { report, booted, stop_requested } => (report, booted, stop_requested),
+        BootEnd::Panicked => return 1,
+        BootEnd::Stuck => {
+            // The boot thread still owns the report; a fresh one is in memory only (it has no
+            // state directory), so the state file keeps the boot's last record.
+            stop_all(config::Supervisor::default().stop_grace.0, None, &mut Report::new(init_mode)).await;
+            return 0;
+        }
+    };
+    let Booted { config, agent: spec, mut handle, egress } = match booted {
         Ok(booted) => booted,
-        Err(BootFailed { supervisor }) => return hold_or_exit(&supervisor, &mut report, &mut signals).await,
+        Err(BootFailed { supervisor, stopped: true }) => {
+            // A stop asked for during the boot is a graceful stop: exit 0, as after a TERM
+            // when ready, with the stage it interrupted kept in the final state.
+            let stopped = report.state.reason.clone();
+            stop_all(supervisor.stop_grace.0, None, &mut report).await;
+            report.set_phase(Phase::Stopped, stopped);
+            return 0;
+        }
+        Err(BootFailed { supervisor, stopped: false }) => {
+            return hold_or_exit(&supervisor, &mut report, &mut signals, stop_requested).await;
+        }
     };
     let grace = config.supervisor.stop_grace.0;
+    if stop_requested {
+        // The boot completed as the stop request came in.
+        stop_all(grace, Some(&mut handle), &mut report).await;
+        return 0;
+    }
     // The DNS server and the refresh run as tasks; the supervisor holds egress for its lifetime.
     let _egress = egress;
     let mut state = AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None };
@@ -104,6 +128,11 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
             code = handle.wait(), if alive => {
                 alive = false;
                 tracing::info!(code, "agent exited");
+                // An exec failure in the tmux pane is known only from the pane's record: say
+                // why before on_exit acts (and, with "shutdown", the pane is gone).
+                if let Some(e) = handle.start_error() {
+                    report.warn(e);
+                }
                 state.running = false;
                 state.last_exit = Some(code);
                 state.pid = None;
@@ -145,10 +174,76 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     }
 }
 
-/// After a failed boot: exit at once (`on_boot_failure = "exit"`), or stay up, reaping, until
-/// asked to stop, so an operator can attach and read the failure. Either way the exit code is 1.
-async fn hold_or_exit(policy: &Supervisor, report: &mut Report, signals: &mut mpsc::UnboundedReceiver<Signal>) -> i32 {
-    if policy.on_boot_failure == OnBootFailure::Hold {
+/// How the boot thread ended.
+#[allow(clippy::large_enum_variant, reason = "made once per process and moved once")]
+enum BootEnd {
+    /// With the report it owned while it ran, and whether a stop was asked for meanwhile.
+    Returned {
+        report: Report,
+        booted: Result<Booted, BootFailed>,
+        stop_requested: bool,
+    },
+    Panicked,
+    /// It did not return within [`BOOT_STOP_LIMIT`] of a stop request.
+    Stuck,
+}
+
+/// How long the boot may take to end after a stop request. Its commands are killed within
+/// `command`'s tick and its own code does not block, so this only bounds a bug.
+const BOOT_STOP_LIMIT: Duration = Duration::from_secs(3);
+
+/// Runs the boot on a blocking thread (it is synchronous and runs external commands) while
+/// watching the signals: SIGTERM or SIGINT sets the boot's stop request (`command::BOOT`),
+/// which kills the command running and ends the boot at the current stage. Other signals have
+/// no agent to go to yet and are dropped. The boot owns the report until it returns it.
+async fn boot_until_stopped(
+    source: ConfigSource,
+    env: BTreeMap<String, String>,
+    mut report: Report,
+    live: std::sync::Arc<crate::state::control::Live>,
+    signals: &mut mpsc::UnboundedReceiver<Signal>,
+) -> BootEnd {
+    let boot = tokio::task::spawn_blocking(move || {
+        let booted = boot::boot(&source, &env, &mut report, &live);
+        (report, booted)
+    });
+    tokio::pin!(boot);
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            joined = &mut boot => return match joined {
+                Ok((report, booted)) => BootEnd::Returned { report, booted, stop_requested: stop_at.is_some() },
+                Err(e) => {
+                    tracing::error!("the boot thread failed: {e}");
+                    BootEnd::Panicked
+                }
+            },
+            Some(sig) = signals.recv(), if stop_at.is_none() => match sig {
+                Signal::SIGTERM | Signal::SIGINT => {
+                    tracing::info!(signal = %sig, "stopping during the boot");
+                    crate::sys::command::BOOT.request();
+                    stop_at = Some(tokio::time::Instant::now());
+                }
+                other => tracing::debug!(signal = %other, "no agent yet; signal dropped"),
+            },
+            _ = sleep_until(stop_at.map(|t| t + BOOT_STOP_LIMIT)), if stop_at.is_some() => {
+                tracing::error!("the boot did not end within {BOOT_STOP_LIMIT:?} of the stop request; stopping without it");
+                return BootEnd::Stuck;
+            }
+        }
+    }
+}
+
+/// After a failed boot: exit at once (`on_boot_failure = "exit"`, or when a stop was already
+/// asked for), or stay up, reaping, until asked to stop, so an operator can attach and read
+/// the failure. Either way the exit code is 1.
+async fn hold_or_exit(
+    policy: &Supervisor,
+    report: &mut Report,
+    signals: &mut mpsc::UnboundedReceiver<Signal>,
+    stop_requested: bool,
+) -> i32 {
+    if policy.on_boot_failure == OnBootFailure::Hold && !stop_requested {
         tracing::info!("boot failed; holding so an operator can see why (supervisor.on_boot_failure = \"hold\")");
         while let Some(sig) = signals.recv().await {
             if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
