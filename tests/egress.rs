@@ -489,7 +489,12 @@ time.sleep(4)
 f.write("two\n"); f.flush(); print(f.readline().strip())
 "#;
     let out = c.agent_exec(&python(&sb, "long.py", long_lived, ""));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo one\necho two\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "echo one\necho two\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(lines);
 }
 
@@ -601,7 +606,11 @@ fn dockers_resolver_on_its_real_port_and_every_original_resolver_are_refused_wit
     // Docker's embedded resolver answers on 127.0.0.11 at a random high port (127.0.0.11:53 is
     // a NAT redirect there): a root-owned UDP server on 127.0.0.11:45353 stands for it.
     let log = sb.path("ws/resolver.log");
-    spawn_detached(&c, false, &python(&sb, "udprecv.py", UDP_RECORD_PY, &format!("127.0.0.11 45353 {} 30", log.display())));
+    spawn_detached(
+        &c,
+        false,
+        &python(&sb, "udprecv.py", UDP_RECORD_PY, &format!("127.0.0.11 45353 {} 30", log.display())),
+    );
     let got = || String::from_utf8_lossy(&std::fs::read(c.inside(&log)).unwrap_or_default()).into_owned();
     harness::wait_until("root reaching the stand-in resolver (the control)", Duration::from_secs(10), || {
         c.exec("echo root-query > /dev/udp/127.0.0.11/45353");
@@ -647,9 +656,17 @@ fn on_loopback_the_agent_reaches_only_cordons_dns_and_the_listed_ports() {
     greet(true, "127.0.0.1", 9000);
 
     assert_eq!(agent_connect(&c, &sb, "127.0.0.1", 7000), "ConnectionRefusedError", "root's service on 127.0.0.1");
-    assert_eq!(agent_connect(&c, &sb, harness::CORDON_V4, 7001), "ConnectionRefusedError", "the container's own address");
+    assert_eq!(
+        agent_connect(&c, &sb, harness::CORDON_V4, 7001),
+        "ConnectionRefusedError",
+        "the container's own address"
+    );
     assert_eq!(agent_connect(&c, &sb, "::1", 7002), "ConnectionRefusedError", "root's service on ::1");
-    assert_eq!(agent_connect(&c, &sb, "127.0.0.1", 9000), "ConnectionRefusedError", "its own server on an unlisted port");
+    assert_eq!(
+        agent_connect(&c, &sb, "127.0.0.1", 9000),
+        "ConnectionRefusedError",
+        "its own server on an unlisted port"
+    );
     assert_eq!(agent_connect(&c, &sb, "127.0.0.1", 3000), "hi 3000", "a listed port");
     assert_eq!(agent_connect(&c, &sb, "127.0.0.1", 8050), "hi 8050", "a port in a listed range");
     // Replies of the agent's listening sockets to connections root opens still flow.
