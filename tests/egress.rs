@@ -675,3 +675,101 @@ fn on_loopback_the_agent_reaches_only_cordons_dns_and_the_listed_ports() {
     // And cordon's DNS listener is reachable.
     assert_eq!(status_of(&dig(&c, "@127.0.0.53 api.example.com A")), "NXDOMAIN");
 }
+
+/// Runs a command in the sandbox's inner network namespace, from the host (as root).
+fn in_inner(sb: &Sandbox, cmd: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &sb.net.inner, "sh", "-c", cmd])
+        .output()
+        .expect("ip netns exec");
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Boots cordon, ends it with `signal`, then boots another in the same network namespace with
+/// other timeouts and ports (as Kubernetes restarts a container in its pod's namespace after a
+/// ConfigMap change), and checks the second runs on the new parameters only.
+fn restart_in_the_same_netns_with_a_changed_config(signal: nix::sys::signal::Signal) {
+    let sb = Sandbox::new(if signal == nix::sys::signal::Signal::SIGKILL { "crash" } else { "restart" });
+    let w = world(&sb, "api.example.com\n", &["192.0.2.10"]);
+    let _alt = Greeter::start(&sb.net.world, "192.0.2.10:8443".parse().unwrap());
+    w.dns.set("api.example.com", vec![ip("192.0.2.10")]);
+    let mut c = boot(&sb, &TestConfig::default());
+    assert_eq!(connect(&c, "api.example.com", true).unwrap(), "hello from 192.0.2.10:443");
+    assert!(in_inner(&sb, "ipset list -t cordon4").contains("timeout 360"));
+    c.kill(c.reaper(), signal);
+    c.wait_exit(BOOT);
+    drop(c);
+    assert!(in_inner(&sb, "ipset list -n").contains("cordon4"), "the first run's sets outlive it in the netns");
+    assert!(in_inner(&sb, "iptables -S OUTPUT").contains("-j CORDON_OUTPUT"), "and its jump");
+
+    // The runtime gives the new container a fresh resolv.conf; the netns keeps the firewall.
+    sb.write_file("resolv.conf", &format!("nameserver {WORLD_V4}\n"));
+    sb.write_file("domains.conf", "api.example.com:8443\n");
+    let cfg =
+        TestConfig { network: "min_ttl = \"20s\"\ngrace = \"10s\"\nports = [80]\n".into(), ..TestConfig::default() };
+    let c = boot(&sb, &cfg);
+    for tool in ["iptables", "ip6tables"] {
+        let output = in_inner(&sb, &format!("{tool} -S OUTPUT"));
+        let ours: Vec<&str> = output.lines().filter(|l| l.contains("CORDON")).collect();
+        assert_eq!(ours, ["-A OUTPUT -j CORDON_OUTPUT"], "{tool}: exactly one jump");
+        let chain = in_inner(&sb, &format!("{tool} -S CORDON_AGENT"));
+        assert!(chain.contains("--dports 80 ") && !chain.contains("80,443"), "{tool}: the new ports: {chain}");
+    }
+    let sets = in_inner(&sb, "ipset list -t");
+    assert!(sets.contains("Name: cordon4-p8443"), "{sets}");
+    assert_eq!(sets.matches("timeout 30 ").count(), 4, "every set has the new timeout: {sets}");
+    assert!(!in_inner(&sb, "ipset list cordon4").contains("192.0.2.10"), "old admissions are gone");
+    // Denied: the port of the old config; allowed: the new entry's port.
+    let err = connect(&c, "192.0.2.10", true).expect_err("the old config's port");
+    assert!(err.contains("Connection refused"), "{err}");
+    let greeting = c.agent_exec("timeout 5 bash -c 'exec 3<>/dev/tcp/api.example.com/8443 && head -n1 <&3'");
+    assert_eq!(String::from_utf8_lossy(&greeting.stdout).trim(), "hello from 192.0.2.10:8443");
+}
+
+#[test]
+fn a_restart_in_the_same_network_namespace_with_a_changed_config_boots_with_the_new_parameters() {
+    restart_in_the_same_netns_with_a_changed_config(nix::sys::signal::Signal::SIGTERM);
+}
+
+#[test]
+fn a_boot_after_a_crash_that_left_the_firewall_behind_replaces_it() {
+    restart_in_the_same_netns_with_a_changed_config(nix::sys::signal::Signal::SIGKILL);
+}
+
+#[test]
+fn a_runtime_without_ip6tables_fails_the_firewall_stage_and_leaves_no_partial_policy() {
+    let sb = Sandbox::new("nonetfilter");
+    let _w = world(&sb, "api.example.com\n", &[]);
+    let cfg = sb.write_config(&TestConfig {
+        on_boot_failure: "hold",
+        agent_command: "touch started; exec sleep 1000".into(),
+        ..TestConfig::default()
+    });
+    // What iptables-nft prints under gVisor, first on cordon's PATH (/usr/local/sbin), in
+    // cordon's mount namespace only: the IPv4 side works, the IPv6 side fails after it.
+    let fake = "ip6tables-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Protocol not supported";
+    let before = format!(
+        "mount -t tmpfs -o size=1m tmpfs /usr/local/sbin\nprintf '#!/bin/sh\\ncat >/dev/null\\necho \"{fake}\" >&2\\nexit 1\\n' > /usr/local/sbin/ip6tables-restore\nchmod 755 /usr/local/sbin/ip6tables-restore"
+    );
+    let mut c = sb.launch(&cfg, &[], Mode::Pid1, &before);
+    let state = c.wait_phase(Phase::Failed, BOOT);
+    let failed = state.stages.last().unwrap();
+    assert_eq!(failed.name, "firewall", "{state:?}");
+    let error = failed.error.as_deref().unwrap();
+    assert!(
+        error.contains("does not provide the netfilter support") && error.contains("Protocol not supported"),
+        "{error}"
+    );
+    assert!(!error.contains('\n'), "one line: {error}");
+    let hint = failed.hint.as_deref().unwrap();
+    assert!(hint.contains("lacks netfilter") && !hint.contains("NET_ADMIN"), "{hint}");
+    for tool in ["iptables", "ip6tables"] {
+        let all = in_inner(&sb, &format!("{tool} -S"));
+        assert!(!all.contains("CORDON"), "{tool} kept part of the policy: {all}");
+    }
+    assert_eq!(in_inner(&sb, "ipset list -n").trim(), "", "cordon's sets were left");
+    assert!(!c.inside(&sb.path("ws/started")).exists(), "the agent started without a firewall");
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(1));
+}
