@@ -701,7 +701,7 @@ fn restart_in_the_same_netns_with_a_changed_config(signal: nix::sys::signal::Sig
     c.wait_exit(BOOT);
     drop(c);
     assert!(in_inner(&sb, "ipset list -n").contains("cordon4"), "the first run's sets outlive it in the netns");
-    assert!(in_inner(&sb, "iptables -S OUTPUT").contains("-j CORDON_OUTPUT"), "and its jump");
+    assert!(in_inner(&sb, "iptables -S OUTPUT").contains("-j CORDON"), "and its jump");
 
     // The runtime gives the new container a fresh resolv.conf; the netns keeps the firewall.
     sb.write_file("resolv.conf", &format!("nameserver {WORLD_V4}\n"));
@@ -772,4 +772,57 @@ fn a_runtime_without_ip6tables_fails_the_firewall_stage_and_leaves_no_partial_po
     assert!(!c.inside(&sb.path("ws/started")).exists(), "the agent started without a firewall");
     c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
     assert_eq!(c.wait_exit(BOOT).code(), Some(1));
+}
+
+/// `ping.py IDENT DEST PAYLOAD COUNT INTERVAL`: ICMP echo requests from an unprivileged ping
+/// socket bound to echo identifier IDENT (SO_REUSEADDR), carrying PAYLOAD.
+const PING_PY: &str = r#"
+import socket, struct, sys, time
+ident, dest, payload, count, interval = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode(), int(sys.argv[4]), float(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", ident))
+s.setblocking(False)
+for seq in range(count):
+    try:
+        s.sendto(struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload, (dest, 0))
+    except OSError:
+        pass
+    time.sleep(interval)
+    try:
+        while True: s.recv(2048)
+    except OSError:
+        pass
+print("done")
+"#;
+
+#[test]
+fn the_agent_cannot_send_echo_requests_on_roots_icmp_echo_flow() {
+    let sb = Sandbox::new("icmphijack");
+    let _w = world(&sb, "api.example.com\n", &["198.51.100.8"]);
+    let c = boot(&sb, &TestConfig::default());
+    // Unprivileged ping sockets for every group (Docker's default since 20.10).
+    in_inner(&sb, "sysctl -qw net.ipv4.ping_group_range='0 2147483647'");
+    let (root_marker, agent_marker) = ("524f4f5450494e47", "48494a41434b"); // ROOTPING, HIJACK
+    let sniff = sb.write_file("sniff.py", SNIFF_PY);
+    let mut capture = std::process::Command::new("ip")
+        .args(["netns", "exec", &sb.net.world, "timeout", "20", "python3"])
+        .arg(&sniff)
+        .args(["5", root_marker, agent_marker])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the capture in the world");
+    let mut stdout = std::io::BufReader::new(capture.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    spawn_detached(&c, false, &python(&sb, "ping.py", PING_PY, "777 198.51.100.8 ROOTPING 45 0.1"));
+    std::thread::sleep(Duration::from_millis(800));
+    let out = c.agent_exec(&python(&sb, "ping.py", PING_PY, "777 198.51.100.8 HIJACK 20 0.05"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done", "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(capture.wait().unwrap().success());
+    let mut found = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut found).unwrap();
+    assert!(found.contains(root_marker), "root's echo flow reached the world (the control): {found:?}");
+    assert!(!found.contains(agent_marker), "the agent's echo request rode root's flow out");
 }
