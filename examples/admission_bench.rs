@@ -19,9 +19,10 @@ fn main() {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
     let plan = Plan {
         listen: "127.0.0.53:53".parse().unwrap(),
-        upstreams: vec!["192.0.2.1:53".parse().unwrap()],
+        resolvers: vec!["192.0.2.1".parse().unwrap()],
         ports: vec![80, 443],
         extra_ports: vec![],
+        loopback_ports: vec![],
     };
     firewall::apply(&plan, 360).expect("firewall in the private namespace");
     let sets = cordon::egress::ipset::Ipset::open().unwrap();

@@ -252,9 +252,11 @@ fn stages(
     // 6. DNS. Before the firewall, which names the listener and the upstreams; and before
     //    anything resolves a name (credentials, the clone), so every lookup from here on goes
     //    through the allowlist. resolv.conf is written now, while the root is still writable.
+    //    resolv.conf as found (before cordon rewrites it) also names the resolvers the
+    //    firewall refuses to the agent.
+    let original = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
     let egress = if config.network.enforce {
         Some(stage(report, "dns", |_| {
-            let original = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
             let upstreams = egress::upstreams(&config.network, &original).map_err(|e| {
                 StageError::new(
                     e,
@@ -308,9 +310,10 @@ fn stages(
         stage(report, "firewall", |_| {
             let plan = firewall::Plan {
                 listen: config.network.listen,
-                upstreams: egress.upstreams.clone(),
+                resolvers: egress::resolver_addresses(&original, &egress.upstreams, config.network.listen),
                 ports: config.network.ports.clone(),
                 extra_ports: entries_extra_ports(&egress.allowlist),
+                loopback_ports: config.network.loopback_ports.clone(),
             };
             let default_timeout =
                 u32::try_from((config.network.min_ttl.0 + config.network.grace.0).as_secs()).unwrap_or(u32::MAX);
@@ -319,8 +322,15 @@ fn stages(
             Ok((
                 (),
                 format!(
-                    "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {} to admitted addresses",
-                    ports.join(",")
+                    "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {} to admitted addresses; \
+                     {} resolver addresses refused; loopback ports: {}",
+                    ports.join(","),
+                    plan.resolvers.len(),
+                    if plan.loopback_ports.is_empty() {
+                        "none".to_string()
+                    } else {
+                        plan.loopback_ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                    }
                 ),
             ))
         })?;

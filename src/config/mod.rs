@@ -131,6 +131,9 @@ pub struct Network {
     pub upstream: Vec<Upstream>,
     /// TCP ports the agent may connect to on admitted addresses (per-entry `name:port` adds more).
     pub ports: Vec<u16>,
+    /// Ports (TCP and UDP) the agent may reach on loopback and on the container's own
+    /// addresses, besides cordon's DNS listener: nothing else there is reachable.
+    pub loopback_ports: Vec<PortRange>,
     /// Address ranges that may be admitted although they are private, loopback, link-local,
     /// CGNAT or ULA (never admitted for public names otherwise).
     pub allow_cidrs: Vec<Cidr>,
@@ -152,12 +155,70 @@ impl Default for Network {
             listen: SocketAddr::from(([127, 0, 0, 53], 53)),
             upstream: vec![],
             ports: vec![80, 443],
+            loopback_ports: vec![],
             allow_cidrs: vec![],
             min_ttl: Span(Duration::from_secs(60)),
             grace: Span(Duration::from_secs(300)),
             refresh_interval: Span(Duration::from_secs(300)),
             probe: None,
         }
+    }
+}
+
+/// A port or an inclusive range of ports: `3000` or `"8000-8099"` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a port or a range of ports from 1 to 65535, e.g. 3000 or \"8000-8099\"");
+        let port = |p: &str| p.trim().parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(bad);
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(format!("`{s}`: the range must go from the lower port to the higher"));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.first == self.last { write!(f, "{}", self.first) } else { write!(f, "{}-{}", self.first, self.last) }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port (3000) or a range of ports as a string (\"8000-8099\")")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortRange, E> {
+                n.to_string().parse().map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortRange, E> {
+                n.to_string().parse().map_err(E::custom)
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortRange, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.first == self.last { s.serialize_u16(self.first) } else { s.collect_str(self) }
     }
 }
 
@@ -660,6 +721,27 @@ mod tests {
         assert_eq!(e.line, Some(3));
         assert_eq!(e.key.as_deref(), Some("supervisor.stop_grase"));
         assert!(e.message.contains("unknown field `stop_grase`"), "{}", e.message);
+    }
+
+    #[test]
+    fn loopback_ports_take_ports_and_ranges_and_name_the_key_when_wrong() {
+        let c = parse("[network]\nloopback_ports = [3000, \"8000-8099\", \"32768-60999\"]\n").unwrap();
+        assert_eq!(
+            c.network.loopback_ports,
+            [
+                PortRange { first: 3000, last: 3000 },
+                PortRange { first: 8000, last: 8099 },
+                PortRange { first: 32768, last: 60999 }
+            ]
+        );
+        assert!(Config::default().network.loopback_ports.is_empty());
+        for bad in ["0", "70000", "\"9000-8000\"", "\"http\"", "\"80-\"", "-1", "1.5"] {
+            let e = parse(&format!("[network]\nloopback_ports = [{bad}]\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("network.loopback_ports"), "{bad}: {e}");
+            assert_eq!(e.line, Some(2), "{bad}");
+        }
+        let text = toml::to_string(&c.network).unwrap();
+        assert!(text.contains("loopback_ports = [3000, \"8000-8099\", \"32768-60999\"]"), "{text}");
     }
 
     #[test]

@@ -6,13 +6,24 @@
 //! one transaction per family, rather than with the `iptables` crate: one exec instead of one
 //! per rule, all-or-nothing, and it leaves the runtime's own chains (Docker's DNS NAT) alone.
 //!
-//! Policy for a packet from a socket owned by uid 1..=4294967294 (root-owned sockets, such as
-//! cordon's own and the platform's SSH daemon, never enter the chain):
-//!   1. DNS to cordon's listener: accept.
-//!   2. Anything to an upstream resolver, and DNS (port 53, before NAT) anywhere else: reject.
-//!   3. Loopback: accept.
-//!   4. Established/related: accept.
-//!   5. New TCP to an admitted address on an allowed port: accept.
+//! `OUTPUT` has one jump, to `CORDON_OUTPUT`, which every locally generated packet enters:
+//!   1. Multicast membership reports (IGMP; MLD but the system's own solicited-node ones):
+//!      drop. The kernel sends them from no socket, so the owner match below never sees them,
+//!      and a group address can carry data.
+//!   2. Packets from a socket owned by uid 1..=4294967294 go on to `CORDON_AGENT` (root-owned
+//!      sockets, such as cordon's own and the platform's SSH daemon, never do).
+//!
+//! `CORDON_AGENT`:
+//!   1. Established/related in the reply direction (the agent's listening sockets answering
+//!      connections others opened), and established/related connections carrying cordon's
+//!      connmark bit (the agent's own allowed connections): accept. Conntrack state alone is
+//!      not enough: the agent could send on a flow root opened.
+//!   2. DNS to cordon's listener: accept.
+//!   3. Anything to a resolver (resolv.conf's, the upstreams, Docker's 127.0.0.11), and DNS
+//!      (port 53, before NAT) anywhere else: reject.
+//!   4. Loopback (also the container's own addresses): accept on `network.loopback_ports`,
+//!      reject the rest.
+//!   5. New TCP to an admitted address on an allowed port: mark the connection, accept.
 //!   6. Everything else: reject at once (TCP reset, ICMP otherwise), counted.
 
 use std::fmt::Write as _;
@@ -20,11 +31,56 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 
-pub const CHAIN: &str = "CORDON_AGENT";
+use crate::config::PortRange;
 
-/// The jump that sends the agent's packets to the chain. Sockets without an owner (kernel
-/// replies) and root's never match the uid range.
-const JUMP: [&str; 6] = ["-m", "owner", "--uid-owner", "1-4294967294", "-j", CHAIN];
+pub const CHAIN: &str = "CORDON_AGENT";
+/// Entered by every locally generated packet, from the one jump in `OUTPUT`.
+pub const OUTPUT_CHAIN: &str = "CORDON_OUTPUT";
+/// Marks a new connection as the agent's own allowed one, then accepts it.
+pub const ALLOW_CHAIN: &str = "CORDON_ALLOW";
+/// Lets MLDv2 reports of solicited-node groups through, drops every other (IPv6; declared,
+/// empty, for IPv4 too, so both families have the same chains).
+pub const MLD_CHAIN: &str = "CORDON_MLD";
+const CHAINS: [&str; 4] = [OUTPUT_CHAIN, MLD_CHAIN, CHAIN, ALLOW_CHAIN];
+
+/// The connmark bit of connections the agent was allowed to open. One bit, always set and
+/// matched under its own mask, clear of the bits Docker, kube-proxy (0x4000, 0x8000), Calico
+/// (0xffff0000 is its packet-mark default, but it never sets connmarks there) and Cilium
+/// (0x0f00, 0x0200) use.
+pub const CONNMARK: u32 = 0x0010_0000;
+
+/// The jump that sends the agent's packets to its chain. Sockets without an owner (kernel
+/// packets) and root's never match the uid range.
+const OWNER_JUMP: &str = "-m owner --uid-owner 1-4294967294 -j CORDON_AGENT";
+
+/// The largest MLDv2 report let out: the kernel bundles pending changes, so bringing up an
+/// interface with a link-local and two global addresses reports up to three solicited-node
+/// groups at once.
+const MLD2_MAX_RECORDS: usize = 4;
+
+/// The `-m u32` matches for an MLDv2 report (RFC 3810 5.2) of exactly `records` records, each
+/// with no sources and a solicited-node group ff02::1:ffXX:XXXX (RFC 4291 2.7.1), as the kernel
+/// builds it: IPv6 header (40 bytes), a hop-by-hop header with Router Alert (8 bytes, next
+/// header ICMPv6), the report (8 bytes), then 20 bytes per record. Offsets are from the IPv6
+/// header; a report with any other group, or of another shape, matches none of them.
+fn mld2_solicited_node_only(records: usize) -> String {
+    let mut tests = vec![
+        "0x4&0xff00=0x0".to_string(),             // next header: hop-by-hop
+        "0x28&0xffff0000=0x3a000000".to_string(), // hop-by-hop: next ICMPv6, 8 bytes long
+        "0x30&0xff000000=0x8f000000".to_string(), // type 143
+        format!("0x34&0xffff={records:#x}"),      // number of records
+    ];
+    for i in 0..records {
+        let at = 0x38 + 20 * i;
+        tests.push(format!("{at:#x}&0xffffff=0x0")); // no aux data, no sources
+        tests.push(format!("{:#x}=0xff020000", at + 4));
+        tests.push(format!("{:#x}=0x0", at + 8));
+        tests.push(format!("{:#x}=0x1", at + 12));
+        tests.push(format!("{:#x}&0xff000000=0xff000000", at + 16));
+    }
+    // A u32 match holds at most 10 tests (XT_U32_MAXSIZE).
+    tests.chunks(10).map(|c| format!("-m u32 --u32 \"{}\"", c.join("&&"))).collect::<Vec<_>>().join(" ")
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -78,15 +134,28 @@ pub fn set_name(family: Family, port: Option<u16>) -> String {
     }
 }
 
+/// The suffix of a set's temporary twin, created fresh at boot and swapped in.
+const NEW_SUFFIX: &str = ".new";
+
+/// Whether a set name is one cordon makes (an allow set or its temporary twin).
+fn is_cordon_set(name: &str) -> bool {
+    let name = name.strip_suffix(NEW_SUFFIX).unwrap_or(name);
+    let Some(rest) = name.strip_prefix("cordon4").or_else(|| name.strip_prefix("cordon6")) else { return false };
+    rest.is_empty() || rest.strip_prefix("-p").is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// What the rules are made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub listen: SocketAddr,
-    pub upstreams: Vec<SocketAddr>,
+    /// Addresses where a resolver answers: refused to the agent on every port and protocol.
+    pub resolvers: Vec<IpAddr>,
     /// Ports open on addresses admitted for entries without a port.
     pub ports: Vec<u16>,
     /// Ports of `name:port` entries, each with its own set.
     pub extra_ports: Vec<u16>,
+    /// Ports the agent may reach on loopback besides the DNS listener.
+    pub loopback_ports: Vec<PortRange>,
 }
 
 impl Plan {
@@ -103,17 +172,42 @@ impl Plan {
     }
 }
 
-/// The `iptables-restore --noflush` input for one family. Declaring the chain flushes it, so
-/// applying it again replaces the chain's rules whole.
-pub fn render_rules(plan: &Plan, family: Family) -> String {
+/// The chains for one family, as `iptables-restore --noflush` input without the `*filter` and
+/// `COMMIT` lines. Declaring a chain flushes it, so applying it again replaces the rules whole.
+pub fn render_chains(plan: &Plan, family: Family) -> String {
     let (reject, proto_unreach) = match family {
         Family::V4 => ("icmp-admin-prohibited", "icmp-port-unreachable"),
         Family::V6 => ("icmp6-adm-prohibited", "icmp6-port-unreachable"),
     };
     let mut r = String::new();
-    let mut rule = |s: &str| {
-        let _ = writeln!(r, "-A {CHAIN} {s}");
+    for chain in CHAINS {
+        let _ = writeln!(r, ":{chain} - [0:0]");
+    }
+    let mut add = |chain: &str, s: &str| {
+        let _ = writeln!(r, "-A {chain} {s}");
     };
+    match family {
+        // Every IGMP packet: the system needs none (ARP, not IGMP, finds IPv4 neighbours).
+        Family::V4 => add(OUTPUT_CHAIN, "-p igmp -j DROP"),
+        Family::V6 => {
+            // MLDv1 report: its destination is the group. Done (132): a router learns a
+            // departure from the next query anyway.
+            add(OUTPUT_CHAIN, "! -d ff02::1:ff00:0/104 -p ipv6-icmp -m icmp6 --icmpv6-type 131 -j DROP");
+            add(OUTPUT_CHAIN, "-p ipv6-icmp -m icmp6 --icmpv6-type 132 -j DROP");
+            add(OUTPUT_CHAIN, &format!("-p ipv6-icmp -m icmp6 --icmpv6-type 143 -j {MLD_CHAIN}"));
+            for records in 1..=MLD2_MAX_RECORDS {
+                add(MLD_CHAIN, &format!("{} -j RETURN", mld2_solicited_node_only(records)));
+            }
+            add(MLD_CHAIN, "-j DROP");
+        }
+    }
+    add(OUTPUT_CHAIN, OWNER_JUMP);
+
+    let mut rule = |s: &str| add(CHAIN, s);
+    rule("-m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j ACCEPT");
+    rule(&format!(
+        "-m connmark --mark {CONNMARK:#x}/{CONNMARK:#x} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    ));
     if Family::of(plan.listen.ip()) == family {
         for proto in ["udp", "tcp"] {
             rule(&format!(
@@ -124,41 +218,99 @@ pub fn render_rules(plan: &Plan, family: Family) -> String {
             ));
         }
     }
-    for up in plan.upstreams.iter().filter(|u| Family::of(u.ip()) == family) {
-        rule(&format!("-d {}/{} -p tcp -j REJECT --reject-with tcp-reset", up.ip(), family.prefix()));
-        rule(&format!("-d {}/{} -j REJECT --reject-with {reject}", up.ip(), family.prefix()));
+    for ip in plan.resolvers.iter().filter(|ip| Family::of(**ip) == family) {
+        rule(&format!("-d {ip}/{} -p tcp -j REJECT --reject-with tcp-reset", family.prefix()));
+        rule(&format!("-d {ip}/{} -j REJECT --reject-with {reject}", family.prefix()));
     }
-    // The original destination port, before any NAT: Docker's resolver at 127.0.0.11:53 is
-    // DNATed to a random port, which a plain --dport 53 would miss.
+    // The original destination port, before any NAT: a resolver DNATed elsewhere (Docker's
+    // 127.0.0.11:53 to a random port) would escape a plain --dport 53.
     rule(&format!("-p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with {proto_unreach}"));
     rule("-p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset");
-    rule("-o lo -j ACCEPT");
-    rule("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT");
+    // Loopback by port: the owner match cannot see who owns the destination socket, so a
+    // root-owned service on 127.0.0.1 and the agent's own test server look alike.
+    for range in &plan.loopback_ports {
+        let ports =
+            if range.first == range.last { range.first.to_string() } else { format!("{}:{}", range.first, range.last) };
+        for proto in ["tcp", "udp"] {
+            rule(&format!("-o lo -p {proto} -m {proto} --dport {ports} -j ACCEPT"));
+        }
+    }
+    rule("-o lo -p tcp -j REJECT --reject-with tcp-reset");
+    rule(&format!("-o lo -j REJECT --reject-with {reject}"));
     let ports: Vec<String> = plan.ports.iter().map(u16::to_string).collect();
     rule(&format!(
-        "-p tcp -m multiport --dports {} -m set --match-set {} dst -j ACCEPT",
+        "-p tcp -m multiport --dports {} -m set --match-set {} dst -j {ALLOW_CHAIN}",
         ports.join(","),
         set_name(family, None)
     ));
     for &p in &plan.extra_ports {
-        rule(&format!("-p tcp -m tcp --dport {p} -m set --match-set {} dst -j ACCEPT", set_name(family, Some(p))));
+        rule(&format!(
+            "-p tcp -m tcp --dport {p} -m set --match-set {} dst -j {ALLOW_CHAIN}",
+            set_name(family, Some(p))
+        ));
     }
     rule("-p tcp -j REJECT --reject-with tcp-reset");
     rule(&format!("-j REJECT --reject-with {reject}"));
-    format!("*filter\n:{CHAIN} - [0:0]\n{r}COMMIT\n")
+
+    add(ALLOW_CHAIN, &format!("-j CONNMARK --set-xmark {CONNMARK:#x}/{CONNMARK:#x}"));
+    add(ALLOW_CHAIN, "-j ACCEPT");
+    r
 }
 
-/// The `ipset restore` input creating every set (kept if it exists: `-exist`).
-pub fn render_sets(plan: &Plan, default_timeout: u32) -> String {
+/// The lines that leave exactly one jump to `CORDON_OUTPUT` at the top of `OUTPUT`, given
+/// `iptables -S OUTPUT`: every existing jump to one of cordon's chains is deleted (the old
+/// single owner jump of earlier versions, duplicates), then the one jump is inserted.
+pub fn render_output_jump(output_listing: &str) -> String {
+    let mut r = String::new();
+    for line in output_listing.lines() {
+        let Some(spec) = line.strip_prefix("-A OUTPUT ") else { continue };
+        if CHAINS.iter().any(|c| spec.ends_with(&format!("-j {c}"))) {
+            let _ = writeln!(r, "-D OUTPUT {spec}");
+        }
+    }
+    let _ = writeln!(r, "-I OUTPUT 1 -j {OUTPUT_CHAIN}");
+    r
+}
+
+/// The whole `iptables-restore --noflush` input for one family: chains, then the jump, in one
+/// transaction.
+pub fn render_rules(plan: &Plan, family: Family, output_listing: &str) -> String {
+    format!("*filter\n{}{}COMMIT\n", render_chains(plan, family), render_output_jump(output_listing))
+}
+
+/// The `ipset restore` input that gives every set of the plan fresh, with the plan's timeout,
+/// whatever sets of the same names a previous run in this network namespace left (other
+/// timeouts, old entries): each is created under a temporary name, then swapped with the
+/// existing set (atomic for the rules that reference it) or renamed into place, and the old
+/// content, now under the temporary name, destroyed. `existing` is `ipset list -n`.
+pub fn render_sets(plan: &Plan, default_timeout: u32, existing: &[String]) -> String {
     let mut s = String::new();
+    // Temporaries a crashed boot left behind.
+    for name in existing.iter().filter(|n| n.ends_with(NEW_SUFFIX) && is_cordon_set(n)) {
+        let _ = writeln!(s, "destroy {name}");
+    }
     for (family, name) in plan.sets() {
+        let tmp = format!("{name}{NEW_SUFFIX}");
         let _ = writeln!(
             s,
-            "create {name} hash:ip family {} timeout {default_timeout} maxelem 1048576 -exist",
+            "create {tmp} hash:ip family {} timeout {default_timeout} maxelem 1048576",
             family.ipset_family()
         );
+        if existing.contains(&name) {
+            let _ = writeln!(s, "swap {tmp} {name}");
+            let _ = writeln!(s, "destroy {tmp}");
+        } else {
+            let _ = writeln!(s, "rename {tmp} {name}");
+        }
     }
     s
+}
+
+/// cordon's sets that the plan no longer references (a `name:port` entry removed since the
+/// last run in this namespace): destroyed once the new rules are in.
+pub fn stale_sets(plan: &Plan, existing: &[String]) -> Vec<String> {
+    let wanted: Vec<String> = plan.sets().into_iter().map(|(_, n)| n).collect();
+    existing.iter().filter(|n| is_cordon_set(n) && !wanted.contains(n)).cloned().collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,8 +323,51 @@ pub enum FirewallError {
     },
     #[error("{program} failed: {stderr}")]
     Failed { program: &'static str, stderr: String },
-    #[error("the {family:?} chain {CHAIN} has {found} rules after applying, expected {expected}")]
-    Verify { family: Family, found: usize, expected: usize },
+    #[error("{program} failed: this runtime or kernel does not provide the netfilter support cordon needs: {stderr}")]
+    NoNetfilter { program: &'static str, stderr: String },
+    #[error("the {family:?} chain {chain} has {found} rules after applying, expected {expected}")]
+    Verify { family: Family, chain: &'static str, found: usize, expected: usize },
+    #[error("the {family:?} OUTPUT chain has {found} jumps to {OUTPUT_CHAIN} after applying, expected 1")]
+    VerifyJump { family: Family, found: usize },
+}
+
+/// What a failed command's stderr says about the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// No CAP_NET_ADMIN.
+    Capability,
+    /// The runtime or kernel has no netfilter, or lacks a table, target, match or set type
+    /// (gVisor, some rootless runtimes, a kernel without the modules).
+    NoNetfilter,
+    Other,
+}
+
+/// Classifies the stderr of iptables, ip6tables, their restore forms and ipset.
+pub fn classify(stderr: &str) -> Cause {
+    const CAPABILITY: [&str; 3] = ["ermission denied", "Operation not permitted", "you must be root"];
+    const NO_NETFILTER: [&str; 12] = [
+        "Protocol not supported",
+        "Address family not supported",
+        "Table does not exist",
+        "does not exist (do you need to insmod",
+        "Couldn't load target",
+        "Couldn't load match",
+        "Couldn't find target",
+        "Couldn't find match",
+        "unable to initialize table",
+        "Failed to initialize nft",
+        "missing kernel module",
+        "Cannot open session to kernel",
+    ];
+    if CAPABILITY.iter().any(|p| stderr.contains(p)) {
+        Cause::Capability
+    } else if NO_NETFILTER.iter().any(|p| stderr.contains(p))
+        || stderr.contains("Kernel error received: set type not supported")
+    {
+        Cause::NoNetfilter
+    } else {
+        Cause::Other
+    }
 }
 
 impl FirewallError {
@@ -181,21 +376,25 @@ impl FirewallError {
             FirewallError::Spawn { program, .. } => format!(
                 "{program} is not installed: add iptables and ipset to the image (apt-get install iptables ipset)"
             ),
-            FirewallError::Failed { stderr, .. }
-                if stderr.contains("ermission denied")
-                    || stderr.contains("Operation not permitted")
-                    || stderr.contains("you must be root") =>
-            {
+            FirewallError::Failed { stderr, .. } if classify(stderr) == Cause::Capability => {
                 "cordon needs CAP_NET_ADMIN to set up the firewall: docker run --cap-add NET_ADMIN, or in Kubernetes \
                  securityContext.capabilities.add: [\"NET_ADMIN\"]; Fly machines have it"
                     .into()
             }
-            FirewallError::Failed { .. } => {
-                "the kernel may lack a netfilter module (xt_owner, xt_conntrack, xt_set, ip_set_hash_ip, xt_REJECT): \
-                 check the host kernel"
+            FirewallError::NoNetfilter { .. } => {
+                "the container runtime lacks netfilter (iptables tables, targets and matches, ipset): gVisor (runsc) and \
+                 some rootless runtimes do not provide it. Run the container under runc or crun on a kernel with \
+                 netfilter; cordon cannot enforce egress without it"
                     .into()
             }
-            FirewallError::Verify { .. } => "another process changed the firewall during boot".into(),
+            FirewallError::Failed { .. } => {
+                "the kernel may lack a netfilter module (xt_owner, xt_conntrack, xt_connmark, xt_u32, xt_set, \
+                 ip_set_hash_ip, xt_REJECT, xt_multiport): check the host kernel"
+                    .into()
+            }
+            FirewallError::Verify { .. } | FirewallError::VerifyJump { .. } => {
+                "another process changed the firewall during boot".into()
+            }
         }
     }
 }
@@ -214,30 +413,128 @@ fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<Stri
     }
     let out = child.wait_with_output().map_err(|source| FirewallError::Spawn { program, source })?;
     if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(FirewallError::Failed { program, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
+    // One line: the stage error is shown as one.
+    let stderr: Vec<&str> = std::str::from_utf8(&out.stderr)
+        .unwrap_or("(not UTF-8)")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let stderr = stderr.join("; ");
+    Err(match classify(&stderr) {
+        Cause::NoNetfilter => FirewallError::NoNetfilter { program, stderr },
+        _ => FirewallError::Failed { program, stderr },
+    })
 }
 
-/// Creates the sets, then installs the chain and the jump for both families, then reads the
-/// chains back. The sets come first because the rules reference them.
+fn list_sets() -> Result<Vec<String>, FirewallError> {
+    Ok(run("ipset", &["list", "-n"], None)?.lines().map(str::to_string).collect())
+}
+
+/// Installs the firewall, replacing whatever a previous run in this network namespace left
+/// (its sets, chains and jumps, whatever their parameters), or, if any step fails, removes
+/// every cordon set, chain and jump so that no partial policy is left, and returns the error.
 pub fn apply(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
-    run("ipset", &["restore"], Some(&render_sets(plan, default_timeout)))?;
-    for family in [Family::V4, Family::V6] {
-        let rules = render_rules(plan, family);
-        run(family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
-        if run(family.iptables(), &[&["-w", "10", "-C", "OUTPUT"][..], &JUMP].concat(), None).is_err() {
-            run(family.iptables(), &[&["-w", "10", "-I", "OUTPUT", "1"][..], &JUMP].concat(), None)?;
-        }
-        let listed = run(family.iptables(), &["-w", "10", "-S", CHAIN], None)?;
-        let found = listed.lines().filter(|l| l.starts_with("-A ")).count();
-        let expected = rules.lines().filter(|l| l.starts_with("-A ")).count();
-        if found != expected {
-            return Err(FirewallError::Verify { family, found, expected });
+    let result = apply_steps(plan, default_timeout);
+    if result.is_err() {
+        for problem in remove() {
+            tracing::error!("rolling back the firewall: {problem}");
         }
     }
+    result
+}
+
+/// The sets first, because the rules reference them; then per family the chains and the jump
+/// in one transaction, read back; then the sets the new rules no longer reference go.
+fn apply_steps(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
+    let existing = list_sets()?;
+    run("ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
+    for family in [Family::V4, Family::V6] {
+        let output = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
+        let rules = render_rules(plan, family, &output);
+        run(family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
+        verify(&rules, family)?;
+    }
+    for name in stale_sets(plan, &list_sets()?) {
+        run("ipset", &["destroy", &name], None)?;
+    }
     Ok(())
+}
+
+/// Reads the chains and `OUTPUT` back: every chain has as many rules as written, and the jump
+/// is there once.
+fn verify(rules: &str, family: Family) -> Result<(), FirewallError> {
+    for chain in CHAINS {
+        let listed = run(family.iptables(), &["-w", "10", "-S", chain], None)?;
+        let prefix = format!("-A {chain} ");
+        let found = listed.lines().filter(|l| l.starts_with(&prefix)).count();
+        let expected = rules.lines().filter(|l| l.starts_with(&prefix)).count();
+        if found != expected {
+            return Err(FirewallError::Verify { family, chain, found, expected });
+        }
+    }
+    let output = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
+    let found = output.lines().filter(|l| *l == format!("-A OUTPUT -j {OUTPUT_CHAIN}")).count();
+    if found != 1 {
+        return Err(FirewallError::VerifyJump { family, found });
+    }
+    Ok(())
+}
+
+/// Removes every jump to cordon's chains, the chains and cordon's sets, both families, each
+/// step on its own so one failure does not stop the rest. Returns what could not be removed
+/// (nothing of a kind that does not exist counts).
+pub fn remove() -> Vec<String> {
+    let mut problems = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let Ok(output) = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None) else { continue };
+        let tool = family.iptables();
+        for line in render_output_jump(&output).lines().filter(|l| l.starts_with("-D ")) {
+            let args: Vec<&str> = ["-w", "10"].into_iter().chain(split_spec(line)).collect();
+            if let Err(e) = run(tool, &args, None) {
+                problems.push(format!("{tool} {line}: {e}"));
+            }
+        }
+        let chains = run(tool, &["-w", "10", "-S"], None).unwrap_or_default();
+        let present: Vec<&str> =
+            CHAINS.into_iter().filter(|c| chains.lines().any(|l| l == format!("-N {c}"))).collect();
+        for flag in ["-F", "-X"] {
+            for chain in &present {
+                if let Err(e) = run(tool, &["-w", "10", flag, chain], None) {
+                    problems.push(format!("{tool} {flag} {chain}: {e}"));
+                }
+            }
+        }
+    }
+    if let Ok(sets) = list_sets() {
+        for name in sets.iter().filter(|n| is_cordon_set(n)) {
+            if let Err(e) = run("ipset", &["destroy", name], None) {
+                problems.push(format!("ipset destroy {name}: {e}"));
+            }
+        }
+    }
+    problems
+}
+
+/// Splits an `iptables -S` rule into arguments: words, with a double-quoted word (a u32
+/// expression, a comment) kept whole and unquoted.
+fn split_spec(line: &str) -> Vec<&str> {
+    let mut args = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let end = quoted.find('"').unwrap_or(quoted.len());
+            args.push(&quoted[..end]);
+            rest = quoted.get(end + 1..).unwrap_or("").trim_start();
+        } else {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            args.push(&rest[..end]);
+            rest = rest[end..].trim_start();
+        }
+    }
+    args
 }
 
 /// Per-rule packet counters of the chain, in rule order (for `status`).
@@ -262,9 +559,10 @@ mod tests {
     fn plan() -> Plan {
         Plan {
             listen: "127.0.0.53:53".parse().unwrap(),
-            upstreams: vec!["127.0.0.11:53".parse().unwrap(), "[2001:db8::53]:53".parse().unwrap()],
+            resolvers: vec!["127.0.0.11".parse().unwrap(), "2001:db8::53".parse().unwrap()],
             ports: vec![80, 443],
             extra_ports: vec![8443],
+            loopback_ports: vec![PortRange { first: 3000, last: 3000 }, PortRange { first: 8000, last: 8099 }],
         }
     }
 
@@ -272,51 +570,147 @@ mod tests {
     fn ipv4_rules_snapshot() {
         let expected = "\
 *filter
+:CORDON_OUTPUT - [0:0]
+:CORDON_MLD - [0:0]
 :CORDON_AGENT - [0:0]
+:CORDON_ALLOW - [0:0]
+-A CORDON_OUTPUT -p igmp -j DROP
+-A CORDON_OUTPUT -m owner --uid-owner 1-4294967294 -j CORDON_AGENT
+-A CORDON_AGENT -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j ACCEPT
+-A CORDON_AGENT -m connmark --mark 0x100000/0x100000 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A CORDON_AGENT -d 127.0.0.53/32 -p udp -m udp --dport 53 -j ACCEPT
 -A CORDON_AGENT -d 127.0.0.53/32 -p tcp -m tcp --dport 53 -j ACCEPT
 -A CORDON_AGENT -d 127.0.0.11/32 -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -d 127.0.0.11/32 -j REJECT --reject-with icmp-admin-prohibited
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp-port-unreachable
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -o lo -j ACCEPT
--A CORDON_AGENT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon4 dst -j ACCEPT
--A CORDON_AGENT -p tcp -m tcp --dport 8443 -m set --match-set cordon4-p8443 dst -j ACCEPT
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
+-A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
+-A CORDON_AGENT -o lo -p udp -m udp --dport 8000:8099 -j ACCEPT
+-A CORDON_AGENT -o lo -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -o lo -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon4 dst -j CORDON_ALLOW
+-A CORDON_AGENT -p tcp -m tcp --dport 8443 -m set --match-set cordon4-p8443 dst -j CORDON_ALLOW
 -A CORDON_AGENT -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
+-A CORDON_ALLOW -j ACCEPT
+-I OUTPUT 1 -j CORDON_OUTPUT
 COMMIT
 ";
-        assert_eq!(render_rules(&plan(), Family::V4), expected);
+        assert_eq!(render_rules(&plan(), Family::V4, "-P OUTPUT ACCEPT\n"), expected);
     }
 
     #[test]
     fn ipv6_gets_the_same_policy_without_the_ipv4_listener() {
         let expected = "\
 *filter
+:CORDON_OUTPUT - [0:0]
+:CORDON_MLD - [0:0]
 :CORDON_AGENT - [0:0]
+:CORDON_ALLOW - [0:0]
+-A CORDON_OUTPUT ! -d ff02::1:ff00:0/104 -p ipv6-icmp -m icmp6 --icmpv6-type 131 -j DROP
+-A CORDON_OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type 132 -j DROP
+-A CORDON_OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type 143 -j CORDON_MLD
+-A CORDON_MLD -m u32 --u32 \"0x4&0xff00=0x0&&0x28&0xffff0000=0x3a000000&&0x30&0xff000000=0x8f000000&&0x34&0xffff=0x1&&0x38&0xffffff=0x0&&0x3c=0xff020000&&0x40=0x0&&0x44=0x1&&0x48&0xff000000=0xff000000\" -j RETURN
+-A CORDON_MLD -m u32 --u32 \"0x4&0xff00=0x0&&0x28&0xffff0000=0x3a000000&&0x30&0xff000000=0x8f000000&&0x34&0xffff=0x2&&0x38&0xffffff=0x0&&0x3c=0xff020000&&0x40=0x0&&0x44=0x1&&0x48&0xff000000=0xff000000&&0x4c&0xffffff=0x0\" -m u32 --u32 \"0x50=0xff020000&&0x54=0x0&&0x58=0x1&&0x5c&0xff000000=0xff000000\" -j RETURN
+-A CORDON_MLD -m u32 --u32 \"0x4&0xff00=0x0&&0x28&0xffff0000=0x3a000000&&0x30&0xff000000=0x8f000000&&0x34&0xffff=0x3&&0x38&0xffffff=0x0&&0x3c=0xff020000&&0x40=0x0&&0x44=0x1&&0x48&0xff000000=0xff000000&&0x4c&0xffffff=0x0\" -m u32 --u32 \"0x50=0xff020000&&0x54=0x0&&0x58=0x1&&0x5c&0xff000000=0xff000000&&0x60&0xffffff=0x0&&0x64=0xff020000&&0x68=0x0&&0x6c=0x1&&0x70&0xff000000=0xff000000\" -j RETURN
+-A CORDON_MLD -m u32 --u32 \"0x4&0xff00=0x0&&0x28&0xffff0000=0x3a000000&&0x30&0xff000000=0x8f000000&&0x34&0xffff=0x4&&0x38&0xffffff=0x0&&0x3c=0xff020000&&0x40=0x0&&0x44=0x1&&0x48&0xff000000=0xff000000&&0x4c&0xffffff=0x0\" -m u32 --u32 \"0x50=0xff020000&&0x54=0x0&&0x58=0x1&&0x5c&0xff000000=0xff000000&&0x60&0xffffff=0x0&&0x64=0xff020000&&0x68=0x0&&0x6c=0x1&&0x70&0xff000000=0xff000000&&0x74&0xffffff=0x0\" -m u32 --u32 \"0x78=0xff020000&&0x7c=0x0&&0x80=0x1&&0x84&0xff000000=0xff000000\" -j RETURN
+-A CORDON_MLD -j DROP
+-A CORDON_OUTPUT -m owner --uid-owner 1-4294967294 -j CORDON_AGENT
+-A CORDON_AGENT -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j ACCEPT
+-A CORDON_AGENT -m connmark --mark 0x100000/0x100000 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A CORDON_AGENT -d 2001:db8::53/128 -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -d 2001:db8::53/128 -j REJECT --reject-with icmp6-adm-prohibited
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp6-port-unreachable
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -o lo -j ACCEPT
--A CORDON_AGENT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon6 dst -j ACCEPT
--A CORDON_AGENT -p tcp -m tcp --dport 8443 -m set --match-set cordon6-p8443 dst -j ACCEPT
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
+-A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
+-A CORDON_AGENT -o lo -p udp -m udp --dport 8000:8099 -j ACCEPT
+-A CORDON_AGENT -o lo -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -o lo -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon6 dst -j CORDON_ALLOW
+-A CORDON_AGENT -p tcp -m tcp --dport 8443 -m set --match-set cordon6-p8443 dst -j CORDON_ALLOW
 -A CORDON_AGENT -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
+-A CORDON_ALLOW -j ACCEPT
+-I OUTPUT 1 -j CORDON_OUTPUT
 COMMIT
 ";
-        assert_eq!(render_rules(&plan(), Family::V6), expected);
+        assert_eq!(render_rules(&plan(), Family::V6, "-P OUTPUT ACCEPT\n"), expected);
     }
 
     #[test]
-    fn every_referenced_set_is_created() {
-        let sets = render_sets(&plan(), 300);
-        for name in ["cordon4 ", "cordon6 ", "cordon4-p8443 ", "cordon6-p8443 "] {
-            assert!(sets.contains(&format!("create {name}")), "{sets}");
+    fn the_output_jump_replaces_the_old_owner_jump_and_duplicates_and_leaves_other_rules() {
+        let listing = "-P OUTPUT ACCEPT\n\
+-A OUTPUT -m owner --uid-owner 1-4294967294 -j CORDON_AGENT\n\
+-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT\n\
+-A OUTPUT -j CORDON_OUTPUT\n\
+-A OUTPUT -j CORDON_OUTPUT\n";
+        assert_eq!(
+            render_output_jump(listing),
+            "-D OUTPUT -m owner --uid-owner 1-4294967294 -j CORDON_AGENT\n\
+-D OUTPUT -j CORDON_OUTPUT\n\
+-D OUTPUT -j CORDON_OUTPUT\n\
+-I OUTPUT 1 -j CORDON_OUTPUT\n"
+        );
+        assert_eq!(render_output_jump("-P OUTPUT ACCEPT\n"), "-I OUTPUT 1 -j CORDON_OUTPUT\n");
+    }
+
+    #[test]
+    fn sets_are_created_fresh_and_swapped_over_the_ones_a_previous_run_left() {
+        let existing: Vec<String> =
+            ["cordon4", "cordon6-p8443.new", "cordon4-p22", "docker-set"].map(String::from).into();
+        let sets = render_sets(&plan(), 300, &existing);
+        assert_eq!(
+            sets,
+            "destroy cordon6-p8443.new
+create cordon4.new hash:ip family inet timeout 300 maxelem 1048576
+swap cordon4.new cordon4
+destroy cordon4.new
+create cordon4-p8443.new hash:ip family inet timeout 300 maxelem 1048576
+rename cordon4-p8443.new cordon4-p8443
+create cordon6.new hash:ip family inet6 timeout 300 maxelem 1048576
+rename cordon6.new cordon6
+create cordon6-p8443.new hash:ip family inet6 timeout 300 maxelem 1048576
+rename cordon6-p8443.new cordon6-p8443
+"
+        );
+        assert_eq!(stale_sets(&plan(), &existing), ["cordon6-p8443.new", "cordon4-p22"]);
+    }
+
+    #[test]
+    fn only_cordons_own_set_names_are_recognised() {
+        for name in ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p1.new", "cordon4.new"] {
+            assert!(is_cordon_set(name), "{name}");
         }
-        assert!(sets.contains("cordon6 hash:ip family inet6 timeout 300"));
+        for name in ["cordon", "cordon5", "cordon4-p", "cordon4-px", "cordon4x", "kube-cordon4", "cordon4.old"] {
+            assert!(!is_cordon_set(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn quoted_u32_expressions_stay_one_argument_when_a_rule_is_deleted() {
+        let line = r#"-D OUTPUT -p ipv6-icmp -m u32 ! --u32 "0x4&0xff00=0x0&&0x28=0x1" -j CORDON_OUTPUT"#;
+        assert_eq!(
+            split_spec(line),
+            [
+                "-D",
+                "OUTPUT",
+                "-p",
+                "ipv6-icmp",
+                "-m",
+                "u32",
+                "!",
+                "--u32",
+                "0x4&0xff00=0x0&&0x28=0x1",
+                "-j",
+                "CORDON_OUTPUT"
+            ]
+        );
     }
 
     #[test]
@@ -328,5 +722,83 @@ COMMIT
         assert!(e.hint().contains("--cap-add NET_ADMIN"));
         let e = FirewallError::Spawn { program: "ipset", source: std::io::ErrorKind::NotFound.into() };
         assert!(e.hint().contains("apt-get install iptables ipset"));
+    }
+
+    #[test]
+    fn a_runtime_without_netfilter_is_told_apart_from_a_missing_capability() {
+        let no_netfilter = [
+            "iptables-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Protocol not supported",
+            "iptables v1.8.9 (legacy): can't initialize iptables table `filter': Table does not exist (do you need to insmod?)",
+            "ip6tables-restore v1.8.9 (legacy): unable to initialize table 'filter'",
+            "iptables-restore: line 5 failed: Couldn't load target `CONNMARK':No such file or directory",
+            "iptables v1.8.9 (nf_tables): Couldn't load match `u32':No such file or directory",
+            "Warning: Extension owner revision 0 not supported, missing kernel module?",
+            "iptables: Failed to initialize nft: Protocol not supported",
+            "ipset v7.17: Cannot open session to kernel.",
+            "ipset v7.17: Kernel error received: set type not supported",
+        ];
+        for stderr in no_netfilter {
+            assert_eq!(classify(stderr), Cause::NoNetfilter, "{stderr}");
+        }
+        for stderr in
+            ["ipset v7.17: Kernel error received: Operation not permitted", "Permission denied (you must be root)"]
+        {
+            assert_eq!(classify(stderr), Cause::Capability, "{stderr}");
+        }
+        assert_eq!(classify("iptables-restore: line 3 failed"), Cause::Other);
+        let e = FirewallError::NoNetfilter { program: "ip6tables-restore", stderr: no_netfilter[0].into() };
+        assert!(e.hint().contains("lacks netfilter") && e.hint().contains("gVisor"), "{}", e.hint());
+        assert!(!e.hint().contains("NET_ADMIN"));
+        assert!(e.to_string().contains("does not provide the netfilter support"), "{e}");
+    }
+
+    /// Evaluates a rule's `-m u32 --u32 "..."` matches (the plain `at&mask=value` form used
+    /// here) against an IPv6 packet, as xt_u32 does: a read past the end fails the test.
+    fn u32_matches(rule: &str, packet: &[u8]) -> bool {
+        let num = |t: &str| u32::from_str_radix(t.trim_start_matches("0x"), 16).unwrap();
+        rule.split("--u32 \"").skip(1).all(|m| {
+            m.split('"').next().unwrap().split("&&").all(|test| {
+                let (lhs, value) = test.split_once('=').unwrap();
+                let (at, mask) = lhs.split_once('&').map_or((lhs, u32::MAX), |(a, m)| (a, num(m)));
+                let at = num(at) as usize;
+                packet.get(at..at + 4).is_some_and(|w| u32::from_be_bytes(w.try_into().unwrap()) & mask == num(value))
+            })
+        })
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn mld_reports_of_solicited_node_groups_pass_and_any_other_group_drops_the_report() {
+        let chain = render_chains(&plan(), Family::V6);
+        let returns: Vec<&str> = chain.lines().filter(|l| l.starts_with("-A CORDON_MLD -m u32")).collect();
+        let passes = |packet: &[u8]| returns.iter().any(|r| u32_matches(r, packet));
+        // Captured from Linux 6.18 after `ip -6 addr add 2001:db8::ab:cd99/64 nodad` on a veth:
+        // two records (the new address's group and the pending link-local one), then one.
+        let two = hex("6000000000380001fe80000000000000ec8300fffe190337ff020000000000000000000000000016\
+             3a00050200000100\
+             8f00ae8600000002\
+             04000000ff0200000000000000000001ffabcd99\
+             04000000ff0200000000000000000001ff190337");
+        let one = hex("6000000000240001fe800000000000008c6f1ffffef529d6ff020000000000000000000000000016\
+             3a00050200000100\
+             8f00710300000001\
+             04000000ff0200000000000000000001fff529d6");
+        assert!(passes(&one), "one solicited-node record");
+        assert!(passes(&two), "two solicited-node records");
+        // The same reports carrying a group of the agent's choosing (ff0e::...) instead.
+        let mut agent = one.clone();
+        agent[60..76].copy_from_slice(&hex("ff0e0000000000005ec2e7da7a00c0de"));
+        assert!(!passes(&agent), "an agent's group");
+        let mut mixed = two.clone();
+        mixed[80..96].copy_from_slice(&hex("ff0e0000000000005ec2e7da7a00c0de"));
+        assert!(!passes(&mixed), "an agent's group behind a solicited-node one");
+        // A record with sources.
+        let mut sources = one.clone();
+        sources[59] = 1;
+        assert!(!passes(&sources), "a record with a source");
+        assert!(chain.contains("-A CORDON_MLD -j DROP"), "{chain}");
     }
 }

@@ -38,6 +38,25 @@ pub fn parse_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Docker's embedded resolver. On a user-defined network 127.0.0.11:53 is a NAT redirect to a
+/// random high port on the same address, readable in /proc/net/udp, so the address as a whole
+/// is a resolver, whatever the configuration says.
+pub const DOCKER_RESOLVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 11));
+
+/// Every address the agent must not reach on any port because a resolver answers there: the
+/// nameservers of resolv.conf as found at boot (before cordon rewrites it), the upstreams in
+/// force, and Docker's embedded resolver; never cordon's own listener. In order, deduplicated.
+pub fn resolver_addresses(original_resolv_conf: &str, upstreams: &[SocketAddr], listen: SocketAddr) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    let found = parse_nameservers(original_resolv_conf).into_iter().chain(upstreams.iter().copied());
+    for ip in found.map(|a| a.ip()).chain([DOCKER_RESOLVER]) {
+        if ip != listen.ip() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
 /// resolv.conf pointing at cordon's listener only, keeping the original `search`, `domain`
 /// and `options` lines (Kubernetes relies on its search list).
 pub fn render_resolv_conf(listen: SocketAddr, original: &str) -> String {
@@ -297,6 +316,17 @@ mod tests {
             "# Written by cordon: every lookup goes through its allowlist DNS server.\n\
              nameserver 127.0.0.53\nsearch corp.example\noptions ndots:0\n"
         );
+    }
+
+    #[test]
+    fn resolver_addresses_are_resolv_conf_upstreams_and_docker_but_never_cordon() {
+        let listen: SocketAddr = "127.0.0.53:53".parse().unwrap();
+        let original = "nameserver 10.96.0.10\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\n";
+        let ups = ["192.0.2.1:5353".parse().unwrap(), "10.96.0.10:53".parse().unwrap()];
+        let ips: Vec<String> = resolver_addresses(original, &ups, listen).iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.96.0.10", "fe80::1", "192.0.2.1", "127.0.0.11"]);
+        let ips = resolver_addresses(DOCKER, &[], listen);
+        assert_eq!(ips, [DOCKER_RESOLVER], "Docker's resolver once");
     }
 
     #[test]
