@@ -27,9 +27,8 @@
 //!   6. Everything else: reject at once (TCP reset, ICMP otherwise), counted.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::config::PortRange;
 
@@ -329,6 +328,9 @@ pub enum FirewallError {
     Verify { family: Family, chain: &'static str, found: usize, expected: usize },
     #[error("the {family:?} OUTPUT chain has {found} jumps to {OUTPUT_CHAIN} after applying, expected 1")]
     VerifyJump { family: Family, found: usize },
+    /// Timed out, or stopped because cordon is stopping.
+    #[error(transparent)]
+    Command(crate::sys::command::CommandError),
 }
 
 /// What a failed command's stderr says about the system.
@@ -395,23 +397,23 @@ impl FirewallError {
             FirewallError::Verify { .. } | FirewallError::VerifyJump { .. } => {
                 "another process changed the firewall during boot".into()
             }
+            FirewallError::Command(_) => {
+                "another process holds the xtables lock, or the kernel is not answering: see the boot log".into()
+            }
         }
     }
 }
 
+/// How long one iptables, ip6tables or ipset command may take (they wait up to 10 s for the
+/// xtables lock themselves).
+const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+
 fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| FirewallError::Spawn { program, source })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A write error shows up as the program's failure below.
-        let _ = pipe.write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|source| FirewallError::Spawn { program, source })?;
+    use crate::sys::command::{self, CommandError};
+    let out = command::run(program, args, stdin.map(str::as_bytes), COMMAND_DEADLINE).map_err(|e| match e {
+        CommandError::Spawn { source, .. } => FirewallError::Spawn { program, source },
+        other => FirewallError::Command(other),
+    })?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
