@@ -23,7 +23,8 @@ enum Command {
     Init,
     /// Validate the configuration, the allowlist and required secrets; no side effects
     Check,
-    /// Join the agent's session (waiting for the boot, showing its progress)
+    /// Join the agent's session, waiting for the boot and showing its progress (exit 1: the boot
+    /// failed or there is no session; 2: cordon is not running here)
     Attach {
         /// Exit at once with a message when the session is not ready yet
         #[arg(long)]
