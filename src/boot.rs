@@ -202,7 +202,7 @@ fn stages(
         })?;
         let mut specs = Vec::new();
         for m in &config.tmpfs.0 {
-            let (uid, gid) = users::resolve_owner(&m.owner, &user)
+            let (uid, gid) = users::resolve_owner(&m.owner_for(&user.home), &user)
                 .map_err(|e| StageError::from_error(&e, Some(format!("fix the owner of tmpfs {}", m.path))))?;
             specs.push(TmpfsSpec { path: m.path.resolve(&user.home), size: m.size.0, mode: m.mode.0, uid, gid });
         }
