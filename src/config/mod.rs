@@ -351,9 +351,17 @@ impl Config {
 
     /// Reads `path`; a missing file at the default location means "all defaults", while a
     /// missing file the operator named explicitly is an error.
+    /// A relative `network.allowlist` is taken from the config file's directory.
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text, path),
+            Ok(text) => {
+                let mut config = Config::parse(&text, path)?;
+                if config.network.allowlist.is_relative() {
+                    let dir = path.parent().unwrap_or(Path::new(""));
+                    config.network.allowlist = dir.join(&config.network.allowlist);
+                }
+                Ok(config)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
             Err(e) => Err(ConfigError {
                 file: path.into(),
