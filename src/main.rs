@@ -20,9 +20,19 @@ struct Cli {
 enum Command {
     /// Boot the container and supervise it (the default as the entrypoint)
     Init,
-    /// Validate the configuration, the allowlist and required secrets; no side effects
-    Check,
-    /// Join the agent's session (waiting for the boot, showing its progress)
+    /// Validate the configuration, the allowlist and required secrets; no side effects (exit 0
+    /// clean, 2 with problems)
+    Check {
+        /// Check this allowlist file instead of the one `network.allowlist` names (for a
+        /// configuration checked away from its container)
+        #[arg(long, value_name = "FILE")]
+        allowlist: Option<PathBuf>,
+        /// Check everything but the presence of the required secrets
+        #[arg(long)]
+        no_secrets: bool,
+    },
+    /// Join the agent's session, waiting for the boot and showing its progress (exit 1: the boot
+    /// failed or there is no session; 2: cordon is not running here)
     Attach {
         /// Exit at once with a message when the session is not ready yet
         #[arg(long)]
@@ -130,9 +140,10 @@ fn main() -> ExitCode {
             print!("{text}");
             ExitCode::from(code)
         }
-        Command::Check => {
+        Command::Check { allowlist, no_secrets } => {
             let env = std::env::vars().collect();
-            let report = cordon::cli::check::check(&source, &env);
+            let options = cordon::cli::check::CheckOptions { allowlist, no_secrets };
+            let report = cordon::cli::check::check(&source, &env, &options);
             print!("{}", report.effective);
             if report.problems.is_empty() {
                 println!("# ok");

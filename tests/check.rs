@@ -54,6 +54,65 @@ fn shipped_config_checks_clean_and_prints_it_with_secrets_redacted() {
     assert!(!stdout.contains(SENTINEL) && !stderr.contains(SENTINEL), "a secret value was printed");
 }
 
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cordon")).args(args).env_clear().envs(env.iter().copied()).output().unwrap()
+}
+
+#[test]
+fn the_readme_check_command_passes_from_the_repository_without_secrets() {
+    // The README's command, from the repository's root, on a machine with no secrets and no
+    // /etc/cordon: the shipped config names the container's allowlist path.
+    let out = Command::new(env!("CARGO_BIN_EXE_cordon"))
+        .args(["check", "--config", "config/cordon.toml", "--allowlist", "network/domains.conf", "--no-secrets"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_clear()
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("secrets: not checked (--no-secrets): GH_PAT, CLAUDE_CODE_OAUTH_TOKEN"), "{stdout}");
+    assert!(
+        stdout.contains("allowlist = \"network/domains.conf\""),
+        "the effective config shows the file checked: {stdout}"
+    );
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    assert!(
+        readme.contains("cargo run -- check --config config/cordon.toml --allowlist network/domains.conf --no-secrets"),
+        "the README shows the command this test runs"
+    );
+}
+
+#[test]
+fn without_the_options_the_missing_allowlist_and_secrets_are_problems_that_name_the_options() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cordon"))
+        .args(["check", "--config", "config/cordon.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_clear()
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--allowlist FILE"), "{stderr}");
+    assert!(stderr.contains("--no-secrets"), "{stderr}");
+}
+
+#[test]
+fn a_relative_allowlist_path_is_taken_from_the_config_files_directory() {
+    let dir = scratch("relative");
+    std::fs::create_dir_all(dir.join("lists")).unwrap();
+    std::fs::write(dir.join("lists/domains.conf"), "ok.example.com\n*\n").unwrap();
+    std::fs::write(dir.join("c.toml"), "[secrets]\nrequired = []\n[network]\nallowlist = \"lists/domains.conf\"\n")
+        .unwrap();
+    // Run from elsewhere: the path must not depend on the working directory.
+    let out = run(&["check", "--config", dir.join("c.toml").to_str().unwrap()], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains(&format!("{}:2: `*`", dir.join("lists/domains.conf").display())), "{stderr}");
+    std::fs::write(dir.join("lists/domains.conf"), "ok.example.com\n").unwrap();
+    let out = run(&["check", "--config", dir.join("c.toml").to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}
+
 #[test]
 fn every_problem_is_listed_and_the_exit_code_is_2() {
     let dir = scratch("problems");

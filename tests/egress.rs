@@ -160,6 +160,38 @@ fn wildcard_and_apex_truth_table_holds_end_to_end() {
 }
 
 #[test]
+fn international_names_are_matched_in_punycode_by_dig_getent_and_status_why() {
+    let sb = Sandbox::new("idn");
+    // The allowlist in Unicode, the upstream's zone in punycode, as on the wire.
+    let w = world(&sb, "bücher.example.com\n*.münchen.example\n", &["192.0.2.40"]);
+    w.dns.set("xn--bcher-kva.example.com", vec![ip("192.0.2.40")]);
+    w.dns.set("www.xn--mnchen-3ya.example", vec![ip("192.0.2.40")]);
+    w.dns.set("xn--bcker-gra.example.com", vec![ip("192.0.2.40")]);
+    let c = boot(&sb, &TestConfig::default());
+    for name in ["xn--bcher-kva.example.com", "XN--BCHER-KVA.example.com", "www.xn--mnchen-3ya.example"] {
+        let out = dig(&c, &format!("@127.0.0.53 {name} A"));
+        assert_eq!(status_of(&out), "NOERROR", "{name}: {out}");
+        assert!(out.contains("192.0.2.40"), "{name}: {out}");
+    }
+    // A different international name (bäcker) stays denied and is never forwarded.
+    let out = dig(&c, "@127.0.0.53 xn--bcker-gra.example.com A");
+    assert_eq!(status_of(&out), "NXDOMAIN", "{out}");
+    assert!(!w.dns.queries().iter().any(|q| q.contains("bcker")), "{:?}", w.dns.queries());
+    // glibc, and a connection by name through the firewall.
+    let out = c.agent_exec("getent ahosts xn--bcher-kva.example.com");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("192.0.2.40"), "getent: {out:?}");
+    assert_eq!(connect(&c, "xn--bcher-kva.example.com", true).unwrap(), "hello from 192.0.2.40:443");
+    // `status why` agrees with the server, in either form.
+    for name in ["bücher.example.com", "xn--bcher-kva.example.com"] {
+        let cmd =
+            format!("{} status why {name} --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display());
+        let out = c.exec(&cmd);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("allowed") && text.contains("192.0.2.40"), "why {name}: {text}");
+    }
+}
+
+#[test]
 fn a_name_whose_addresses_rotate_stays_reachable() {
     let sb = Sandbox::new("rotate");
     let w = world(&sb, "rot.example.com\n", &["192.0.2.20", "192.0.2.21"]);

@@ -42,6 +42,24 @@ fn tmpfs_is_mounted_with_configured_size_mode_owner_and_options() {
 }
 
 #[test]
+fn a_tmpfs_at_the_agents_home_without_an_owner_is_the_agents_to_write() {
+    let sb = Sandbox::new("homeowner");
+    // What a user migrating from the replaced system writes: no owner, no mode.
+    let cfg = sb
+        .render_config(&TestConfig::default())
+        .replace("path = \"~\"\nsize = \"4M\"\nmode = \"0700\"\nowner = \"agent\"", "path = \"~\"\nsize = \"4M\"");
+    assert!(!cfg.contains("size = \"4M\"\nmode"), "the home tmpfs still names its owner:\n{cfg}");
+    let mut c = sb.launch(&sb.write_file("cordon.toml", &cfg), &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let meta = fs::metadata(c.inside(&sb.path("home"))).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (AGENT_UID, 0o755));
+    let out = c.agent_exec(&format!("touch {0}/written && mkdir {0}/.config", sb.path("home").display()));
+    assert!(out.status.success(), "the agent cannot write its home: {}", String::from_utf8_lossy(&out.stderr));
+    c.kill(c.reaper(), Signal::SIGTERM);
+    c.wait_exit(Duration::from_secs(20));
+}
+
+#[test]
 fn runtime_provided_tmpfs_is_verified_and_adopted_not_mounted_over() {
     let sb = Sandbox::new("adopt");
     // As `docker run --tmpfs` would: a 3M tmpfs without nodev, before the entrypoint starts.

@@ -14,7 +14,6 @@ use crate::config::secrets::Secrets;
 use crate::config::{self, Config, ConfigSource};
 use crate::egress::firewall;
 use crate::egress::probe;
-use crate::sys::command::{self, BOOT};
 use crate::egress::{self, Egress};
 use crate::mounts::{self, TmpfsSpec};
 use crate::session::agent::{self, AgentSpec};
@@ -22,6 +21,7 @@ use crate::session::tmux::Tmux;
 use crate::session::users::{self, AgentUser};
 use crate::state::control::{self, Live};
 use crate::state::report::Report;
+use crate::sys::command::{self, BOOT};
 
 /// Set in the supervisor's environment to the reaper's pid, so `cordon supervise` can refuse
 /// to run without a reaper above it (the sanity stage).
@@ -219,7 +219,7 @@ fn stages(
         })?;
         let mut specs = Vec::new();
         for m in &config.tmpfs.0 {
-            let (uid, gid) = users::resolve_owner(&m.owner, &user)
+            let (uid, gid) = users::resolve_owner(&m.owner_for(&user.home), &user)
                 .map_err(|e| StageError::from_error(&e, Some(format!("fix the owner of tmpfs {}", m.path))))?;
             specs.push(TmpfsSpec { path: m.path.resolve(&user.home), size: m.size.0, mode: m.mode.0, uid, gid });
         }

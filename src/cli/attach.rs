@@ -1,6 +1,7 @@
 //! `cordon attach`: what an operator's login shell runs. Session ready: attach at once. Still
 //! booting: show the boot log live while waiting on the boot lock, then attach. Boot failed:
 //! say which stage, its error and the fix, and exit non-zero so the login shell stays usable.
+//! Not running here at all: say so, and exit [`NOT_RUNNING`].
 //! The tmux client always runs as the agent user: a root client on the agent's server would let
 //! the agent run commands as root (`detach-client -E`).
 
@@ -18,14 +19,38 @@ pub struct Options {
     pub timeout: Duration,
 }
 
+/// Exit status when cordon is not running here at all (as `cordon status` uses 2 for "cannot
+/// be reached"); 1 is a boot that failed or a session that is not there.
+pub const NOT_RUNNING: u8 = 2;
+
+/// How long an attach waits for any sign of cordon (its state file or boot lock) before it
+/// concludes cordon is not running here. The supervisor writes both within milliseconds of
+/// starting, and a login into a container cannot come before its entrypoint starts.
+const NOT_STARTED_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs attach; returns only when it does not attach (the exit status to use).
 pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> u8 {
     let dir = &config.supervisor.state_dir;
-    let deadline = Instant::now() + opts.timeout;
+    let started = Instant::now();
+    let deadline = started + opts.timeout;
     let mut log_pos = 0u64;
     let mut announced = false;
     loop {
         let state = report::read_state(dir).ok();
+        if state.is_none() && !dir.join(report::BOOT_LOCK).exists() {
+            if opts.no_wait || started.elapsed() >= NOT_STARTED_GRACE.min(opts.timeout) {
+                let _ = writeln!(
+                    out,
+                    "cordon is not running here: no state file and no boot lock in {}.\n\
+                     Is this the container cordon runs in, and is supervisor.state_dir the same? \
+                     (`cordon status` tells the same)",
+                    dir.display()
+                );
+                return NOT_RUNNING;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         let booting = state.as_ref().is_none_or(|s| s.phase == Phase::Booting);
         // The lock answers "is the boot over" without a race; the state file says how it ended.
         let lock_free = boot_over(dir);
@@ -53,6 +78,24 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> u8 {
                     );
                     1
                 }
+                Some(Phase::Booting) => {
+                    // The lock is free but the boot never ended: whoever held it is gone.
+                    let stage = state.as_ref().and_then(|s| s.stages.last()).map_or("?", |st| st.name.as_str());
+                    let _ = writeln!(
+                        out,
+                        "cordon is not running here: its boot stopped during stage {stage} without finishing \
+                         (the boot lock in {} is free)",
+                        dir.display()
+                    );
+                    NOT_RUNNING
+                }
+                Some(Phase::Stopped) => {
+                    let _ = writeln!(
+                        out,
+                        "cordon has stopped; there is no session to attach to (cordon status tells more)"
+                    );
+                    NOT_RUNNING
+                }
                 Some(p) => {
                     let _ =
                         writeln!(out, "cordon is {p:?}; there is no session to attach to (cordon status tells more)");
@@ -60,7 +103,7 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> u8 {
                 }
                 None => {
                     let _ = writeln!(out, "cordon has released its boot lock but wrote no state in {}", dir.display());
-                    1
+                    NOT_RUNNING
                 }
             };
         }

@@ -99,6 +99,19 @@ impl fmt::Display for Entry {
     }
 }
 
+/// The one form names are compared in: lowercase ASCII, punycode for international labels, no
+/// trailing dot. DNS queries arrive in it already (the wire form); Unicode input (`status why
+/// bücher.example`) is converted, and a name that is not valid IDN stays as given, so it
+/// matches nothing.
+pub fn canonical(name: &str) -> String {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_ascii() {
+        name.to_ascii_lowercase()
+    } else {
+        idna::domain_to_ascii(name).unwrap_or_else(|_| name.to_string())
+    }
+}
+
 /// Lowercases, strips one trailing dot, converts IDN to punycode and checks RFC 1035 shape.
 fn normalize_name(name: &str) -> Result<String, String> {
     let name = name.strip_suffix('.').unwrap_or(name);
@@ -190,14 +203,14 @@ impl Allowlist {
         self.exact.values().chain(self.below.values()).flat_map(|r| r.reach.extra_ports.iter().copied()).collect()
     }
 
-    /// Whether `name` (lowercase, no trailing dot) is an exact entry.
+    /// Whether `name` (canonical: see [`canonical`]) is an exact entry.
     pub fn is_exact(&self, name: &str) -> bool {
         self.exact.contains_key(name)
     }
 
     /// Every rule matching `name` (the exact one, then wildcards from the nearest suffix up).
     fn matching<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Rule> + 'a {
-        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        let name = canonical(name);
         let exact = self.exact.get(&name);
         let mut suffixes = Vec::new();
         let mut rest = name.as_str();
@@ -303,6 +316,20 @@ mod tests {
         assert_eq!(pat("API.Example.COM."), DomainPattern::Exact("api.example.com".into()));
         assert_eq!(pat("bücher.example"), DomainPattern::Exact("xn--bcher-kva.example".into()));
         assert_eq!(pat("*.Bücher.example").to_string(), "*.xn--bcher-kva.example");
+    }
+
+    #[test]
+    fn international_names_match_in_either_form_against_either_form_of_entry() {
+        for entry in ["bücher.example", "xn--bcher-kva.example", "*.bücher.example"] {
+            let list = Allowlist::new([(Entry::parse(entry).unwrap(), "t:1".to_string())]);
+            let name = if entry.starts_with('*') { "www." } else { "" };
+            for form in ["xn--bcher-kva.example.", "XN--BCHER-KVA.example", "bücher.example", "BÜCHER.example."] {
+                let q = format!("{name}{form}");
+                assert!(list.lookup(&q).is_some(), "{entry} should allow {q}");
+                assert!(!list.explain(&q).is_empty(), "{entry} should explain {q}");
+            }
+            assert!(list.lookup(&format!("{name}bucher.example")).is_none(), "{entry}");
+        }
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl Default for Tmpfs {
             path: path.parse().expect("default tmpfs path"),
             size: ByteSize(size),
             mode: FileMode(mode),
-            owner,
+            owner: Some(owner),
         };
         Tmpfs(vec![
             mount("/workspace", 512 << 20, 0o755, Owner::Agent),
@@ -76,16 +76,26 @@ pub struct TmpfsMount {
     pub size: ByteSize,
     #[serde(default = "default_tmpfs_mode")]
     pub mode: FileMode,
-    #[serde(default = "default_tmpfs_owner")]
-    pub owner: Owner,
+    /// Unset: see [`TmpfsMount::owner_for`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
 }
 
 fn default_tmpfs_mode() -> FileMode {
     FileMode(0o755)
 }
 
-fn default_tmpfs_owner() -> Owner {
-    Owner::Root
+impl TmpfsMount {
+    /// The owner of the mount's root directory: as configured, or else the agent for a mount
+    /// at or below the agent's home (`home`), which the agent must be able to write, and root
+    /// for every other path.
+    pub fn owner_for(&self, home: &Path) -> Owner {
+        match &self.owner {
+            Some(owner) => owner.clone(),
+            None if self.path.resolve(home).starts_with(home) => Owner::Agent,
+            None => Owner::Root,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -492,9 +502,17 @@ impl Config {
 
     /// Reads `path`; a missing file at the default location means "all defaults", while a
     /// missing file the operator named explicitly is an error.
+    /// A relative `network.allowlist` is taken from the config file's directory.
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text, path),
+            Ok(text) => {
+                let mut config = Config::parse(&text, path)?;
+                if config.network.allowlist.is_relative() {
+                    let dir = path.parent().unwrap_or(Path::new(""));
+                    config.network.allowlist = dir.join(&config.network.allowlist);
+                }
+                Ok(config)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
             Err(e) => Err(ConfigError {
                 file: path.into(),
@@ -773,7 +791,19 @@ mod tests {
         let c = parse("[[tmpfs]]\npath = \"/scratch\"\nsize = \"64M\"\nmode = \"0700\"\nowner = \"agent\"\n").unwrap();
         assert_eq!(c.tmpfs.0.len(), 1);
         assert_eq!(c.tmpfs.0[0].mode, FileMode(0o700));
-        assert_eq!(c.tmpfs.0[0].owner, Owner::Agent);
+        assert_eq!(c.tmpfs.0[0].owner, Some(Owner::Agent));
+    }
+
+    #[test]
+    fn a_tmpfs_at_or_below_the_agents_home_belongs_to_the_agent_unless_an_owner_is_given() {
+        let text = "[[tmpfs]]\npath = \"~\"\nsize = \"1M\"\n[[tmpfs]]\npath = \"/home/agent\"\nsize = \"1M\"\n\
+                    [[tmpfs]]\npath = \"~/.cache\"\nsize = \"1M\"\n[[tmpfs]]\npath = \"/scratch\"\nsize = \"1M\"\n\
+                    [[tmpfs]]\npath = \"/home/agentx\"\nsize = \"1M\"\n\
+                    [[tmpfs]]\npath = \"/home/agent/x\"\nsize = \"1M\"\nowner = \"root\"\n";
+        let c = parse(text).unwrap();
+        let home = Path::new("/home/agent");
+        let owners: Vec<Owner> = c.tmpfs.0.iter().map(|m| m.owner_for(home)).collect();
+        assert_eq!(owners, [Owner::Agent, Owner::Agent, Owner::Agent, Owner::Root, Owner::Root, Owner::Root]);
     }
 
     #[test]

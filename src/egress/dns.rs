@@ -248,7 +248,9 @@ impl RequestHandler for Handler {
             let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
             return send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::FormErr)).await;
         };
-        let qname = info.query.name().to_string();
+        // The wire form: `Display` would turn `xn--` labels into Unicode, which no allowlist
+        // entry (always punycode) matches.
+        let qname = info.query.name().to_ascii();
         let qtype = info.query.query_type();
         let mut md = Metadata::response_from_request(&request.metadata);
         md.recursion_available = true;

@@ -439,7 +439,7 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
             }
         }
         None => {
-            let name = target.trim_end_matches('.').to_ascii_lowercase();
+            let name = crate::config::allowlist::canonical(target);
             match egress.allowlist.lookup(&name) {
                 Some(_) => {
                     doc.verdict = "allowed".into();

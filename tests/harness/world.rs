@@ -64,7 +64,7 @@ impl FakeDns {
                 let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
                 let Ok(msg) = Message::from_vec(&buf[..n]) else { continue };
                 if let Some(query) = msg.queries.first() {
-                    q.lock().unwrap().push(format!("{} {}", query.name(), query.query_type()));
+                    q.lock().unwrap().push(format!("{} {}", query.name().to_ascii(), query.query_type()));
                 }
                 if !u.load(Ordering::Relaxed) {
                     continue;
@@ -113,7 +113,7 @@ fn answer(query: &Message, zone: &Zone) -> Message {
     reply.metadata.recursion_available = true;
     let Some(q) = query.queries.first() else { return reply };
     reply.add_query(q.clone());
-    let mut name = q.name().to_string().trim_end_matches('.').to_ascii_lowercase();
+    let mut name = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
     let mut found = false;
     for _ in 0..8 {
         let Some(recs) = zone.records.get(&name) else { break };
