@@ -16,6 +16,7 @@ pub mod egress;
 pub mod firewall;
 pub mod ipset;
 pub mod mounts;
+pub mod namebound;
 pub mod probe;
 pub mod reaper;
 pub mod report;
