@@ -116,7 +116,7 @@ fn reassemble(buf: &[u8], max_bytes: usize) -> Result<Option<(Vec<u8>, usize)>, 
         let available = &buf[body_start..body_end.min(buf.len())];
         let before = message.len();
         message.extend_from_slice(available);
-        if wanted.is_none() && message.len() >= 1 && message[0] != HANDSHAKE_CLIENT_HELLO {
+        if wanted.is_none() && !message.is_empty() && message[0] != HANDSHAKE_CLIENT_HELLO {
             return Err("first handshake message is not a ClientHello");
         }
         if wanted.is_none() && message.len() >= HANDSHAKE_HEADER_LEN {
@@ -213,7 +213,7 @@ fn server_name(data: &[u8]) -> Result<String, &'static str> {
 
 fn alpn(data: &[u8]) -> Result<Vec<String>, &'static str> {
     match parse_tls_extension_alpn_content(data) {
-        Ok((rest, TlsExtension::ALPN(names))) if rest.is_empty() => {
+        Ok(([], TlsExtension::ALPN(names))) => {
             Ok(names.into_iter().map(|name| String::from_utf8_lossy(name).into_owned()).collect())
         }
         _ => Err("malformed ALPN extension"),

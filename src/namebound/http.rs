@@ -222,10 +222,10 @@ impl RequestHead {
             }
         }
         let host = authority_host(host.ok_or("no Host header")?)?;
-        if let Some(authority) = absolute_form_authority(target)? {
-            if authority_host(authority)? != host {
-                return Err("Host header disagrees with the absolute-form target");
-            }
+        if let Some(authority) = absolute_form_authority(target)?
+            && authority_host(authority)? != host
+        {
+            return Err("Host header disagrees with the absolute-form target");
         }
         let body = match (content_length, transfer_encoding) {
             (Some(_), Some(_)) => return Err("Content-Length with Transfer-Encoding"),
