@@ -8,6 +8,7 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod egress;
+pub mod fix;
 pub mod mounts;
 pub mod session;
 pub mod state;

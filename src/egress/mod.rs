@@ -6,6 +6,7 @@ pub mod admission;
 pub mod dns;
 pub mod firewall;
 pub mod ipset;
+pub mod namebound;
 pub mod probe;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,225 @@
+//! Which names cordon's DNS answered with which addresses, and until when: the evidence that a
+//! connection's name (SNI or HTTP host) belongs with its destination address.
+//!
+//! The DNS answer path calls [`Bindings::bind`] for the query name and every name of its CNAME
+//! chain, with each answered address and the admission's end; the proxy calls
+//! [`Bindings::is_bound`]. Memory is bounded: at `capacity` bindings the oldest-refreshed one is
+//! evicted first (expired ones too, as they are met). Lookups are a hash of the name plus a
+//! short scan of that name's few addresses.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Far more (name, address) pairs than an agent's allowlisted names resolve to in an admission
+/// lifetime; about 100 bytes each.
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    ip: IpAddr,
+    until: Instant,
+    /// The eviction queue entry that stands for this slot; older entries for it are stale.
+    seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_name: HashMap<Arc<str>, Vec<Slot>>,
+    /// Oldest first: (name, address, seq). Entries whose seq no longer matches a slot are stale
+    /// and skipped; the queue is compacted when stale entries pile up.
+    queue: VecDeque<(Arc<str>, IpAddr, u64)>,
+    len: usize,
+    next_seq: u64,
+}
+
+/// Name to address bindings from cordon's DNS answers. Shared between the DNS server and the
+/// proxy: cheap to clone through an `Arc`, internally locked.
+#[derive(Debug)]
+pub struct Bindings {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+impl Bindings {
+    pub fn new(capacity: usize) -> Self {
+        Bindings { inner: Mutex::new(Inner::default()), capacity: capacity.max(1) }
+    }
+
+    /// Records that cordon's DNS answered `name` with `ip`, valid until `until`. Already bound
+    /// until later (or nearly as late): nothing changes and nothing is allocated. Refreshing an
+    /// existing binding extends it in place and, when it was in the older half of its lifetime,
+    /// moves it to the young end of the eviction order.
+    pub fn bind(&self, name: &str, ip: IpAddr, until: Instant, now: Instant) {
+        let canonical;
+        let name = if is_canonical(name) {
+            name
+        } else {
+            canonical = canonicalize(name);
+            &canonical
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *inner;
+        if let Some(slots) = inner.by_name.get_mut(name)
+            && let Some(slot) = slots.iter_mut().find(|slot| slot.ip == ip)
+        {
+            if until <= slot.until {
+                return;
+            }
+            let remaining = slot.until.saturating_duration_since(now);
+            let extension = until.saturating_duration_since(now);
+            slot.until = until;
+            if remaining < extension / 2 {
+                inner.next_seq += 1;
+                slot.seq = inner.next_seq;
+                let key =
+                    inner.by_name.get_key_value(name).map(|(key, _)| Arc::clone(key)).expect("the name was just found");
+                inner.queue.push_back((key, ip, inner.next_seq));
+                self.compact(inner);
+            }
+            return;
+        }
+        while inner.len >= self.capacity {
+            if !evict_oldest(inner) {
+                break;
+            }
+        }
+        inner.next_seq += 1;
+        let seq = inner.next_seq;
+        let key: Arc<str> = match inner.by_name.get_key_value(name) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(name),
+        };
+        inner.by_name.entry(Arc::clone(&key)).or_default().push(Slot { ip, until, seq });
+        inner.queue.push_back((key, ip, seq));
+        inner.len += 1;
+        self.compact(inner);
+    }
+
+    /// Whether cordon's DNS answered `name` (canonical: lowercase, no trailing dot) with `ip`
+    /// and that answer is still within its admission lifetime at `now`.
+    pub fn is_bound(&self, name: &str, ip: IpAddr, now: Instant) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.by_name.get(name).is_some_and(|slots| slots.iter().any(|slot| slot.ip == ip && now < slot.until))
+    }
+
+    /// How many (name, address) bindings are held, expired ones not yet evicted included.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops stale queue entries once they outnumber live ones, so the queue stays O(capacity).
+    fn compact(&self, inner: &mut Inner) {
+        if inner.queue.len() <= 2 * self.capacity + 16 {
+            return;
+        }
+        let by_name = &inner.by_name;
+        inner.queue.retain(|(name, ip, seq)| {
+            by_name.get(name).is_some_and(|slots| slots.iter().any(|s| s.ip == *ip && s.seq == *seq))
+        });
+    }
+}
+
+/// Removes the binding at the old end of the queue. False when nothing is left to evict.
+fn evict_oldest(inner: &mut Inner) -> bool {
+    while let Some((name, ip, seq)) = inner.queue.pop_front() {
+        let Some(slots) = inner.by_name.get_mut(&name) else {
+            continue;
+        };
+        let Some(at) = slots.iter().position(|s| s.ip == ip && s.seq == seq) else {
+            continue;
+        };
+        slots.swap_remove(at);
+        if slots.is_empty() {
+            inner.by_name.remove(&name);
+        }
+        inner.len -= 1;
+        return true;
+    }
+    false
+}
+
+fn is_canonical(name: &str) -> bool {
+    !name.ends_with('.') && !name.bytes().any(|b| b.is_ascii_uppercase())
+}
+
+fn canonicalize(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_bound_name_matches_only_its_addresses_until_it_expires() {
+        let bindings = Bindings::new(16);
+        let now = Instant::now();
+        let until = now + Duration::from_secs(60);
+        bindings.bind("GitHub.com.", ip("192.0.2.1"), until, now);
+        bindings.bind("github.com", ip("2001:db8::1"), until, now);
+        assert!(bindings.is_bound("github.com", ip("192.0.2.1"), now));
+        assert!(bindings.is_bound("github.com", ip("2001:db8::1"), now));
+        assert!(!bindings.is_bound("github.com", ip("192.0.2.2"), now));
+        assert!(!bindings.is_bound("gitlab.com", ip("192.0.2.1"), now));
+        assert!(!bindings.is_bound("github.com", ip("192.0.2.1"), until));
+        assert_eq!(bindings.len(), 2);
+    }
+
+    #[test]
+    fn rebinding_extends_and_never_shortens() {
+        let bindings = Bindings::new(16);
+        let now = Instant::now();
+        let a = ip("192.0.2.1");
+        bindings.bind("a.example.com", a, now + Duration::from_secs(60), now);
+        bindings.bind("a.example.com", a, now + Duration::from_secs(10), now);
+        assert!(bindings.is_bound("a.example.com", a, now + Duration::from_secs(30)));
+        bindings.bind("a.example.com", a, now + Duration::from_secs(600), now);
+        assert!(bindings.is_bound("a.example.com", a, now + Duration::from_secs(300)));
+        assert_eq!(bindings.len(), 1);
+    }
+
+    #[test]
+    fn at_capacity_the_oldest_refreshed_binding_goes_first() {
+        let bindings = Bindings::new(3);
+        let now = Instant::now();
+        let until = now + Duration::from_secs(60);
+        bindings.bind("one.example", ip("192.0.2.1"), until, now);
+        bindings.bind("two.example", ip("192.0.2.2"), until, now);
+        bindings.bind("three.example", ip("192.0.2.3"), until, now);
+        // "one" is refreshed late in its life: it becomes the youngest.
+        let later = now + Duration::from_secs(50);
+        bindings.bind("one.example", ip("192.0.2.1"), later + Duration::from_secs(60), later);
+        bindings.bind("four.example", ip("192.0.2.4"), later + Duration::from_secs(60), later);
+        assert_eq!(bindings.len(), 3);
+        assert!(!bindings.is_bound("two.example", ip("192.0.2.2"), later));
+        assert!(bindings.is_bound("one.example", ip("192.0.2.1"), later));
+        assert!(bindings.is_bound("three.example", ip("192.0.2.3"), later));
+        assert!(bindings.is_bound("four.example", ip("192.0.2.4"), later));
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_endless_refreshes_and_new_names() {
+        let bindings = Bindings::new(100);
+        let mut now = Instant::now();
+        for i in 0..10_000u32 {
+            now += Duration::from_secs(1);
+            let name = format!("n{}.example", i % 300);
+            bindings.bind(&name, ip("192.0.2.1"), now + Duration::from_secs(2), now);
+        }
+        let inner = bindings.inner.lock().unwrap();
+        assert_eq!(inner.len, 100);
+        assert!(inner.queue.len() <= 2 * 100 + 16 + 1);
+        assert_eq!(inner.by_name.values().map(Vec::len).sum::<usize>(), 100);
+    }
+}
