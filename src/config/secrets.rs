@@ -42,6 +42,21 @@ pub struct Secrets {
 }
 
 impl Secrets {
+    /// The boot's `secrets` stage: every required secret present and non-empty, or every one
+    /// that is not, named at once with the fix. Before the filesystem changes, so a missing token
+    /// fails fast. The values were taken out of the process's environment before.
+    pub fn require(
+        config: &crate::config::Secrets,
+        env: &BTreeMap<String, String>,
+    ) -> crate::fix::StageResult<Secrets> {
+        let secrets = Secrets::check(&config.required, &config.optional, env);
+        if let Some(problem) = secrets.problem_report() {
+            return Err(crate::fix::Problem::new(problem).with_fix(secrets.problem_hint()));
+        }
+        let n = secrets.values.len();
+        Ok((secrets, format!("{n} present")))
+    }
+
     pub fn check(required: &[String], optional: &[String], env: &BTreeMap<String, String>) -> Secrets {
         let mut s = Secrets::default();
         for name in required {

@@ -372,6 +372,12 @@ pub fn classify(stderr: &str) -> Cause {
     }
 }
 
+impl crate::fix::Fix for FirewallError {
+    fn fix(&self) -> Option<String> {
+        Some(self.hint())
+    }
+}
+
 impl FirewallError {
     pub fn hint(&self) -> String {
         match self {
@@ -433,6 +439,38 @@ fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<Stri
 
 fn list_sets() -> Result<Vec<String>, FirewallError> {
     Ok(run("ipset", &["list", "-n"], None)?.lines().map(str::to_string).collect())
+}
+
+/// The boot's `firewall` stage: default-deny for every uid but root, IPv4 and IPv6, before the
+/// agent or anything it influences can open a socket. `resolv_conf` is the file as found at
+/// boot: its nameservers are refused to the agent, with the upstreams and 127.0.0.11.
+pub fn stage(
+    network: &crate::config::Network,
+    egress: &crate::egress::Egress,
+    resolv_conf: &str,
+) -> crate::fix::StageResult<(), FirewallError> {
+    let plan = Plan {
+        listen: network.listen,
+        resolvers: crate::egress::resolver_addresses(resolv_conf, &egress.upstreams, network.listen),
+        ports: network.ports.clone(),
+        extra_ports: egress.allowlist.extra_ports().into_iter().collect(),
+        loopback_ports: network.loopback_ports.clone(),
+    };
+    let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
+    apply(&plan, default_timeout)?;
+    let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
+    let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
+    let loopback = plan.loopback_ports.iter().map(ToString::to_string).collect();
+    Ok((
+        (),
+        format!(
+            "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {} to admitted addresses; \
+             {} resolver addresses refused; loopback ports: {}",
+            join(ports),
+            plan.resolvers.len(),
+            join(loopback)
+        ),
+    ))
 }
 
 /// Installs the firewall, replacing whatever a previous run in this network namespace left

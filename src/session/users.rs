@@ -45,6 +45,14 @@ fn lookup_user(name: &str) -> Result<Option<User>, UserError> {
     found.map_err(|source| UserError::Lookup { name: name.into(), source })
 }
 
+/// The agent user of `agent.user` with its `agent.groups`, for the boot.
+pub fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Problem> {
+    resolve_agent_with_groups(&config.user, &config.groups).map_err(|e| {
+        crate::fix::Problem::new(crate::fix::error_chain(&e))
+            .with_fix("create the agent user in the image (useradd), or set agent.user")
+    })
+}
+
 /// The agent user with its configured supplementary groups.
 pub fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
     let mut user = resolve_agent(name)?;

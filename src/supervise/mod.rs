@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::boot::{self, BootFailed, Booted};
 use crate::config::{self, ConfigSource, OnBootFailure, OnExit, Supervisor};
+use crate::service::Services;
 use crate::session::agent::{self, RestartPolicy};
 use crate::state::report::{AgentState, Phase, Report};
 use crate::sys;
@@ -58,7 +59,19 @@ pub fn run(source: ConfigSource) -> i32 {
     runtime.block_on(supervise(source, env))
 }
 
+/// How long each service (control socket, DNS server, refresh, proxy) gets to stop at the end.
+const SERVICE_STOP: Duration = Duration::from_secs(1);
+
+/// The supervisor's life, then its services stopped in reverse order of start: the control
+/// socket last, so `status` answers until the end.
 async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
+    let services = Services::default();
+    let code = supervise_with(source, env, &services).await;
+    services.stop_all(SERVICE_STOP).await;
+    code
+}
+
+async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, services: &Services) -> i32 {
     // Handlers first, then unblock: signals the reaper forwarded while we started were held
     // pending by the mask we inherited, and are delivered now, to the handlers.
     let mut signals = match install_signal_handlers() {
@@ -76,16 +89,17 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     let report = Report::new(init_mode);
     let live = crate::state::control::Live::new(report.subscribe());
 
-    let (mut report, booted, stop_requested) = match boot_until_stopped(source, env, report, live, &mut signals).await {
-        BootEnd::Returned { report, booted, stop_requested } => (report, booted, stop_requested),
-        BootEnd::Panicked => return 1,
-        BootEnd::Stuck => {
-            // The boot thread still owns the report; a fresh one is in memory only (it has no
-            // state directory), so the state file keeps the boot's last record.
-            stop_all(config::Supervisor::default().stop_grace.0, None, &mut Report::new(init_mode)).await;
-            return 0;
-        }
-    };
+    let (mut report, booted, stop_requested) =
+        match boot_until_stopped(source, env, report, live, services.clone(), &mut signals).await {
+            BootEnd::Returned { report, booted, stop_requested } => (report, booted, stop_requested),
+            BootEnd::Panicked => return 1,
+            BootEnd::Stuck => {
+                // The boot thread still owns the report; a fresh one is in memory only (it has no
+                // state directory), so the state file keeps the boot's last record.
+                stop_all(config::Supervisor::default().stop_grace.0, None, &mut Report::new(init_mode)).await;
+                return 0;
+            }
+        };
     let Booted { config, agent: spec, mut handle, egress } = match booted {
         Ok(booted) => booted,
         Err(BootFailed { supervisor, stopped: true }) => {
@@ -106,7 +120,7 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
         stop_all(grace, Some(&mut handle), &mut report).await;
         return 0;
     }
-    // The DNS server and the refresh run as tasks; the supervisor holds egress for its lifetime.
+    // The services (DNS server, refresh) are `services`'; egress is what they share.
     let _egress = egress;
     let mut state = AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None };
     report.set_agent(state.clone());
@@ -201,10 +215,11 @@ async fn boot_until_stopped(
     env: BTreeMap<String, String>,
     mut report: Report,
     live: std::sync::Arc<crate::state::control::Live>,
+    services: Services,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
 ) -> BootEnd {
     let boot = tokio::task::spawn_blocking(move || {
-        let booted = boot::boot(&source, &env, &mut report, &live);
+        let booted = boot::boot(&source, &env, &mut report, &live, &services);
         (report, booted)
     });
     tokio::pin!(boot);

@@ -48,7 +48,7 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
         fatal(&format!("cannot mark inherited descriptors close-on-exec: {e}"));
     }
 
-    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let exe = sys::cordon_exe();
     // The supervisor inherits the blocked mask on purpose: it unblocks once its handlers are
     // installed, so a signal sent during its start-up is delivered late rather than lost.
     #[allow(clippy::zombie_processes, reason = "reaped by reap_exited below, the one waitpid(-1)")]

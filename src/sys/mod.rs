@@ -50,6 +50,13 @@ pub fn cloexec_from_3() -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Where cordon's own binary is: what the reaper re-executes as the supervisor, what the agent's
+/// git runs as its credential helper, what the probes and the tmux pane run. The image's path
+/// when `/proc/self/exe` cannot be read (no /proc).
+pub fn cordon_exe() -> std::path::PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/cordon".into())
+}
+
 /// Exit status of a reaped process in shell convention: the code, or 128 + signal number.
 pub fn exit_code(status: nix::sys::wait::WaitStatus) -> Option<(Pid, i32)> {
     use nix::sys::wait::WaitStatus::*;
