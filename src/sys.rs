@@ -20,8 +20,97 @@ pub const FORWARDED: [Signal; 7] = [
     Signal::SIGWINCH,
 ];
 
-/// Blocks every signal that can be blocked except the synchronous faults, which must still
-/// kill a buggy process rather than spin. Returns the set to `sigwait` on.
+/// Linux numbers its signals 1..=64 (`_NSIG` - 1, signal(7)): 1-31 standard, 32-64 real-time.
+pub const MAX_SIGNAL: i32 = 64;
+
+/// The size of the kernel's signal set for the raw `rt_sig*` syscalls: 64 bits on every
+/// architecture cordon ships for (x86_64, aarch64).
+const KERNEL_SIGSET_SIZE: usize = 8;
+
+/// The kernel's set of every signal but SIGPIPE. Raw rather than libc's `sigset_t`: glibc's
+/// `sigfillset` and `sigprocmask` silently leave out its two internal real-time signals (32 and
+/// 33), whose default action is to terminate, so "block everything" through glibc still lets a
+/// `kill -33` end the process. SIGPIPE is left out because the reaper ignores it instead (see
+/// [`block_all_signals`]).
+const ALL_BUT_PIPE: u64 = !(1 << (libc::SIGPIPE - 1));
+
+/// `SIGRTMIN+3`: the stop signal of systemd-style images (`STOPSIGNAL SIGRTMIN+3`). SIGRTMIN
+/// is glibc's (34), the number `kill -s RTMIN` and Docker use, not the kernel's 32.
+pub fn stop_signal_rtmin3() -> i32 {
+    libc::SIGRTMIN() + 3
+}
+
+/// The name of signal `sig` for logs: `SIGTERM`, or `SIGRTMIN+n` for a real-time one (glibc's
+/// numbering), or `signal 32` for glibc's internal two.
+pub fn signal_name(sig: i32) -> String {
+    match Signal::try_from(sig) {
+        Ok(s) => s.as_str().to_string(),
+        Err(_) if sig >= libc::SIGRTMIN() => format!("SIGRTMIN+{}", sig - libc::SIGRTMIN()),
+        Err(_) => format!("signal {sig}"),
+    }
+}
+
+/// Blocks every signal of the calling thread but SIGPIPE, which the caller sets to ignored
+/// (a blocked SIGPIPE would be queued by every failed write to a closed pipe). SIGKILL and
+/// SIGSTOP cannot be blocked; the kernel drops them from the set.
+///
+/// The synchronous faults are blocked too, and a real one still kills: a fault the kernel raises
+/// on a blocked or ignored signal resets it to the default action and unblocks it first
+/// (`force_sig_info_to_task`, kernel/signal.c), so only a `kill -SEGV` from outside is caught.
+pub fn block_all_signals() -> io::Result<()> {
+    let set = ALL_BUT_PIPE;
+    // SAFETY: rt_sigprocmask reads KERNEL_SIGSET_SIZE bytes from `set`, which lives on the
+    // stack for the call; no old set is written.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &set as *const u64,
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_SIZE,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Waits for the next of the signals [`block_all_signals`] blocked and returns its number
+/// (1..=64). Raw `rt_sigtimedwait` because nix's `SigSet::wait` returns a `Signal`, which has no
+/// value for the real-time signals, and glibc's `sigwaitinfo` leaves out 32 and 33.
+pub fn wait_signal() -> io::Result<i32> {
+    let set = ALL_BUT_PIPE;
+    loop {
+        // SAFETY: rt_sigtimedwait reads KERNEL_SIGSET_SIZE bytes from `set`; a null siginfo and a
+        // null timeout are allowed (no details, wait without limit).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigtimedwait,
+                &set as *const u64,
+                std::ptr::null_mut::<libc::siginfo_t>(),
+                std::ptr::null::<libc::timespec>(),
+                KERNEL_SIGSET_SIZE,
+            )
+        };
+        if rc > 0 {
+            return Ok(rc as i32);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Blocks every signal of the calling thread that glibc lets a program block (all but its
+/// internal 32 and 33, which must stay deliverable to every thread of a threaded process: glibc's
+/// `setuid` family signals each thread with 33 and waits for it). The supervisor runs this
+/// before it starts threads, which inherit the mask: signals are held until its handlers exist.
+pub fn block_signals_for_startup() -> io::Result<()> {
+    SigSet::all().thread_set_mask()?;
+    Ok(())
+}
+
+/// Blocks every signal that can be blocked except the synchronous faults. Returns the set to
+/// `sigwait` on. Used by `pane-run`, which waits for its child, not for signals.
 pub fn block_signals() -> io::Result<SigSet> {
     let mut set = SigSet::all();
     for s in [Signal::SIGSEGV, Signal::SIGBUS, Signal::SIGILL, Signal::SIGFPE, Signal::SIGTRAP, Signal::SIGABRT] {
@@ -38,6 +127,38 @@ pub fn unblock_all_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// Sets every signal's disposition to its default, except those in `ignored`, which are set
+/// to ignored. A parent can leave any signal ignored across exec (`signal(SIGCHLD, SIG_IGN)`
+/// makes every `waitpid` fail with ECHILD; an ignored SIGTERM makes a child deaf to `docker
+/// stop`), and the documented promise is default dispositions. Skips what cannot be changed:
+/// SIGKILL, SIGSTOP, and glibc's internal 32 and 33 (its `sigaction` refuses them with EINVAL).
+/// Async-signal-safe: only `sigaction`, no allocation, so it can run in `pre_exec`.
+pub fn reset_signal_dispositions(ignored: &[i32]) -> io::Result<()> {
+    for sig in 1..=MAX_SIGNAL {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || (32..libc::SIGRTMIN()).contains(&sig) {
+            continue;
+        }
+        let handler = if ignored.contains(&sig) { libc::SIG_IGN } else { libc::SIG_DFL };
+        // SAFETY: an all-zero sigaction is valid (empty mask, no flags); with SIG_DFL or SIG_IGN
+        // as its handler no code of ours is installed, and the old action is not read.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler;
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        if rc == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The signals ignored in every process of cordon's own: SIGPIPE (a write to a closed pipe
+/// returns EPIPE instead of killing; Rust's runtime sets this too) and the job-control stops, so
+/// a Ctrl-Z on the terminal (SIGTSTP to the foreground group) or a log write while the agent
+/// holds the terminal (SIGTTOU with `stty tostop`) never stops the supervisor.
+pub const IGNORED_IN_CORDON: [i32; 4] = [libc::SIGPIPE, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU];
+
 /// Marks every descriptor from 3 up close-on-exec, so nothing cordon inherited or opened
 /// reaches a child. Marking rather than closing keeps std's exec-error pipe working.
 /// Async-signal-safe: a single syscall (close_range(2), Linux 5.11).
@@ -45,6 +166,95 @@ pub fn cloexec_from_3() -> io::Result<()> {
     // SAFETY: close_range only changes descriptor flags; no memory is touched.
     let rc = unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Closes every descriptor from 3 up and returns what each one was (its number and the
+/// `/proc/self/fd` link: `pipe:[1234]`, a path). For PID 1 at start, before it opens anything of
+/// its own: a descriptor a launcher leaked would otherwise stay open for the container's life
+/// (close-on-exec only keeps it from children), and a leaked pipe end never sees EOF.
+pub fn close_inherited_descriptors() -> io::Result<Vec<(i32, String)>> {
+    // Listed first, then closed: the directory handle is itself a descriptor, gone (and so
+    // skipped, its link unreadable) by the time the list is read.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= 3)
+        .collect();
+    let mut closed = Vec::new();
+    for fd in fds {
+        if let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+            closed.push((fd, target.display().to_string()));
+        }
+    }
+    // SAFETY: close_range touches no memory; nothing in this process uses a descriptor above 2
+    // yet (the caller runs before opening any), so no owner is left with a dangling one.
+    let rc = unsafe { libc::close_range(3, u32::MAX, 0) };
+    if rc == 0 { Ok(closed) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Takes the whole environment out of the process: returns every variable, removes them all,
+/// and overwrites the process's initial environment block with zeros, so `/proc/PID/environ`
+/// (readable by root and by anything that dumps /proc) no longer shows a secret. The block is
+/// the kernel's copy of the `envp` this process was started with; removing a variable only
+/// drops the pointer to it. Returns the number of bytes overwritten.
+///
+/// # Safety
+/// Must run while the process is single-threaded (glibc's environment is not thread-safe).
+pub unsafe fn take_environment() -> io::Result<(Vec<(std::ffi::OsString, std::ffi::OsString)>, usize)> {
+    let vars: Vec<_> = std::env::vars_os().collect();
+    for (k, _) in &vars {
+        // SAFETY: the caller guarantees no other thread exists.
+        unsafe { std::env::remove_var(k) };
+    }
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let (start, end) =
+        parse_env_bounds(&stat).ok_or_else(|| io::Error::other("no env_start/env_end in /proc/self/stat"))?;
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    if !writable_mapping_covers(&maps, start, end) {
+        return Err(io::Error::other(format!("environment block {start:#x}..{end:#x} is not in one writable mapping")));
+    }
+    // SAFETY: [start, end) is this process's initial environment block (kernel-reported) and
+    // lies in one writable mapping (checked above: its stack). No pointer into it is left:
+    // every variable was removed from `environ` above, and glibc copies what `setenv` adds.
+    unsafe { std::ptr::write_bytes(start as *mut u8, 0, end - start) };
+    Ok((vars, end - start))
+}
+
+/// `env_start` and `env_end`, fields 50 and 51 of `/proc/PID/stat` (proc(5)). Fields are
+/// counted from the last `)`, after which comes field 3.
+pub fn parse_env_bounds(stat: &str) -> Option<(usize, usize)> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(50 - 3);
+    let start = fields.next()?.parse().ok()?;
+    let end = fields.next()?.parse().ok()?;
+    (start < end).then_some((start, end))
+}
+
+/// Whether one writable mapping of `/proc/PID/maps` covers [start, end).
+pub fn writable_mapping_covers(maps: &str, start: usize, end: usize) -> bool {
+    maps.lines().any(|line| {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else { return false };
+        let Some((lo, hi)) = range.split_once('-') else { return false };
+        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else { return false };
+        perms.starts_with("rw") && lo <= start && end <= hi
+    })
+}
+
+/// Makes the process non-dumpable (`PR_SET_DUMPABLE` 0, prctl(2)): no core dump of its memory,
+/// which holds the secrets, and its /proc files (`mem`, `environ`, `maps`) owned by root and
+/// closed to ptrace by anyone without CAP_SYS_PTRACE.
+pub fn set_non_dumpable() -> io::Result<()> {
+    // SAFETY: a plain prctl on the calling process; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// SIGKILL to every process of the caller's pid namespace but itself and the namespace's init
+/// (kill(2) with pid -1). One atomic pass: the kernel walks the process list under the lock
+/// fork needs, so a process that keeps forking cannot slip a child past it, as it can past a
+/// snapshot of /proc. Only for a caller whose namespace is the container (cordon as PID 1).
+pub fn kill_namespace() {
+    let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
 }
 
 /// Exit status of a reaped process in shell convention: the code, or 128 + signal number.
@@ -207,6 +417,39 @@ mod tests {
         let e = parse_stat("42 (a) b (c)) S 7 42 42 0 -1").unwrap();
         assert_eq!(e, ProcEntry { pid: 42, ppid: 7, state: 'S' });
         assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn environment_bounds_are_fields_50_and_51_of_stat() {
+        // A real line (kernel 6.x) with a hostile command name.
+        let stat = "4242 (a) b) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 500 2527232 200 \
+                    18446744073709551615 94000 95000 140736000 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 96000 97000 98000 \
+                    140736100 140736200 140736200 140736900 0";
+        assert_eq!(parse_env_bounds(stat), Some((140736200, 140736900)));
+        assert_eq!(parse_env_bounds("1 (x) S 0"), None);
+    }
+
+    #[test]
+    fn the_environment_block_must_lie_in_one_writable_mapping() {
+        let maps = "7ffd0000-7ffe0000 rw-p 00000000 00:00 0 [stack]\n55550000-55560000 r--p 00000000 08:01 1 /bin/x\n";
+        assert!(writable_mapping_covers(maps, 0x7ffd_1000, 0x7ffd_2000));
+        assert!(!writable_mapping_covers(maps, 0x5555_1000, 0x5555_2000), "read-only");
+        assert!(!writable_mapping_covers(maps, 0x7ffd_f000, 0x7ffe_1000), "runs past the end");
+    }
+
+    #[test]
+    fn the_environment_block_of_this_process_can_be_located() {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let (start, end) = parse_env_bounds(&stat).unwrap();
+        assert!(writable_mapping_covers(&std::fs::read_to_string("/proc/self/maps").unwrap(), start, end));
+    }
+
+    #[test]
+    fn signal_names_cover_the_real_time_range() {
+        assert_eq!(signal_name(libc::SIGTERM), "SIGTERM");
+        assert_eq!(signal_name(stop_signal_rtmin3()), "SIGRTMIN+3");
+        assert_eq!(signal_name(MAX_SIGNAL), format!("SIGRTMIN+{}", MAX_SIGNAL - libc::SIGRTMIN()));
+        assert_eq!(signal_name(32), "signal 32");
     }
 
     #[test]
