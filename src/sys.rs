@@ -127,30 +127,53 @@ pub fn unblock_all_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// glibc's internal real-time signal for `setuid` and friends in a threaded process (SIGSETXID,
+/// nptl). glibc installs its handler at every start, so an inherited disposition never survives
+/// into a glibc program, and a handler is reset by exec anyway; cordon leaves it to glibc.
+const LIBC_SETXID_SIGNAL: i32 = 33;
+
 /// Sets every signal's disposition to its default, except those in `ignored`, which are set
 /// to ignored. A parent can leave any signal ignored across exec (`signal(SIGCHLD, SIG_IGN)`
 /// makes every `waitpid` fail with ECHILD; an ignored SIGTERM makes a child deaf to `docker
-/// stop`), and the documented promise is default dispositions. Skips what cannot be changed:
-/// SIGKILL, SIGSTOP, and glibc's internal 32 and 33 (its `sigaction` refuses them with EINVAL).
-/// Async-signal-safe: only `sigaction`, no allocation, so it can run in `pre_exec`.
+/// stop`), and glibc's own `posix_spawn` (std's `Command`) leaves signal 32 ignored in every
+/// child; the documented promise is default dispositions. Skips what cannot or must not be
+/// changed: SIGKILL, SIGSTOP, and glibc's [`LIBC_SETXID_SIGNAL`].
+/// Async-signal-safe: raw `rt_sigaction` only, no allocation, so it can run in `pre_exec`.
 pub fn reset_signal_dispositions(ignored: &[i32]) -> io::Result<()> {
     for sig in 1..=MAX_SIGNAL {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP || (32..libc::SIGRTMIN()).contains(&sig) {
+        if [libc::SIGKILL, libc::SIGSTOP, LIBC_SETXID_SIGNAL].contains(&sig) {
             continue;
         }
         let handler = if ignored.contains(&sig) { libc::SIG_IGN } else { libc::SIG_DFL };
-        // SAFETY: an all-zero sigaction is valid (empty mask, no flags); with SIG_DFL or SIG_IGN
-        // as its handler no code of ours is installed, and the old action is not read.
+        let action = KernelSigaction { handler, flags: 0, restorer: 0, mask: 0 };
+        // SAFETY: rt_sigaction reads one KernelSigaction (the kernel's layout on x86_64 and
+        // aarch64) from the stack; SIG_DFL and SIG_IGN install no code of ours, so no restorer is
+        // needed; the old action is not read. Raw rather than glibc's `sigaction`, which refuses
+        // signal 32 (EINVAL) and so cannot undo an inherited SIG_IGN on it.
         let rc = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = handler;
-            libc::sigaction(sig, &action, std::ptr::null_mut())
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &action as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                KERNEL_SIGSET_SIZE,
+            )
         };
         if rc == -1 {
             return Err(io::Error::last_os_error());
         }
     }
     Ok(())
+}
+
+/// `struct sigaction` as the kernel takes it (include/uapi/asm-generic/signal.h with
+/// SA_RESTORER, which both x86_64 and aarch64 define), not glibc's.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
 }
 
 /// The signals ignored in every process of cordon's own: SIGPIPE (a write to a closed pipe
