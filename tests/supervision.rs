@@ -521,3 +521,99 @@ fn a_hostile_launchers_signals_and_descriptors_are_not_inherited_as_pid1() {
 fn a_hostile_launchers_signals_and_descriptors_are_not_inherited_as_subreaper() {
     a_hostile_launchers_signals_and_descriptors_are_not_inherited(Mode::Subreaper);
 }
+
+/// Processes in the pid namespace whose `ns/pid` link is `ns`, seen from the host.
+fn processes_in(ns: &std::path::Path) -> Vec<i32> {
+    cordon::sys::processes()
+        .into_iter()
+        .filter(|p| fs::read_link(format!("/proc/{}/ns/pid", p.pid)).is_ok_and(|l| l == ns))
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Processes that ignore SIGTERM and keep forking: hoppers (each forks its successor and
+/// exits, so a pid seen in /proc is gone by the time it is killed), one of them in its own
+/// session (out of the agent's process group), and a forker that keeps starting short-lived
+/// children. Bounded: about 30 processes at any time.
+const FORK_STORM: &str = "hop() { trap '' TERM; sleep 0.01; hop & }; \
+    for i in 1 2 3 4; do hop & done; \
+    setsid -f sh -c 'hop() { trap \"\" TERM; sleep 0.01; hop & }; hop'; \
+    (trap '' TERM; while :; do (trap '' TERM; exec sleep 0.3) & sleep 0.02; done) & \
+    trap '' TERM; touch storming; while :; do sleep 0.1; done";
+
+fn a_forking_term_ignoring_tree_is_gone_within_grace_plus_one_second(mode: Mode) {
+    // The harness's own share of a stop (signal, teardown, unshare's exit), measured on a
+    // stop that needs no killing.
+    let slack = {
+        let sb = Sandbox::new("stopslack");
+        let mut c = sb.start(&TestConfig::default(), &[], mode);
+        c.wait_phase(Phase::Ready, BOOT);
+        let t0 = std::time::Instant::now();
+        c.kill(c.reaper(), Signal::SIGTERM);
+        assert_eq!(exit_code(&mut c, mode), 0);
+        t0.elapsed()
+    };
+    let sb = Sandbox::new("forkstorm");
+    let cfg = TestConfig { agent_command: FORK_STORM.into(), stop_grace: "2s", ..Default::default() };
+    let mut c = sb.start(&cfg, &[], mode);
+    c.wait_phase(Phase::Ready, BOOT);
+    harness::wait_until("the storm to start", Duration::from_secs(10), || {
+        c.inside(&sb.path("ws/storming")).exists().then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let ns = fs::read_link(format!("/proc/{}/ns/pid", c.reaper())).unwrap();
+    let before = processes_in(&ns).len();
+    assert!(before > 10, "the storm runs: {before} processes");
+    let t0 = std::time::Instant::now();
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, mode), 0, "stderr:\n{}", c.stderr());
+    let took = t0.elapsed();
+    let limit = Duration::from_secs(3) + slack;
+    assert!(took >= Duration::from_secs(2), "stopped after {took:?}, before the 2s grace ran out");
+    assert!(took < limit, "stopped after {took:?}; grace 2s + 1s + harness slack {slack:?} = {limit:?}");
+    assert!(!c.stderr().contains("still alive after SIGKILL"), "{}", c.stderr());
+    assert_eq!(processes_in(&ns), Vec::<i32>::new(), "processes left in cordon's namespace");
+}
+
+#[test]
+fn a_forking_term_ignoring_tree_is_gone_within_grace_plus_one_second_as_pid1() {
+    a_forking_term_ignoring_tree_is_gone_within_grace_plus_one_second(Mode::Pid1);
+}
+
+#[test]
+fn a_forking_term_ignoring_tree_is_gone_within_grace_plus_one_second_as_subreaper() {
+    a_forking_term_ignoring_tree_is_gone_within_grace_plus_one_second(Mode::Subreaper);
+}
+
+#[test]
+fn no_secret_is_left_in_any_environ_of_the_container() {
+    let sb = Sandbox::new("environ");
+    let cfg = TestConfig { required_secrets: vec!["GH_PAT", "CLAUDE_CODE_OAUTH_TOKEN"], ..Default::default() };
+    let (pat, oauth, other) = ("ghp_SENTINEL_environ_4242", "oauth_SENTINEL_environ_4242", "other_SENTINEL_environ_4242");
+    let env = [("GH_PAT", pat), ("CLAUDE_CODE_OAUTH_TOKEN", oauth), ("SOME_API_KEY", other)];
+    let mut c = sb.start(&cfg, &env, Mode::Pid1);
+    c.wait_phase(Phase::Ready, BOOT);
+    let agent = c.agent();
+    let processes = c.processes();
+    assert!(processes.len() >= 3, "{processes:?}");
+    for p in &processes {
+        let environ = fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
+        let environ = String::from_utf8_lossy(&environ);
+        for sentinel in [pat, other] {
+            assert!(!environ.contains(sentinel), "a secret in /proc/{}/environ ({})", p.pid, cmdline_of(p.pid));
+        }
+        // The agent gets CLAUDE_CODE_OAUTH_TOKEN in its environment by design (Claude Code
+        // reads it there; docs/security.md); nothing else may hold it.
+        if p.pid == agent {
+            assert!(environ.split('\0').any(|kv| kv == format!("CLAUDE_CODE_OAUTH_TOKEN={oauth}")));
+        } else {
+            assert!(!environ.contains(oauth), "the agent's token in /proc/{}/environ ({})", p.pid, cmdline_of(p.pid));
+        }
+    }
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+}
+
+fn cmdline_of(pid: i32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default()
+}
