@@ -136,7 +136,7 @@ fn sweep(pid1: bool) {
         if pid1 {
             sys::kill_namespace();
         }
-        sys::signal_all(&sys::live_descendants(me, &sys::processes()), Signal::SIGKILL);
+        sys::kill_descendants(me, me);
         std::thread::sleep(Duration::from_millis(10));
         sys::reap_exited();
         if sys::live_descendants(me, &sys::processes()).is_empty() && sys::reap_exited().is_empty() {

@@ -254,15 +254,17 @@ async fn stop_all(grace: Duration, agent: Option<&mut agent::AgentHandle>, repor
 
 /// SIGKILL to everything left, again and again until nothing is: one pass over a snapshot of
 /// /proc misses the children a process forks between the snapshot and the kill. As PID 1's
-/// child, a `kill(-1)` pass reaches the whole namespace atomically; the agent's process group
-/// is killed as a whole too (also atomic); the /proc walk finds the rest (in subreaper mode,
-/// the only way that stays inside cordon's own subtree).
+/// child, a `kill(-1)` pass reaches the whole namespace atomically; otherwise (subreaper, where
+/// the namespace is not ours) the agent's process group and every group wholly below the reaper
+/// are killed as groups (also atomic), and each process of a fresh /proc walk.
 async fn kill_until_gone(
     pid1: bool,
     agent_group: Option<i32>,
     mut agent: Option<&mut agent::AgentHandle>,
     others: &dyn Fn() -> Vec<i32>,
 ) {
+    let me = std::process::id() as i32;
+    let reaper = nix::unistd::getppid().as_raw();
     let settle = Instant::now() + KILL_SETTLE;
     loop {
         if pid1 {
@@ -271,7 +273,7 @@ async fn kill_until_gone(
         if let Some(pid) = agent_group {
             let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        sys::signal_all(&others(), Signal::SIGKILL);
+        sys::kill_descendants(reaper, me);
         tokio::time::sleep(Duration::from_millis(10)).await;
         if let Some(a) = agent.as_mut() {
             a.try_reap();

@@ -313,6 +313,8 @@ pub struct ProcEntry {
     pub pid: i32,
     pub ppid: i32,
     pub state: char,
+    /// The process group.
+    pub pgrp: i32,
 }
 
 /// Parses `/proc/<pid>/stat`: the command name is in parentheses and may itself contain
@@ -323,7 +325,8 @@ pub fn parse_stat(text: &str) -> Option<ProcEntry> {
     let mut fields = rest.split(' ');
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
-    Some(ProcEntry { pid, ppid, state })
+    let pgrp = fields.next()?.parse().ok()?;
+    Some(ProcEntry { pid, ppid, state, pgrp })
 }
 
 /// Every process /proc can see.
@@ -358,6 +361,32 @@ pub fn live_descendants(root: i32, table: &[ProcEntry]) -> Vec<i32> {
         }
     }
     out
+}
+
+/// The process groups all of whose members in `table` are among `pids`: the groups that can
+/// be killed as a whole (one atomic `killpg`, which also reaches a child forked a moment ago)
+/// without touching a process outside `pids`.
+pub fn groups_within(pids: &[i32], table: &[ProcEntry]) -> Vec<i32> {
+    let inside: HashSet<i32> = pids.iter().copied().collect();
+    let mut groups: Vec<i32> = table.iter().filter(|p| inside.contains(&p.pid)).map(|p| p.pgrp).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+        .retain(|&g| g > 1 && table.iter().filter(|p| p.pgrp == g && p.state != 'Z').all(|p| inside.contains(&p.pid)));
+    groups
+}
+
+/// SIGKILL to everything below `root` but `spare` (the caller), from a fresh /proc snapshot:
+/// each process, and each process group wholly inside that set as a group. Returns how many
+/// live processes the snapshot found.
+pub fn kill_descendants(root: i32, spare: i32) -> usize {
+    let table = processes();
+    let left: Vec<i32> = live_descendants(root, &table).into_iter().filter(|&p| p != spare).collect();
+    for group in groups_within(&left, &table) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(group), Signal::SIGKILL);
+    }
+    signal_all(&left, Signal::SIGKILL);
+    left.len()
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
@@ -437,9 +466,19 @@ mod tests {
 
     #[test]
     fn stat_parsing_survives_hostile_command_names() {
-        let e = parse_stat("42 (a) b (c)) S 7 42 42 0 -1").unwrap();
-        assert_eq!(e, ProcEntry { pid: 42, ppid: 7, state: 'S' });
+        let e = parse_stat("42 (a) b (c)) S 7 40 42 0 -1").unwrap();
+        assert_eq!(e, ProcEntry { pid: 42, ppid: 7, state: 'S', pgrp: 40 });
         assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn only_groups_wholly_inside_the_set_are_killed_as_groups() {
+        let p = |pid, pgrp, state| ProcEntry { pid, ppid: 1, state, pgrp };
+        // 10 and 11 form group 10; 20 shares group 20 with 21, which is outside the set;
+        // 30's group has a zombie member outside (gone already): still wholly inside.
+        let table = [p(10, 10, 'S'), p(11, 10, 'R'), p(20, 20, 'S'), p(21, 20, 'S'), p(30, 30, 'S'), p(31, 30, 'Z')];
+        assert_eq!(groups_within(&[10, 11, 20, 30], &table), [10, 30]);
+        assert!(groups_within(&[], &table).is_empty());
     }
 
     #[test]
@@ -477,7 +516,7 @@ mod tests {
 
     #[test]
     fn descendants_include_grandchildren_but_not_zombies_or_strangers() {
-        let p = |pid, ppid, state| ProcEntry { pid, ppid, state };
+        let p = |pid, ppid, state| ProcEntry { pid, ppid, state, pgrp: pid };
         let table = [p(1, 0, 'S'), p(10, 1, 'S'), p(11, 10, 'R'), p(12, 11, 'Z'), p(13, 12, 'S'), p(20, 2, 'S')];
         let mut d = live_descendants(1, &table);
         d.sort();

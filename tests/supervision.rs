@@ -400,16 +400,39 @@ fn every_signal_is_survived_and_rtmin3_stops_gracefully_as_subreaper() {
     every_signal_is_survived_and_rtmin3_stops_gracefully(Mode::Subreaper);
 }
 
+/// A launcher that gives cordon what `docker run -it --init` gives it: cordon leads a session
+/// and its process group is a terminal's foreground job that is *not orphaned* (a member has
+/// its parent in another group of the same session; under `--init` that parent is tini). The
+/// kernel discards job-control stops sent to an orphaned group, so only this shape shows them.
+/// Here the member is a helper that joins cordon's group from a child in a group of its own, and
+/// ignores the stops itself.
+const FOREGROUND_JOB: &str = r#"
+import os, signal, sys
+os.setsid()
+leader = os.getpid()
+if os.fork() == 0:
+    os.setpgid(0, 0)
+    if os.fork() == 0:
+        for s in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(s, signal.SIG_IGN)
+        os.setpgid(0, leader)
+        while True:
+            signal.pause()
+    while True:
+        signal.pause()
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
 fn job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop(mode: Mode) {
     let sb = Sandbox::new("jobctl");
     let cfg = TestConfig { agent_command: trapping_agent(), ..Default::default() };
-    // Its own session and process group, as a terminal's foreground job: the signals below go
-    // to that group (and must not reach the test's own).
-    let mut c = sb.launch(&sb.write_config(&cfg), &[], mode, "WRAP=setsid");
+    let launcher = sb.write_file("foreground.py", FOREGROUND_JOB);
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], mode, &format!("WRAP=\"python3 {}\"", launcher.display()));
     c.wait_phase(Phase::Ready, BOOT);
     let (reaper, supervisor) = (c.reaper(), c.supervisor());
     assert_eq!(state_and_group(reaper).1, reaper, "the reaper leads its process group");
     assert_eq!(state_and_group(supervisor).1, reaper, "the supervisor is in the reaper's process group");
+    // Ctrl-Z, and background reads and writes of the terminal: to the whole group.
     for sig in [libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
         send(-reaper, sig);
         std::thread::sleep(Duration::from_millis(200));
@@ -419,8 +442,10 @@ fn job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop(mode: Mode) {
     }
     assert_eq!(c.state().unwrap().phase, Phase::Ready);
     // Ctrl-C on the terminal: SIGINT to the whole foreground group.
+    let t0 = std::time::Instant::now();
     send(-reaper, libc::SIGINT);
     assert_eq!(exit_code(&mut c, mode), 0, "stderr:\n{}", c.stderr());
+    assert!(t0.elapsed() < Duration::from_secs(3), "the stop took {:?}", t0.elapsed());
 }
 
 #[test]
@@ -531,13 +556,13 @@ fn processes_in(ns: &std::path::Path) -> Vec<i32> {
         .collect()
 }
 
-/// Processes that ignore SIGTERM and keep forking: hoppers (each forks its successor and
-/// exits, so a pid seen in /proc is gone by the time it is killed), one of them in its own
-/// session (out of the agent's process group), and a forker that keeps starting short-lived
-/// children. Bounded: about 30 processes at any time.
-const FORK_STORM: &str = "hop() { trap '' TERM; sleep 0.01; hop & }; \
-    for i in 1 2 3 4; do hop & done; \
-    setsid -f sh -c 'hop() { trap \"\" TERM; sleep 0.01; hop & }; hop'; \
+/// Processes that ignore SIGTERM and keep forking. Hoppers fork their successor and exit at
+/// once, so a pid read from /proc is gone by the time it is killed: one in the agent's process
+/// group, one in a session of its own (out of the group, as a daemon would be); slower hoppers;
+/// and a forker that keeps starting short-lived children. Bounded: a few dozen processes.
+const FORK_STORM: &str = "hop() { trap '' TERM; hop & }; hop; \
+    setsid -f sh -c 'hop() { trap \"\" TERM; hop & }; hop'; \
+    slow() { trap '' TERM; sleep 0.01; slow & }; for i in 1 2 3; do slow & done; \
     (trap '' TERM; while :; do (trap '' TERM; exec sleep 0.3) & sleep 0.02; done) & \
     trap '' TERM; touch storming; while :; do sleep 0.1; done";
 
@@ -589,7 +614,8 @@ fn a_forking_term_ignoring_tree_is_gone_within_grace_plus_one_second_as_subreape
 fn no_secret_is_left_in_any_environ_of_the_container() {
     let sb = Sandbox::new("environ");
     let cfg = TestConfig { required_secrets: vec!["GH_PAT", "CLAUDE_CODE_OAUTH_TOKEN"], ..Default::default() };
-    let (pat, oauth, other) = ("ghp_SENTINEL_environ_4242", "oauth_SENTINEL_environ_4242", "other_SENTINEL_environ_4242");
+    let (pat, oauth, other) =
+        ("ghp_SENTINEL_environ_4242", "oauth_SENTINEL_environ_4242", "other_SENTINEL_environ_4242");
     let env = [("GH_PAT", pat), ("CLAUDE_CODE_OAUTH_TOKEN", oauth), ("SOME_API_KEY", other)];
     let mut c = sb.start(&cfg, &env, Mode::Pid1);
     c.wait_phase(Phase::Ready, BOOT);
