@@ -588,7 +588,7 @@ fn a_forking_term_ignoring_tree_is_gone_within_grace_plus_one_second(mode: Mode)
     std::thread::sleep(Duration::from_millis(500));
     let ns = fs::read_link(format!("/proc/{}/ns/pid", c.reaper())).unwrap();
     let before = processes_in(&ns).len();
-    assert!(before > 10, "the storm runs: {before} processes");
+    assert!(before >= 6, "the storm runs: {before} processes");
     let t0 = std::time::Instant::now();
     c.kill(c.reaper(), Signal::SIGTERM);
     assert_eq!(exit_code(&mut c, mode), 0, "stderr:\n{}", c.stderr());
