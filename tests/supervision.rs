@@ -643,3 +643,70 @@ fn no_secret_is_left_in_any_environ_of_the_container() {
 fn cmdline_of(pid: i32) -> String {
     fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default()
 }
+
+/// Holds a pseudo-terminal for the test: prints the terminal's path, then copies everything
+/// written to it into the file `argv[1]`, so the terminal never fills up.
+const PTY_HOLDER: &str = r#"
+import os, sys
+master, slave = os.openpty()
+print(os.ttyname(slave), flush=True)
+with open(sys.argv[1], "ab", buffering=0) as out:
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        out.write(data)
+"#;
+
+#[test]
+fn log_writes_while_the_agent_holds_a_tostop_terminal_do_not_stop_or_kill_cordon() {
+    let sb = Sandbox::new("tostop");
+    // cordon leads a session whose controlling terminal has `tostop` set (as `docker run -it`
+    // gives PID 1); the agent makes its own process group the terminal's foreground and exits,
+    // so the supervisor logs the exit (and restarts it) as a background writer.
+    let cfg = TestConfig {
+        agent_command:
+            "echo run >> runs; python3 -c 'import os, signal; signal.signal(signal.SIGTTOU, signal.SIG_IGN); \
+                        os.tcsetpgrp(1, os.getpgrp())'; [ $(wc -l < runs) -ge 3 ] && exec sleep 1000; exit 1"
+                .into(),
+        on_exit: "restart",
+        ..Default::default()
+    };
+    let text =
+        sb.render_config(&cfg).replace("on_exit = \"restart\"", "on_exit = \"restart\"\nrestart_backoff = \"10ms\"");
+    let terminal_log = sb.path("terminal.log");
+    let mut holder = KillOnDrop(
+        std::process::Command::new("python3")
+            .args(["-c", PTY_HOLDER, terminal_log.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut tty = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.0.stdout.take().unwrap()), &mut tty).unwrap();
+    let before = format!("exec 0<>{tty} 1>&0 2>&0\nstty tostop\nWRAP='setsid -c'", tty = tty.trim());
+    let mut c = sb.launch(&sb.write_file("cordon.toml", &text), &[], Mode::Pid1, &before);
+    harness::wait_until("the agent restarted twice, each exit logged from the background", BOOT, || {
+        c.state().filter(|s| s.agent.as_ref().is_some_and(|a| a.restarts == 2 && a.running)).map(|_| ())
+    });
+    for (who, pid) in [("reaper", c.reaper()), ("supervisor", c.supervisor())] {
+        assert!(matches!(state_and_group(pid).0, 'S' | 'R'), "the {who} is stopped or gone");
+    }
+    let shown = harness::wait_until("the exits on the terminal", Duration::from_secs(5), || {
+        fs::read_to_string(&terminal_log).ok().filter(|t| t.matches("agent exited").count() >= 2)
+    });
+    assert!(!shown.contains("panicked"), "{shown}");
+    c.kill(c.reaper(), Signal::SIGTERM);
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+}
+
+/// A helper process of the test, killed however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
