@@ -64,10 +64,13 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
     // The environment holds the secrets: out of /proc/1/environ, handed to the supervisor
     // explicitly (which scrubs its own copy the same way), and no core dump of this memory.
     // SAFETY: single-threaded: the reaper never starts a thread.
-    let env = match unsafe { sys::take_environment() } {
-        Ok((env, _)) => env,
-        Err(e) => fatal(&format!("cannot take the environment out of the process: {e}")),
-    };
+    let (env, scrubbed) = unsafe { sys::take_environment() };
+    if let Err(e) = scrubbed {
+        tracing::warn!(
+            "cannot overwrite the environment block: {e}; /proc/{}/environ still shows it",
+            std::process::id()
+        );
+    }
     if let Err(e) = sys::set_non_dumpable() {
         fatal(&format!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}"));
     }

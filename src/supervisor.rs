@@ -29,9 +29,15 @@ const KILL_SETTLE: Duration = Duration::from_secs(1);
 ///
 /// # Safety
 /// Must run while the process is single-threaded (before the async runtime is built).
-unsafe fn take_environment() -> std::io::Result<BTreeMap<String, String>> {
+unsafe fn take_environment() -> BTreeMap<String, String> {
     // SAFETY: the caller guarantees no other thread exists.
-    let (vars, _) = unsafe { sys::take_environment()? };
+    let (vars, scrubbed) = unsafe { sys::take_environment() };
+    if let Err(e) = scrubbed {
+        tracing::warn!(
+            "cannot overwrite the environment block: {e}; /proc/{}/environ still shows it",
+            std::process::id()
+        );
+    }
     let mut env = BTreeMap::new();
     for (k, v) in vars {
         if let (Ok(k), Ok(v)) = (k.into_string(), v.into_string()) {
@@ -40,7 +46,7 @@ unsafe fn take_environment() -> std::io::Result<BTreeMap<String, String>> {
     }
     // SAFETY: as above.
     unsafe { std::env::set_var("PATH", SYSTEM_PATH) };
-    Ok(env)
+    env
 }
 
 /// Entry point of `cordon supervise`; returns the exit code.
@@ -58,13 +64,7 @@ pub fn run(source: ConfigSource) -> i32 {
         return 1;
     }
     // SAFETY: nothing has started a thread yet; the runtime is built below.
-    let env = match unsafe { take_environment() } {
-        Ok(env) => env,
-        Err(e) => {
-            tracing::error!("cannot take the environment out of the process: {e}");
-            return 1;
-        }
-    };
+    let env = unsafe { take_environment() };
     if let Err(e) = sys::set_non_dumpable() {
         tracing::error!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}");
         return 1;
@@ -183,11 +183,15 @@ async fn hold_or_exit(policy: &Supervisor, report: &mut Report, signals: &mut mp
     1
 }
 
+/// Handlers for the forwarded signals, and for SIGRTMIN+3, which arrives as SIGTERM: a stop
+/// request whether the reaper translated it or it was sent to the process group (systemd sends
+/// it to every process of a unit), where its default action would end the supervisor at once.
 fn install_signal_handlers() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = mpsc::unbounded_channel();
-    for sig in sys::FORWARDED {
-        let mut stream = signal(SignalKind::from_raw(sig as i32))?;
+    let handled = sys::FORWARDED.iter().map(|&s| (s as i32, s)).chain([(sys::stop_signal_rtmin3(), Signal::SIGTERM)]);
+    for (raw, sig) in handled {
+        let mut stream = signal(SignalKind::from_raw(raw))?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {

@@ -218,16 +218,21 @@ pub fn close_inherited_descriptors() -> io::Result<Vec<(i32, String)>> {
 /// and overwrites the process's initial environment block with zeros, so `/proc/PID/environ`
 /// (readable by root and by anything that dumps /proc) no longer shows a secret. The block is
 /// the kernel's copy of the `envp` this process was started with; removing a variable only
-/// drops the pointer to it. Returns the number of bytes overwritten.
+/// drops the pointer to it. The second value says how many bytes were overwritten, or why none
+/// were (the variables are taken either way).
 ///
 /// # Safety
 /// Must run while the process is single-threaded (glibc's environment is not thread-safe).
-pub unsafe fn take_environment() -> io::Result<(Vec<(std::ffi::OsString, std::ffi::OsString)>, usize)> {
+pub unsafe fn take_environment() -> (Vec<(std::ffi::OsString, std::ffi::OsString)>, io::Result<usize>) {
     let vars: Vec<_> = std::env::vars_os().collect();
     for (k, _) in &vars {
         // SAFETY: the caller guarantees no other thread exists.
         unsafe { std::env::remove_var(k) };
     }
+    (vars, zero_environment_block())
+}
+
+fn zero_environment_block() -> io::Result<usize> {
     let stat = std::fs::read_to_string("/proc/self/stat")?;
     let (start, end) =
         parse_env_bounds(&stat).ok_or_else(|| io::Error::other("no env_start/env_end in /proc/self/stat"))?;
@@ -237,9 +242,9 @@ pub unsafe fn take_environment() -> io::Result<(Vec<(std::ffi::OsString, std::ff
     }
     // SAFETY: [start, end) is this process's initial environment block (kernel-reported) and
     // lies in one writable mapping (checked above: its stack). No pointer into it is left:
-    // every variable was removed from `environ` above, and glibc copies what `setenv` adds.
+    // the caller removed every variable from `environ`, and glibc copies what `setenv` adds.
     unsafe { std::ptr::write_bytes(start as *mut u8, 0, end - start) };
-    Ok((vars, end - start))
+    Ok(end - start)
 }
 
 /// `env_start` and `env_end`, fields 50 and 51 of `/proc/PID/stat` (proc(5)). Fields are
@@ -280,28 +285,34 @@ pub fn kill_namespace() {
     let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
 }
 
-/// Exit status of a reaped process in shell convention: the code, or 128 + signal number.
-pub fn exit_code(status: nix::sys::wait::WaitStatus) -> Option<(Pid, i32)> {
-    use nix::sys::wait::WaitStatus::*;
-    match status {
-        Exited(pid, code) => Some((pid, code)),
-        Signaled(pid, sig, _) => Some((pid, 128 + sig as i32)),
-        _ => None,
+/// Exit status of a reaped process in shell convention: the code, or 128 + signal number; None
+/// for a status that is not an end (stopped, continued). From the raw `wait` status, because
+/// nix's `WaitStatus` cannot represent a death by a real-time signal (its `waitpid` reaps the
+/// child and then returns EINVAL, losing the status).
+pub fn shell_exit_code(status: libc::c_int) -> Option<i32> {
+    if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Some(128 + libc::WTERMSIG(status))
+    } else {
+        None
     }
 }
 
 /// Reaps every child that has exited, without blocking. The one `waitpid(-1)` of the program:
 /// only the reaper process calls it, so no exit status is stolen from anyone else.
 pub fn reap_exited() -> Vec<(Pid, i32)> {
-    use nix::errno::Errno;
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     let mut reaped = Vec::new();
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-            Ok(status) => reaped.extend(exit_code(status)),
-            Err(Errno::EINTR) => continue,
-            Err(_) => break,
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes one c_int to `status`, which lives on the stack for the call.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        match pid {
+            0 => break,
+            -1 if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => continue,
+            // ECHILD: no child left; anything else cannot happen with these arguments.
+            -1 => break,
+            pid => reaped.extend(shell_exit_code(status).map(|code| (Pid::from_raw(pid), code))),
         }
     }
     reaped
@@ -479,6 +490,15 @@ mod tests {
         let table = [p(10, 10, 'S'), p(11, 10, 'R'), p(20, 20, 'S'), p(21, 20, 'S'), p(30, 30, 'S'), p(31, 30, 'Z')];
         assert_eq!(groups_within(&[10, 11, 20, 30], &table), [10, 30]);
         assert!(groups_within(&[], &table).is_empty());
+    }
+
+    #[test]
+    fn exit_statuses_in_shell_convention_include_real_time_signals() {
+        assert_eq!(shell_exit_code(7 << 8), Some(7));
+        assert_eq!(shell_exit_code(libc::SIGKILL), Some(128 + 9));
+        assert_eq!(shell_exit_code(libc::SIGSEGV | 0x80), Some(128 + 11), "core dumped");
+        assert_eq!(shell_exit_code(37), Some(128 + 37), "SIGRTMIN+3");
+        assert_eq!(shell_exit_code(0x137f), None, "stopped by SIGSTOP");
     }
 
     #[test]

@@ -423,7 +423,9 @@ if os.fork() == 0:
 os.execv(sys.argv[1], sys.argv[1:])
 "#;
 
-fn job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop(mode: Mode) {
+/// `stop` is sent to the whole group at the end: SIGINT (Ctrl-C), or SIGRTMIN+3 (systemd sends
+/// its stop signal to every process of a unit).
+fn job_control_never_stops_cordon_and_a_stop_to_the_group_is_graceful(mode: Mode, stop: i32) {
     let sb = Sandbox::new("jobctl");
     let cfg = TestConfig { agent_command: trapping_agent(), ..Default::default() };
     let launcher = sb.write_file("foreground.py", FOREGROUND_JOB);
@@ -441,21 +443,40 @@ fn job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop(mode: Mode) {
         }
     }
     assert_eq!(c.state().unwrap().phase, Phase::Ready);
-    // Ctrl-C on the terminal: SIGINT to the whole foreground group.
     let t0 = std::time::Instant::now();
-    send(-reaper, libc::SIGINT);
+    send(-reaper, stop);
     assert_eq!(exit_code(&mut c, mode), 0, "stderr:\n{}", c.stderr());
     assert!(t0.elapsed() < Duration::from_secs(3), "the stop took {:?}", t0.elapsed());
 }
 
 #[test]
 fn job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop_as_pid1() {
-    job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop(Mode::Pid1);
+    job_control_never_stops_cordon_and_a_stop_to_the_group_is_graceful(Mode::Pid1, libc::SIGINT);
 }
 
 #[test]
 fn job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop_as_subreaper() {
-    job_control_never_stops_cordon_and_ctrl_c_is_a_graceful_stop(Mode::Subreaper);
+    job_control_never_stops_cordon_and_a_stop_to_the_group_is_graceful(Mode::Subreaper, libc::SIGINT);
+}
+
+#[test]
+fn a_supervisor_killed_by_a_real_time_signal_ends_cordon_with_128_plus_its_number() {
+    // Only PID 1 is cordon's signal interface; a real-time signal sent to the supervisor itself
+    // ends it. The reaper must still see that status (nix's waitpid cannot represent it) and
+    // exit with it, not wait forever.
+    for mode in [Mode::Pid1, Mode::Subreaper] {
+        let sb = Sandbox::new("rtdeath");
+        let mut c = sb.start(&TestConfig::default(), &[], mode);
+        c.wait_phase(Phase::Ready, BOOT);
+        let sig = libc::SIGRTMIN() + 5;
+        send(c.supervisor(), sig);
+        assert_eq!(exit_code(&mut c, mode), 128 + sig, "{mode:?}; stderr:\n{}", c.stderr());
+    }
+}
+
+#[test]
+fn sigrtmin_plus_3_to_the_whole_process_group_is_a_graceful_stop() {
+    job_control_never_stops_cordon_and_a_stop_to_the_group_is_graceful(Mode::Pid1, libc::SIGRTMIN() + 3);
 }
 
 #[test]
