@@ -1,5 +1,5 @@
 //! Secrets: required variables checked all at once, values held in a type that cannot be
-//! printed, and scrubbed from the environment every child inherits.
+//! printed. (Taking them out of the process's environment is `sys::take_environment`.)
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -106,18 +106,6 @@ impl Secrets {
             fly.join(" "),
             docker.join(" ")
         )
-    }
-}
-
-/// Removes the named variables from this process's environment, so no child inherits them.
-///
-/// # Safety
-/// Must run while the process is single-threaded (the environment is not thread-safe in
-/// glibc): cordon calls it before the async runtime is built.
-pub unsafe fn scrub_environment<'a>(names: impl IntoIterator<Item = &'a str>) {
-    for name in names {
-        // SAFETY: the caller guarantees no other thread exists.
-        unsafe { std::env::remove_var(name) };
     }
 }
 

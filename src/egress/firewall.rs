@@ -381,9 +381,10 @@ impl crate::fix::Fix for FirewallError {
 impl FirewallError {
     pub fn hint(&self) -> String {
         match self {
-            FirewallError::Spawn { program, .. } => format!(
+            FirewallError::Spawn { program, source } if source.kind() == std::io::ErrorKind::NotFound => format!(
                 "{program} is not installed: add iptables and ipset to the image (apt-get install iptables ipset)"
             ),
+            FirewallError::Spawn { program, .. } => format!("{program} could not be started: see the error above"),
             FirewallError::Failed { stderr, .. } if classify(stderr) == Cause::Capability => {
                 "cordon needs CAP_NET_ADMIN to set up the firewall: docker run --cap-add NET_ADMIN, or in Kubernetes \
                  securityContext.capabilities.add: [\"NET_ADMIN\"]; Fly machines have it"

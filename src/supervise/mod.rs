@@ -22,20 +22,27 @@ use crate::sys;
 /// only, never one a user can write.
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// After SIGKILL, how long to wait for the killed processes to disappear.
-const KILL_SETTLE: Duration = Duration::from_secs(2);
+/// After the grace period, how long SIGKILL is repeated until nothing is left: a stop takes at
+/// most `stop_grace` + this (but for a process the kernel cannot kill, in uninterruptible sleep).
+const KILL_SETTLE: Duration = Duration::from_secs(1);
 
 /// Takes the whole environment out of the process: returned as a map for config and secrets,
-/// removed from the process so no child and no library that spawns one can inherit a secret.
+/// removed from the process so no child and no library that spawns one can inherit a secret,
+/// and zeroed in the process's initial environment block so `/proc/PID/environ` shows none.
 ///
 /// # Safety
 /// Must run while the process is single-threaded (before the async runtime is built).
 unsafe fn take_environment() -> BTreeMap<String, String> {
-    let vars: Vec<_> = std::env::vars_os().collect();
+    // SAFETY: the caller guarantees no other thread exists.
+    let (vars, scrubbed) = unsafe { sys::take_environment() };
+    if let Err(e) = scrubbed {
+        tracing::warn!(
+            "cannot overwrite the environment block: {e}; /proc/{}/environ still shows it",
+            std::process::id()
+        );
+    }
     let mut env = BTreeMap::new();
     for (k, v) in vars {
-        // SAFETY: the caller guarantees no other thread exists.
-        unsafe { std::env::remove_var(&k) };
         if let (Ok(k), Ok(v)) = (k.into_string(), v.into_string()) {
             env.insert(k, v);
         }
@@ -47,8 +54,24 @@ unsafe fn take_environment() -> BTreeMap<String, String> {
 
 /// Entry point of `cordon supervise`; returns the exit code.
 pub fn run(source: ConfigSource) -> i32 {
+    // Threads inherit the mask: held until the handlers exist (see `supervise`). Set again here,
+    // through glibc, so that its two internal signals, which the reaper blocks too, are not.
+    if let Err(e) = sys::block_signals_for_startup() {
+        tracing::error!("cannot block signals: {e}");
+        return 1;
+    }
+    // Default dispositions but for the ones cordon ignores on purpose: the job-control stops
+    // (a Ctrl-Z on the terminal reaches the reaper's whole process group, this process too).
+    if let Err(e) = sys::reset_signal_dispositions(&sys::IGNORED_IN_CORDON) {
+        tracing::error!("cannot reset signal dispositions: {e}");
+        return 1;
+    }
     // SAFETY: nothing has started a thread yet; the runtime is built below.
     let env = unsafe { take_environment() };
+    if let Err(e) = sys::set_non_dumpable() {
+        tracing::error!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}");
+        return 1;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -273,11 +296,15 @@ async fn hold_or_exit(
     1
 }
 
+/// Handlers for the forwarded signals, and for SIGRTMIN+3, which arrives as SIGTERM: a stop
+/// request whether the reaper translated it or it was sent to the process group (systemd sends
+/// it to every process of a unit), where its default action would end the supervisor at once.
 fn install_signal_handlers() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = mpsc::unbounded_channel();
-    for sig in sys::FORWARDED {
-        let mut stream = signal(SignalKind::from_raw(sig as i32))?;
+    let handled = sys::FORWARDED.iter().map(|&s| (s as i32, s)).chain([(sys::stop_signal_rtmin3(), Signal::SIGTERM)]);
+    for (raw, sig) in handled {
+        let mut stream = signal(SignalKind::from_raw(raw))?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
@@ -309,14 +336,16 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// The graceful stop: SIGTERM to the agent's process group and to every other process below
-/// the reaper, up to `grace` for them to exit, then SIGKILL for what is left.
+/// the reaper, up to `grace` for them to exit, then SIGKILL, repeated until nothing is left
+/// (for at most [`KILL_SETTLE`]).
 async fn stop_all(grace: Duration, agent: Option<&mut agent::AgentHandle>, report: &mut Report) {
     report.set_phase(Phase::Stopping, None);
     let me = std::process::id() as i32;
     let reaper = nix::unistd::getppid().as_raw();
     let others =
         || -> Vec<i32> { sys::live_descendants(reaper, &sys::processes()).into_iter().filter(|&p| p != me).collect() };
-    if let Some(pid) = agent.as_ref().and_then(|a| a.pid()) {
+    let agent_group = agent.as_ref().and_then(|a| a.pid());
+    if let Some(pid) = agent_group {
         let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGTERM);
     }
     sys::signal_all(&others(), Signal::SIGTERM);
@@ -332,14 +361,50 @@ async fn stop_all(grace: Duration, agent: Option<&mut agent::AgentHandle>, repor
         }
         if Instant::now() >= deadline {
             report.warn(format!("{} processes ignored SIGTERM for {:?}; killing them", left.len(), grace));
-            sys::signal_all(&left, Signal::SIGKILL);
-            let settle = Instant::now() + KILL_SETTLE;
-            while !others().is_empty() && Instant::now() < settle {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            kill_until_gone(reaper == 1, agent_group, agent, &others).await;
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     report.set_phase(Phase::Stopped, None);
+}
+
+/// SIGKILL to everything left, again and again until nothing is: one pass over a snapshot of
+/// /proc misses the children a process forks between the snapshot and the kill. As PID 1's
+/// child, a `kill(-1)` pass reaches the whole namespace atomically; otherwise (subreaper, where
+/// the namespace is not ours) the agent's process group and every group wholly below the reaper
+/// are killed as groups (also atomic), and each process of a fresh /proc walk.
+async fn kill_until_gone(
+    pid1: bool,
+    agent_group: Option<i32>,
+    mut agent: Option<&mut agent::AgentHandle>,
+    others: &dyn Fn() -> Vec<i32>,
+) {
+    let me = std::process::id() as i32;
+    let reaper = nix::unistd::getppid().as_raw();
+    let settle = Instant::now() + KILL_SETTLE;
+    loop {
+        if pid1 {
+            sys::kill_namespace();
+        }
+        if let Some(pid) = agent_group {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        sys::kill_descendants(reaper, me);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Some(a) = agent.as_mut() {
+            a.try_reap();
+        }
+        let left = others();
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= settle {
+            tracing::warn!(
+                count = left.len(),
+                "processes still alive after SIGKILL for {KILL_SETTLE:?}; leaving them to the reaper"
+            );
+            return;
+        }
+    }
 }
