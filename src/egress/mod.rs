@@ -42,6 +42,28 @@ pub fn parse_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// How a resolv.conf cordon wrote remembers the nameservers it replaced, so that a restart of
+/// the container on the same file (Docker and Kubernetes keep it across restarts) finds its
+/// upstreams again.
+const REPLACED: &str = "# cordon replaced: nameserver";
+
+/// The resolvers a resolv.conf names for this container: its nameservers, and those a
+/// resolv.conf written by cordon remembers replacing; never `listen` (cordon itself).
+pub fn original_nameservers(resolv_conf: &str, listen: SocketAddr) -> Vec<SocketAddr> {
+    let remembered: String = resolv_conf
+        .lines()
+        .filter_map(|l| l.strip_prefix(REPLACED))
+        .map(|rest| format!("nameserver {rest}\n"))
+        .collect();
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for ns in parse_nameservers(resolv_conf).into_iter().chain(parse_nameservers(&remembered)) {
+        if ns.ip() != listen.ip() && !out.contains(&ns) {
+            out.push(ns);
+        }
+    }
+    out
+}
+
 /// Docker's embedded resolver. On a user-defined network 127.0.0.11:53 is a NAT redirect to a
 /// random high port on the same address, readable in /proc/net/udp, so the address as a whole
 /// is a resolver, whatever the configuration says.
@@ -52,7 +74,7 @@ pub const DOCKER_RESOLVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0
 /// force, and Docker's embedded resolver; never cordon's own listener. In order, deduplicated.
 pub fn resolver_addresses(original_resolv_conf: &str, upstreams: &[SocketAddr], listen: SocketAddr) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
-    let found = parse_nameservers(original_resolv_conf).into_iter().chain(upstreams.iter().copied());
+    let found = original_nameservers(original_resolv_conf, listen).into_iter().chain(upstreams.iter().copied());
     for ip in found.map(|a| a.ip()).chain([DOCKER_RESOLVER]) {
         if ip != listen.ip() && !out.contains(&ip) {
             out.push(ip);
@@ -62,9 +84,13 @@ pub fn resolver_addresses(original_resolv_conf: &str, upstreams: &[SocketAddr], 
 }
 
 /// resolv.conf pointing at cordon's listener only, keeping the original `search`, `domain`
-/// and `options` lines (Kubernetes relies on its search list).
+/// and `options` lines (Kubernetes relies on its search list), and remembering the nameservers
+/// it replaces in comments (see [`original_nameservers`]).
 pub fn render_resolv_conf(listen: SocketAddr, original: &str) -> String {
     let mut out = String::from("# Written by cordon: every lookup goes through its allowlist DNS server.\n");
+    for ns in original_nameservers(original, listen) {
+        out.push_str(&format!("{REPLACED} {}\n", ns.ip()));
+    }
     out.push_str(&format!("nameserver {}\n", listen.ip()));
     for line in original.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
@@ -79,7 +105,7 @@ pub fn render_resolv_conf(listen: SocketAddr, original: &str) -> String {
 /// The upstreams in force: configured, or else those of resolv.conf, never cordon itself.
 pub fn upstreams(config: &Network, resolv_conf: &str) -> Result<Vec<SocketAddr>, String> {
     let found: Vec<SocketAddr> = if config.upstream.is_empty() {
-        parse_nameservers(resolv_conf)
+        original_nameservers(resolv_conf, config.listen)
     } else {
         config.upstream.iter().map(|u| u.0).collect()
     };
@@ -440,8 +466,20 @@ mod tests {
         assert_eq!(
             out,
             "# Written by cordon: every lookup goes through its allowlist DNS server.\n\
+             # cordon replaced: nameserver 127.0.0.11\n\
              nameserver 127.0.0.53\nsearch corp.example\noptions ndots:0\n"
         );
+    }
+
+    #[test]
+    fn a_restart_on_the_resolv_conf_cordon_wrote_finds_the_same_upstreams() {
+        let listen: SocketAddr = "127.0.0.53:53".parse().unwrap();
+        let first = render_resolv_conf(listen, DOCKER);
+        let second = render_resolv_conf(listen, &first);
+        assert_eq!(second, first, "rewriting is idempotent");
+        let net = Network::default();
+        assert_eq!(upstreams(&net, &second).unwrap(), ["127.0.0.11:53".parse().unwrap()]);
+        assert_eq!(resolver_addresses(&second, &[], listen), ["127.0.0.11".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]
