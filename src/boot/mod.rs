@@ -307,24 +307,45 @@ fn stages(
     // 7. Firewall. Default-deny for every uid but root, IPv4 and IPv6, before the agent or
     //    anything it influences can open a socket.
     if let Some(egress) = &egress {
-        stage(report, "firewall", |_| {
+        stage(report, "firewall", |report| {
+            // --- name binding (issue 12): the proxy is up before the rules that redirect to it.
+            let proxy_port = if config.network.name_binding {
+                start_name_binding(egress, &config.network)?;
+                Some(config.network.proxy_port)
+            } else {
+                report.warn(
+                    "name binding is OFF (network.name_binding = false): connections to admitted addresses are \
+                     address-based, any name sharing an address is reachable"
+                        .into(),
+                );
+                None
+            };
+            // --- end name binding
             let plan = firewall::Plan {
                 listen: config.network.listen,
                 resolvers: egress::resolver_addresses(&original, &egress.upstreams, config.network.listen),
                 ports: config.network.ports.clone(),
                 extra_ports: entries_extra_ports(&egress.allowlist),
+                raw_ports: egress.allowlist.raw_ports().into_iter().collect(),
                 loopback_ports: config.network.loopback_ports.clone(),
+                proxy_port,
             };
             let default_timeout =
                 u32::try_from((config.network.min_ttl.0 + config.network.grace.0).as_secs()).unwrap_or(u32::MAX);
             firewall::apply(&plan, default_timeout).map_err(|e| StageError::from_error(&e, Some(e.hint())))?;
             let ports: Vec<String> = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
+            let raw: Vec<String> = plan.raw_ports.iter().map(|p| format!(",{p} (address-based)")).collect();
+            let checked = match plan.proxy_port {
+                Some(p) => format!(" name-checked by the proxy on port {p}"),
+                None => String::new(),
+            };
             Ok((
                 (),
                 format!(
-                    "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {} to admitted addresses; \
+                    "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {}{checked}{} to admitted addresses; \
                      {} resolver addresses refused; loopback ports: {}",
                     ports.join(","),
+                    raw.concat(),
                     plan.resolvers.len(),
                     if plan.loopback_ports.is_empty() {
                         "none".to_string()
@@ -494,6 +515,57 @@ fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().write(true).truncate(true).create(true).open(path)?;
     f.write_all(text.as_bytes())
+}
+
+/// Name binding (issue 12): binds the proxy's loopback listeners, builds its policy (the
+/// allowlist, ports included, and the DNS answers' bindings) and starts it; the context goes
+/// into `egress` for `status`. Fails closed: without the proxy the firewall stage fails.
+fn start_name_binding(egress: &Arc<Egress>, network: &config::Network) -> Result<(), StageError> {
+    use crate::egress::namebound::{self, proxy};
+    let port = network.proxy_port;
+    let listen = |addr: std::net::SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    };
+    let hint = || {
+        Some(format!(
+            "another process holds loopback port {port}: set network.proxy_port to a free port (or, for debugging \
+             only, network.name_binding = false)"
+        ))
+    };
+    let v4 = listen((std::net::Ipv4Addr::LOCALHOST, port).into()).map_err(|e| {
+        StageError::new(format!("cannot bind the name-checking proxy to 127.0.0.1:{port}: {e}"), hint())
+    })?;
+    // No ::1 means no IPv6 in this container, so nothing of that family to redirect; had there
+    // been, its redirected connections would be refused (fail closed), never let through.
+    let v6 = match listen((std::net::Ipv6Addr::LOCALHOST, port).into()) {
+        Ok(l) => Some(l),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => None,
+        Err(e) => {
+            return Err(StageError::new(format!("cannot bind the name-checking proxy to [::1]:{port}: {e}"), hint()));
+        }
+    };
+    let allowlist = egress.allowlist.clone();
+    let ports = network.ports.clone();
+    let allowlisted = move |name: &str, dst_port: u16| {
+        allowlist.lookup(name).is_some_and(|r| {
+            (r.default_ports && ports.contains(&dst_port))
+                || r.extra_ports.contains(&dst_port)
+                || r.raw_ports.contains(&dst_port)
+        })
+    };
+    let policy = proxy::BoundNamePolicy::new(Box::new(allowlisted), egress.bindings.clone());
+    let ctx = Arc::new(proxy::Ctx::new(
+        Box::new(policy),
+        Box::new(proxy::KernelOriginalDestination),
+        vec![80],
+        proxy::Limits::default(),
+    ));
+    let _ = egress.proxy.set(ctx.clone());
+    // Owned by the runtime until cordon stops; the lead moves it under the supervisor.
+    drop(namebound::start(v4, v6, ctx));
+    Ok(())
 }
 
 fn entries_extra_ports(list: &crate::config::allowlist::Allowlist) -> Vec<u16> {

@@ -11,8 +11,8 @@ pub mod probe;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use hickory_resolver::TokioResolver;
 use hickory_server::proto::rr::{Name, RecordType};
@@ -21,6 +21,7 @@ use self::dns::{DnsStats, Handler, LastGood};
 use crate::config::Network;
 use crate::config::allowlist::{Allowlist, Entry};
 use crate::egress::admission::{Admitter, Lifetimes};
+use crate::egress::namebound::bindings::{self, Bindings};
 
 /// How long the refresh waits for one lookup.
 const REFRESH_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -110,6 +111,14 @@ pub struct Egress {
     pub last_refresh: Mutex<Option<RefreshReport>>,
     /// Admissions made by the refresh last at least this long (until the next refresh).
     pub refresh_interval: Duration,
+    /// Which names cordon's DNS answered with which addresses, for the name-bound layer.
+    pub bindings: Arc<Bindings>,
+    /// `network.ports`: name-checked with name binding, else address-based.
+    pub ports: Vec<u16>,
+    /// `network.name_binding`.
+    pub name_binding: bool,
+    /// The name-checking proxy, once the firewall stage has started it (name binding only).
+    pub proxy: OnceLock<Arc<namebound::proxy::Ctx>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +147,9 @@ impl Egress {
         let stats = Arc::new(DnsStats::default());
         let resolver = dns::upstream_resolver(&upstreams);
         let last_good = Arc::new(Mutex::new(BTreeMap::new()));
+        let bindings = Arc::new(Bindings::new(bindings::DEFAULT_CAPACITY));
         let handler = Handler {
+            bindings: bindings.clone(),
             allowlist: allowlist.clone(),
             resolver: resolver.clone(),
             admitter: admitter.clone(),
@@ -162,6 +173,10 @@ impl Egress {
             last_good,
             last_refresh: Mutex::new(None),
             refresh_interval: network.refresh_interval.0,
+            bindings,
+            ports: network.ports.clone(),
+            name_binding: network.name_binding,
+            proxy: OnceLock::new(),
         }))
     }
 
@@ -180,8 +195,13 @@ impl Egress {
         for (name, addresses) in &known {
             let Some(reach) = self.allowlist.lookup(name) else { continue };
             for &(ip, ttl) in addresses {
-                if let Err(e) = self.admitter.admit(name, ip, ttl.max(floor), &reach) {
-                    tracing::error!(name, %ip, "refresh cannot renew an admission: {e}");
+                match self.admitter.admit(name, ip, ttl.max(floor), &reach) {
+                    Ok(admission::Verdict::Admitted) => {
+                        let now = Instant::now();
+                        self.bindings.bind(name, ip, now + self.admitter.lifetime(ttl.max(floor)), now);
+                    }
+                    Ok(admission::Verdict::Refused(_)) => {}
+                    Err(e) => tracing::error!(name, %ip, "refresh cannot renew an admission: {e}"),
                 }
             }
         }
@@ -253,7 +273,7 @@ impl Egress {
                             r
                         })
                         .collect();
-                    match dns::admit_answer(&self.admitter, &self.stats, name, &reach, &records) {
+                    match dns::admit_answer(&self.admitter, &self.bindings, &self.stats, name, &reach, &records) {
                         Ok(filtered) => fresh.extend(filtered.addresses),
                         Err(e) => {
                             tracing::error!(name, "refresh cannot admit addresses: {e}");

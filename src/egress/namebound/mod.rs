@@ -11,3 +11,23 @@ pub mod bindings;
 pub mod hello;
 pub mod http;
 pub mod proxy;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Serves the redirected connections of both families on one task, until it is aborted (or
+/// the runtime stops). The caller binds the listeners (127.0.0.1 and [::1] on
+/// `network.proxy_port`; [::1] may be missing where the container has no IPv6, which leaves
+/// nothing of that family to redirect) and owns the task.
+pub fn start(v4: TcpListener, v6: Option<TcpListener>, ctx: Arc<proxy::Ctx>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        match v6 {
+            Some(v6) => {
+                tokio::join!(proxy::serve(v4, Arc::clone(&ctx)), proxy::serve(v6, ctx));
+            }
+            None => proxy::serve(v4, ctx).await,
+        }
+    })
+}
