@@ -117,6 +117,8 @@ pub struct Egress {
     pub ports: Vec<u16>,
     /// `network.name_binding`.
     pub name_binding: bool,
+    /// `network.proxy_port`, when name binding is on.
+    pub proxy_port: Option<u16>,
     /// The name-checking proxy, once the firewall stage has started it (name binding only).
     pub proxy: OnceLock<Arc<namebound::proxy::Ctx>>,
 }
@@ -176,6 +178,7 @@ impl Egress {
             bindings,
             ports: network.ports.clone(),
             name_binding: network.name_binding,
+            proxy_port: network.name_binding.then_some(network.proxy_port),
             proxy: OnceLock::new(),
         }))
     }
