@@ -276,8 +276,7 @@ fn python(sb: &Sandbox, name: &str, program: &str, args: &str) -> String {
 }
 
 fn status_json(c: &Cordon, sb: &Sandbox) -> Value {
-    let cmd =
-        format!("{} status --json --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display());
+    let cmd = format!("{} status --json --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display());
     let out = c.exec(&cmd);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json ({e}): {}", text(&out)))
 }
@@ -322,7 +321,8 @@ fn tls_connections_pass_only_with_an_allowlisted_sni_that_cordons_dns_answered_w
     assert_eq!(stdout(&out), "hello www.example.com", "{}", text(&out));
 
     // Another name on the same, admitted address: refused, and the server never saw it.
-    let (out, log) = w.during(|| curl(&c, true, &format!("-k --resolve evil.example.net:443:{SHARED} https://evil.example.net/")));
+    let (out, log) =
+        w.during(|| curl(&c, true, &format!("-k --resolve evil.example.net:443:{SHARED} https://evil.example.net/")));
     assert!(!out.status.success(), "the other name got through: {}", text(&out));
     assert_eq!(log, Vec::<String>::new(), "the server saw the refused connection");
     let r = refusal(&c, &sb, "evil.example.net", SHARED);
@@ -333,7 +333,8 @@ fn tls_connections_pass_only_with_an_allowlisted_sni_that_cordons_dns_answered_w
         curl(&c, true, &format!("-6 -k --resolve evil.example.net:443:[{SHARED_V6}] https://evil.example.net/"))
     });
     assert!(!out.status.success() && log.is_empty(), "{} {log:?}", text(&out));
-    let (out, log) = w.during(|| curl(&c, true, &format!("-k --resolve edge.example.net:443:{SHARED} https://edge.example.net/")));
+    let (out, log) =
+        w.during(|| curl(&c, true, &format!("-k --resolve edge.example.net:443:{SHARED} https://edge.example.net/")));
     assert!(!out.status.success() && log.is_empty(), "{} {log:?}", text(&out));
 
     // No SNI.
@@ -347,7 +348,8 @@ fn tls_connections_pass_only_with_an_allowlisted_sni_that_cordons_dns_answered_w
     assert!(c.agent_exec("getent hosts other.example.com").status.success());
     let out = curl(&c, true, "-k https://other.example.com/");
     assert_eq!(stdout(&out), "hello other.example.com", "at its own address: {}", text(&out));
-    let (out, log) = w.during(|| curl(&c, true, &format!("-k --resolve other.example.com:443:{SHARED} https://other.example.com/")));
+    let (out, log) =
+        w.during(|| curl(&c, true, &format!("-k --resolve other.example.com:443:{SHARED} https://other.example.com/")));
     assert!(!out.status.success() && log.is_empty(), "{} {log:?}", text(&out));
     let r = refusal(&c, &sb, "other.example.com", SHARED);
     assert_eq!(r["reason"], "address not answered by cordon's DNS for this name", "{r}");
@@ -372,7 +374,8 @@ fn tls_connections_pass_only_with_an_allowlisted_sni_that_cordons_dns_answered_w
     assert!(lines.starts_with("|ConnectionResetError") || lines.starts_with("|eof"), "{lines}");
 
     // Root is not redirected: its connection with the other name reaches the server.
-    let (out, log) = w.during(|| curl(&c, false, &format!("-k --resolve evil.example.net:443:{SHARED} https://evil.example.net/")));
+    let (out, log) =
+        w.during(|| curl(&c, false, &format!("-k --resolve evil.example.net:443:{SHARED} https://evil.example.net/")));
     assert_eq!(stdout(&out), "hello evil.example.net", "{}", text(&out));
     assert!(log.contains(&"sni evil.example.net".to_string()), "{log:?}");
 
@@ -414,7 +417,8 @@ fn http_requests_pass_only_with_an_allowlisted_host_each_one_on_a_kept_alive_con
     // connection before any of it goes upstream.
     let first = hex("GET /first HTTP/1.1\r\nHost: api.example.com\r\n\r\n");
     let second = hex("GET /second HTTP/1.1\r\nHost: evil.example.net\r\n\r\n");
-    let (out, log) = w.during(|| c.agent_exec(&python(&sb, "raw.py", RAW_PY, &format!("{SHARED} 80 {first} {second}"))));
+    let (out, log) =
+        w.during(|| c.agent_exec(&python(&sb, "raw.py", RAW_PY, &format!("{SHARED} 80 {first} {second}"))));
     let lines: Vec<String> = text(&out).lines().map(String::from).collect();
     assert_eq!(lines.first().map(String::as_str), Some("hello api.example.com|quiet"), "{lines:?}");
     assert!(matches!(lines.get(1).map(String::as_str), Some("|ConnectionResetError" | "|eof")), "{lines:?}");

@@ -55,9 +55,12 @@ fn firewall_applies_atomically_and_twice_without_duplicating_the_jump() {
                 ["-A OUTPUT -j CORDON_NAT"]
             );
             let expected = firewall::render_rules(&plan(), family, "", "");
-            for (table, chain) in
-                [("filter", "CORDON_OUTPUT"), ("filter", "CORDON_AGENT"), ("filter", "CORDON_ALLOW"), ("nat", "CORDON_NAT")]
-            {
+            for (table, chain) in [
+                ("filter", "CORDON_OUTPUT"),
+                ("filter", "CORDON_AGENT"),
+                ("filter", "CORDON_ALLOW"),
+                ("nat", "CORDON_NAT"),
+            ] {
                 let listed = sh(&format!("{tool} -t {table} -S {chain}"));
                 let prefix = format!("-A {chain} ");
                 assert_eq!(

@@ -338,7 +338,8 @@ impl RequestHandler for Handler {
             Ok(result) => result,
             Err(_) => {
                 if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) = admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
+                    && let Ok(filtered) =
+                        admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
                 {
                     self.stats.stale.fetch_add(1, Ordering::Relaxed);
                     self.stats.upstream_failed(format!("{qname} {qtype}: no answer within {STALE_CLIENT_TIMEOUT:?}"));
@@ -350,20 +351,23 @@ impl RequestHandler for Handler {
             }
         };
         match result {
-            Ok(lookup) => match admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, lookup.answers()) {
-                Ok(filtered) => {
-                    self.stats.allowed.fetch_add(1, Ordering::Relaxed);
-                    if !filtered.addresses.is_empty() {
-                        self.remember(&qname, &filtered.addresses);
+            Ok(lookup) => {
+                match admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, lookup.answers()) {
+                    Ok(filtered) => {
+                        self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+                        if !filtered.addresses.is_empty() {
+                            self.remember(&qname, &filtered.addresses);
+                        }
+                        send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], [])).await
                     }
-                    send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], [])).await
+                    Err(e) => {
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(name = %qname, "cannot admit the answer's addresses, answering SERVFAIL: {e}");
+                        send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail))
+                            .await
+                    }
                 }
-                Err(e) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(name = %qname, "cannot admit the answer's addresses, answering SERVFAIL: {e}");
-                    send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail)).await
-                }
-            },
+            }
             Err(e) if e.is_nx_domain() => {
                 self.stats.allowed.fetch_add(1, Ordering::Relaxed);
                 md.response_code = ResponseCode::NXDomain;
@@ -378,7 +382,8 @@ impl RequestHandler for Handler {
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
                 if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) = admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
+                    && let Ok(filtered) =
+                        admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
                 {
                     self.stats.stale.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed ({e}); serving the last good addresses");

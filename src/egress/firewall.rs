@@ -301,10 +301,7 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
         }
     }
     for &p in &plan.raw_ports {
-        rule(&format!(
-            "-p tcp -m tcp --dport {p} -m set --match-set {} dst -j {ALLOW_CHAIN}",
-            raw_set_name(family, p)
-        ));
+        rule(&format!("-p tcp -m tcp --dport {p} -m set --match-set {} dst -j {ALLOW_CHAIN}", raw_set_name(family, p)));
     }
     rule("-p tcp -j REJECT --reject-with tcp-reset");
     rule(&format!("-j REJECT --reject-with {reject}"));
@@ -794,7 +791,11 @@ COMMIT
         let plan = Plan { proxy_port: None, ..plan() };
         let rules = render_rules(&plan, Family::V4, "-P OUTPUT ACCEPT\n", "-P OUTPUT ACCEPT\n");
         let nat: Vec<&str> = rules.lines().take_while(|l| *l != "*filter").collect();
-        assert_eq!(nat, ["*nat", ":CORDON_NAT - [0:0]", "-I OUTPUT 1 -j CORDON_NAT", "COMMIT"], "declared, so a restart flushes it");
+        assert_eq!(
+            nat,
+            ["*nat", ":CORDON_NAT - [0:0]", "-I OUTPUT 1 -j CORDON_NAT", "COMMIT"],
+            "declared, so a restart flushes it"
+        );
         assert!(!rules.contains("REDIRECT") && !rules.contains("DNAT") && !rules.contains("15443"), "{rules}");
         for accept in [
             "-A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon4 dst -j CORDON_ALLOW",
@@ -815,7 +816,11 @@ COMMIT
         assert!(!chain.contains("--match-set cordon4 dst") && !chain.contains("cordon4-p8443"), "{chain}");
         // Root and kernel packets are never redirected: every nat rule matches the agent's uids.
         let nat = render_nat_chain(&plan(), Family::V6);
-        assert!(nat.lines().filter(|l| l.starts_with("-A")).all(|l| l.contains(OWNER_MATCH) && l.ends_with("--to-ports 15443")));
+        assert!(
+            nat.lines()
+                .filter(|l| l.starts_with("-A"))
+                .all(|l| l.contains(OWNER_MATCH) && l.ends_with("--to-ports 15443"))
+        );
     }
 
     #[test]
@@ -869,10 +874,14 @@ rename cordon6-r22.new cordon6-r22
 
     #[test]
     fn only_cordons_own_set_names_are_recognised() {
-        for name in ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p1.new", "cordon4.new", "cordon4-r22", "cordon6-r22.new"] {
+        for name in
+            ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p1.new", "cordon4.new", "cordon4-r22", "cordon6-r22.new"]
+        {
             assert!(is_cordon_set(name), "{name}");
         }
-        for name in ["cordon", "cordon5", "cordon4-p", "cordon4-px", "cordon4x", "kube-cordon4", "cordon4.old", "cordon4-r"] {
+        for name in
+            ["cordon", "cordon5", "cordon4-p", "cordon4-px", "cordon4x", "kube-cordon4", "cordon4.old", "cordon4-r"]
+        {
             assert!(!is_cordon_set(name), "{name}");
         }
     }

@@ -483,7 +483,11 @@ pub fn render_why(w: &WhyDoc) -> String {
         let _ = writeln!(o, "  port {p}");
     }
     if !w.bound_names.is_empty() {
-        let _ = writeln!(o, "  names answered with it (name-checked connections may carry these): {}", w.bound_names.join(" "));
+        let _ = writeln!(
+            o,
+            "  names answered with it (name-checked connections may carry these): {}",
+            w.bound_names.join(" ")
+        );
     }
     for a in &w.admitted {
         let _ = writeln!(o, "  admitted {} for {} in {} until {}", a.ip, a.name.trim_end_matches('.'), a.set, a.until);
@@ -568,15 +572,24 @@ pub fn port_rules(reach: &crate::config::allowlist::Reach, ports: &[u16], name_b
         .map(|p| {
             let rule = match (name_binding, p) {
                 (false, _) => "address-based (network.name_binding = false)".to_string(),
-                (true, 80) => "HTTP, name-checked: the Host of every request must be this name, answered with the address".into(),
-                (true, _) => "TLS, name-checked: the ClientHello's SNI must be this name, answered with the address".into(),
+                (true, 80) => {
+                    "HTTP, name-checked: the Host of every request must be this name, answered with the address".into()
+                }
+                (true, _) => {
+                    "TLS, name-checked: the ClientHello's SNI must be this name, answered with the address".into()
+                }
             };
             (p, rule)
         })
         .collect();
     for &p in &reach.raw_ports {
         if !out.iter().any(|(q, _)| *q == p) {
-            out.push((p, format!("address-based (a `:{p}:raw` entry): any connection to an admitted address passes, no name is read")));
+            out.push((
+                p,
+                format!(
+                    "address-based (a `:{p}:raw` entry): any connection to an admitted address passes, no name is read"
+                ),
+            ));
         }
     }
     out.sort_by_key(|(p, _)| *p);
@@ -598,9 +611,20 @@ mod tests {
         let reach = Reach { default_ports: true, extra_ports: [8443].into(), raw_ports: [22].into() };
         let rules = port_rules(&reach, &[80, 443], true);
         let starts: Vec<&str> = rules.iter().map(|r| r.split(',').next().unwrap()).collect();
-        assert_eq!(starts, ["22: address-based (a `:22:raw` entry): any connection to an admitted address passes", "80: HTTP", "443: TLS", "8443: TLS"]);
+        assert_eq!(
+            starts,
+            [
+                "22: address-based (a `:22:raw` entry): any connection to an admitted address passes",
+                "80: HTTP",
+                "443: TLS",
+                "8443: TLS"
+            ]
+        );
         let off = port_rules(&reach, &[80, 443], false);
-        assert!(off.iter().filter(|r| !r.starts_with("22:")).all(|r| r.contains("network.name_binding = false")), "{off:?}");
+        assert!(
+            off.iter().filter(|r| !r.starts_with("22:")).all(|r| r.contains("network.name_binding = false")),
+            "{off:?}"
+        );
         let raw_only = Reach { raw_ports: [5432].into(), ..Reach::default() };
         assert_eq!(port_rules(&raw_only, &[80, 443], true).len(), 1);
     }
