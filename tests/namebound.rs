@@ -464,3 +464,27 @@ fn large_transfers_pass_intact_and_silent_clients_hold_up_neither_dns_nor_other_
         (status_json(&c, &sb)["namebound"]["connections"]["hello_timeouts"].as_u64()? >= 20).then_some(())
     });
 }
+
+#[test]
+fn a_taken_proxy_port_fails_the_firewall_stage_with_the_fix_and_the_agent_never_starts() {
+    let sb = Sandbox::new("nb-port");
+    let _w = world(&sb);
+    let cfg = TestConfig {
+        agent_command: format!("touch {}/started; exec sleep 1000", sb.path("ws").display()),
+        on_boot_failure: "hold",
+        ..TestConfig::default()
+    };
+    // Another process (root's, as any would be that cordon must not displace) holds the port.
+    let hold = "python3 -c 'import socket, time; s = socket.socket(); s.bind((\"127.0.0.1\", 15443)); s.listen(); \
+                time.sleep(60)' &\nsleep 0.5";
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, hold);
+    let state = c.wait_phase(Phase::Failed, BOOT);
+    let stage = state.stages.last().unwrap();
+    assert_eq!(stage.name, "firewall", "{state:?}");
+    let error = stage.error.as_deref().unwrap_or_default();
+    assert!(error.contains("cannot bind the name-checking proxy to 127.0.0.1:15443"), "{error}");
+    assert!(stage.hint.as_deref().unwrap_or_default().contains("network.proxy_port"), "{stage:?}");
+    assert!(!c.inside(&sb.path("ws/started")).exists(), "the agent started without the name-bound layer");
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    c.wait_exit(BOOT);
+}

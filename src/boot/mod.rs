@@ -563,8 +563,8 @@ fn start_name_binding(egress: &Arc<Egress>, network: &config::Network) -> Result
         proxy::Limits::default(),
     ));
     let _ = egress.proxy.set(ctx.clone());
-    // Owned by the runtime until cordon stops; the lead moves it under the supervisor.
-    drop(namebound::start(v4, v6, ctx));
+    // Runs until cordon stops; `status` watches the handle.
+    let _ = egress.proxy_task.set(namebound::start(v4, v6, ctx));
     Ok(())
 }
 

@@ -121,6 +121,8 @@ pub struct Egress {
     pub proxy_port: Option<u16>,
     /// The name-checking proxy, once the firewall stage has started it (name binding only).
     pub proxy: OnceLock<Arc<namebound::proxy::Ctx>>,
+    /// Its task: finished means the layer stopped (name-checked connections are then refused).
+    pub proxy_task: OnceLock<tokio::task::JoinHandle<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +182,7 @@ impl Egress {
             name_binding: network.name_binding,
             proxy_port: network.name_binding.then_some(network.proxy_port),
             proxy: OnceLock::new(),
+            proxy_task: OnceLock::new(),
         }))
     }
 

@@ -138,7 +138,7 @@ fn namebound_status(egress: &Egress) -> status::NameBoundStatus {
     let recent = proxy.map(|p| p.stats.recent_refusals()).unwrap_or_default();
     status::NameBoundStatus {
         enabled: egress.name_binding,
-        running: proxy.is_some(),
+        running: proxy.is_some() && egress.proxy_task.get().is_some_and(|t| !t.is_finished()),
         proxy_port: egress.proxy_port,
         bindings: egress.bindings.len(),
         connections: status::NameBoundCounts {

@@ -411,31 +411,26 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
     }
     if let Some(n) = &doc.namebound {
         let state = match (n.enabled, n.running) {
-            (false, _) => paint("33", "name binding OFF (network.name_binding = false): address-based"),
-            (true, false) => paint("31", "name binding NOT RUNNING: name-checked ports are refused"),
+            (false, _) => paint("33", "name binding OFF: address-based (network.name_binding)"),
+            (true, false) => paint("31", "name binding NOT RUNNING: checked ports refused"),
             (true, true) => paint("32", &format!("name binding on (proxy port {})", n.proxy_port.unwrap_or(0))),
         };
         let _ = writeln!(o, "names:  {state}; {} bindings", n.bindings);
         let c = &n.connections;
         if n.enabled {
-            let _ = writeln!(
-                o,
-                "        {} connections, {} allowed, {} refused ({} without a hello in time, {} overload), {} upstream failures",
+            let line = format!(
+                "        {} checked, {} allowed, {} refused ({} silent, {} overload), {} unreachable",
                 c.accepted, c.allowed, c.refused, c.hello_timeouts, c.overloaded, c.upstream_failures
             );
+            let _ = writeln!(o, "{}", fit(&line));
         }
         if !n.recent_refusals.is_empty() {
             let _ = writeln!(o, "        recently refused (explain: cordon status why NAME|ADDRESS):");
             for r in n.recent_refusals.iter().take(8) {
-                let _ = writeln!(
-                    o,
-                    "          {:<32} {:<22} {:<4} {} ({})",
-                    r.name,
-                    format_addr(&r.address, r.port),
-                    r.kind,
-                    r.reason,
-                    ago(&r.at)
-                );
+                let what =
+                    format!("          {} -> {} {}, {}", r.name, format_addr(&r.address, r.port), r.kind, ago(&r.at));
+                let _ = writeln!(o, "{}", fit(&what));
+                let _ = writeln!(o, "{}", fit(&format!("            {}", r.reason)));
             }
         }
     }
@@ -468,6 +463,15 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
         let _ = writeln!(o, "{} {w}", paint("33", "warning:"));
     }
     o
+}
+
+/// A screen line cut to 80 columns.
+fn fit(line: &str) -> String {
+    if line.chars().count() <= 80 {
+        line.to_string()
+    } else {
+        format!("{}…", line.chars().take(79).collect::<String>())
+    }
 }
 
 fn format_addr(ip: &str, port: u16) -> String {
