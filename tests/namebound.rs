@@ -24,7 +24,8 @@ const OTHER: &str = "192.0.2.91";
 /// The world's server: TLS on :443 (logs the SNI of each handshake; answers HTTP/1.1 inside)
 /// and plain HTTP on :80, on every address given. Log lines: `accept tls|http PORT`,
 /// `sni NAME|-`, `request tls|http HOST PATH`, `upload SHA`. `/big` is 64 MiB whose sha256 is
-/// logged as `bigsha SHA` at start; POST `/upload` answers the body's sha256.
+/// logged as `bigsha SHA` at start; POST `/upload` answers the body's sha256; `/repo.git/...`
+/// serves `$GIT_ROOT/repo.git` (git's dumb HTTP protocol).
 const SERVER_PY: &str = r#"
 import hashlib, os, socket, ssl, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,7 +45,16 @@ class H(BaseHTTPRequestHandler):
         pass
     def do_GET(self):
         note("request %s %s %s" % (self.server.kind, self.headers.get("Host"), self.path))
-        body = BIG if self.path == "/big" else ("hello %s\n" % self.headers.get("Host")).encode()
+        if self.path.startswith("/repo.git/"):
+            path = os.path.join(os.environ["GIT_ROOT"], self.path.split("?")[0].lstrip("/"))
+            if ".." in self.path or not os.path.isfile(path):
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = open(path, "rb").read()
+        else:
+            body = BIG if self.path == "/big" else ("hello %s\n" % self.headers.get("Host")).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -229,6 +239,8 @@ fn world(sb: &Sandbox) -> World {
         .output()
         .expect("this test needs openssl (scripts/install-test-deps.sh)");
     assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    let git_root = sb.path("srv");
+    harness::world::make_repo(&git_root, "cloned through the name check\n");
     let script = sb.write_file("server.py", SERVER_PY);
     let log = sb.path("server.log");
     let server = Command::new("ip")
@@ -242,6 +254,7 @@ fn world(sb: &Sandbox) -> World {
             format!("[{SHARED_V6}]:80:http"),
             format!("{OTHER}:443:tls"),
         ])
+        .env("GIT_ROOT", &git_root)
         .spawn()
         .expect("start the world's server");
     let w = World { _dns: dns, server, log };
@@ -316,6 +329,13 @@ fn tls_connections_pass_only_with_an_allowlisted_sni_that_cordons_dns_answered_w
     let shown = text(&out);
     assert!(shown.contains("CN=cordon-world-server") || shown.contains("CN = cordon-world-server"), "{shown}");
     assert!(shown.contains("ALPN protocol: http/1.1"), "{shown}");
+    // git over HTTPS (libcurl offers h2 and http/1.1; the server picks http/1.1).
+    let dest = sb.path("ws/clone");
+    let out = c.agent_exec(&format!(
+        "timeout 20 git -c http.sslVerify=false clone -q https://api.example.com/repo.git {d} && cat {d}/README",
+        d = dest.display()
+    ));
+    assert_eq!(stdout(&out), "cloned through the name check", "{}", text(&out));
     // The query name of a CNAME chain is bound to the chain's address.
     let out = curl(&c, true, "-k https://www.example.com/");
     assert_eq!(stdout(&out), "hello www.example.com", "{}", text(&out));
