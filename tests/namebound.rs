@@ -20,6 +20,8 @@ const SHARED: &str = "192.0.2.90";
 const SHARED_V6: &str = "2001:db8::90";
 /// Where only `other.example.com` lives.
 const OTHER: &str = "192.0.2.91";
+/// A plain-TCP service that speaks first, as ssh does: `ssh.example.com:2222:raw`.
+const SSH: &str = "192.0.2.92";
 
 /// The world's server: TLS on :443 (logs the SNI of each handshake; answers HTTP/1.1 inside)
 /// and plain HTTP on :80, on every address given. Log lines: `accept tls|http PORT`,
@@ -184,6 +186,7 @@ for m in msgs:
 
 struct World {
     _dns: FakeDns,
+    _greeter: harness::world::Greeter,
     server: Child,
     log: PathBuf,
 }
@@ -214,18 +217,23 @@ impl World {
     }
 }
 
-/// The allowlist names api.example.com (on the shared address, v4 and v6), other.example.com
-/// (elsewhere) and www.example.com (a CNAME to edge.example.net on the shared address);
-/// evil.example.net, on the shared address too, is not allowlisted.
+/// The allowlist names api.example.com (on the shared address, v4 and v6; also on 8443),
+/// other.example.com (elsewhere), www.example.com (a CNAME to edge.example.net on the shared
+/// address) and ssh.example.com on 2222, address-based; evil.example.net, on the shared address
+/// too, is not allowlisted.
 fn world(sb: &Sandbox) -> World {
-    sb.write_file("domains.conf", "api.example.com\nother.example.com\nwww.example.com\n");
+    sb.write_file(
+        "domains.conf",
+        "api.example.com\napi.example.com:8443\nother.example.com\nwww.example.com\nssh.example.com:2222:raw\n",
+    );
     let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
     dns.set("api.example.com", vec![Rec::A(SHARED.parse().unwrap()), Rec::A(SHARED_V6.parse().unwrap())]);
     dns.set("other.example.com", vec![Rec::A(OTHER.parse().unwrap())]);
     dns.set("www.example.com", vec![Rec::Cname("edge.example.net".into())]);
     dns.set("edge.example.net", vec![Rec::A(SHARED.parse().unwrap())]);
     dns.set("evil.example.net", vec![Rec::A(SHARED.parse().unwrap())]);
-    for ip in [SHARED, SHARED_V6, OTHER] {
+    dns.set("ssh.example.com", vec![Rec::A(SSH.parse().unwrap())]);
+    for ip in [SHARED, SHARED_V6, OTHER, SSH] {
         sb.net.add_world_addr(ip);
     }
     let (cert, key) = (sb.path("cert.pem"), sb.path("key.pem"));
@@ -250,6 +258,7 @@ fn world(sb: &Sandbox) -> World {
         .args([
             format!("{SHARED}:443:tls"),
             format!("{SHARED}:80:http"),
+            format!("{SHARED}:8443:tls"),
             format!("[{SHARED_V6}]:443:tls"),
             format!("[{SHARED_V6}]:80:http"),
             format!("{OTHER}:443:tls"),
@@ -257,7 +266,8 @@ fn world(sb: &Sandbox) -> World {
         .env("GIT_ROOT", &git_root)
         .spawn()
         .expect("start the world's server");
-    let w = World { _dns: dns, server, log };
+    let greeter = harness::world::Greeter::start(&sb.net.world, format!("{SSH}:2222").parse().unwrap());
+    let w = World { _dns: dns, _greeter: greeter, server, log };
     harness::wait_until("the world's server", Duration::from_secs(20), || {
         w.lines().iter().any(|l| l == "ready").then_some(())
     });
@@ -507,4 +517,47 @@ fn a_taken_proxy_port_fails_the_firewall_stage_with_the_fix_and_the_agent_never_
     assert!(!c.inside(&sb.path("ws/started")).exists(), "the agent started without the name-bound layer");
     c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
     c.wait_exit(BOOT);
+}
+
+#[test]
+fn name_port_entries_are_name_checked_as_tls_and_raw_ones_stay_address_based() {
+    let sb = Sandbox::new("nb-ports");
+    let w = world(&sb);
+    let c = boot(&sb);
+
+    let out = curl(&c, true, "-4 -k https://api.example.com:8443/");
+    assert_eq!(stdout(&out), "hello api.example.com:8443", "{}", text(&out));
+    let (out, log) = w.during(|| {
+        curl(&c, true, &format!("-k --resolve evil.example.net:8443:{SHARED} https://evil.example.net:8443/"))
+    });
+    assert!(!out.status.success() && log.is_empty(), "{} {log:?}", text(&out));
+    let r = refusal(&c, &sb, "evil.example.net", SHARED);
+    assert_eq!(r["port"], 8443, "{r}");
+
+    // ssh-like: the server speaks first and the client sends no name; `:raw` lets it through.
+    let out = c.agent_exec("timeout 5 bash -c 'exec 3<>/dev/tcp/ssh.example.com/2222 && head -n1 <&3'");
+    assert_eq!(stdout(&out), format!("hello from {SSH}:2222"), "{}", text(&out));
+
+    let why = |target: &str| {
+        let cmd = format!(
+            "{} status --json why {target} --config {}",
+            env!("CARGO_BIN_EXE_cordon"),
+            sb.path("cordon.toml").display()
+        );
+        let out = c.agent_exec(&cmd);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    };
+    let ports = |v: &Value| -> Vec<String> {
+        v["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().split(',').next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ports(&why("api.example.com")), ["80: HTTP", "443: TLS", "8443: TLS"]);
+    assert_eq!(
+        ports(&why("ssh.example.com")),
+        ["2222: address-based (a `:2222:raw` entry): any connection to an admitted address passes"]
+    );
 }
