@@ -5,6 +5,10 @@
 
 use std::fmt;
 
+/// What a boot stage returns: its value and a one-line detail for the boot log, or an error
+/// that carries its fix.
+pub type StageResult<T, E = Problem> = Result<(T, String), E>;
+
 /// An error that knows what the operator can do about it.
 pub trait Fix: std::error::Error {
     /// The fix, when cordon knows one: "add --cap-add NET_ADMIN", "create the agent user".
@@ -26,6 +30,11 @@ impl Problem {
     /// `context`, then `e` and its whole `source()` chain.
     pub fn caused_by(context: impl fmt::Display, e: &dyn std::error::Error) -> Problem {
         Problem::new(format!("{context}: {}", error_chain(e)))
+    }
+
+    /// Any error with a fix, its chain in one line.
+    pub fn from_fix(e: &dyn Fix) -> Problem {
+        Problem { message: error_chain(e), fix: e.fix() }
     }
 
     pub fn with_fix(mut self, fix: impl Into<String>) -> Problem {

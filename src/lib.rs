@@ -10,6 +10,7 @@ pub mod config;
 pub mod egress;
 pub mod fix;
 pub mod mounts;
+pub mod service;
 pub mod session;
 pub mod state;
 pub mod supervise;

@@ -1,5 +1,7 @@
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::{Parser, Subcommand};
 
@@ -165,18 +167,97 @@ fn main() -> ExitCode {
 const DEFAULT_LOG_FILTER: &str = "info,hickory_server=warn,hickory_proto=warn,hickory_resolver=warn";
 
 /// Structured logs on stderr: text by default, JSON with `CORDON_LOG_FORMAT=json`; the level
-/// from `CORDON_LOG` (an env-filter directive), default [`DEFAULT_LOG_FILTER`].
+/// from `CORDON_LOG` (an env-filter directive), default [`DEFAULT_LOG_FILTER`]. A line that
+/// cannot be written is dropped and counted ([`DropOnError`]), never fatal.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CORDON_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| DropOnError { inner: std::io::stderr(), dropped: &DROPPED_LOG_LINES })
+        // Its fallback for a failed write is `eprintln!`, which panics when stderr is what failed.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("CORDON_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Log lines dropped since the last one that could be written.
+static DROPPED_LOG_LINES: AtomicU64 = AtomicU64::new(0);
+
+/// A log writer that never fails: a line that cannot be written is dropped and counted, and
+/// the count is reported by the next line that gets through. Log writes fail when stderr is a
+/// pipe whose reader went away (EPIPE; SIGPIPE is ignored) or a terminal with `tostop` that
+/// another process group holds (EIO); either is no reason for PID 1 to die, and with the
+/// default writer it did (tracing-subscriber's fallback `eprintln!` panics).
+struct DropOnError<W: Write> {
+    inner: W,
+    dropped: &'static AtomicU64,
+}
+
+impl<W: Write> Write for DropOnError<W> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let notice = format!("cordon: {dropped} log line(s) could not be written and were dropped\n");
+            if self.inner.write_all(notice.as_bytes()).is_err() {
+                self.dropped.fetch_add(dropped + 1, Ordering::Relaxed);
+                return Ok(line.len());
+            }
+        }
+        if self.inner.write_all(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.inner.flush();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails every write while `broken`, records the rest.
+    struct Sink {
+        broken: bool,
+        written: Vec<u8>,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.broken {
+                return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
+            }
+            self.written.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn failed_log_writes_are_dropped_counted_and_reported_by_the_next_line() {
+        static DROPPED: AtomicU64 = AtomicU64::new(0);
+        let mut w = DropOnError { inner: Sink { broken: true, written: vec![] }, dropped: &DROPPED };
+        for _ in 0..3 {
+            assert!(w.write_all(b"lost\n").is_ok(), "a failed log write must not be an error");
+        }
+        assert_eq!(DROPPED.load(Ordering::Relaxed), 3);
+        w.inner.broken = false;
+        w.write_all(b"back\n").unwrap();
+        assert_eq!(
+            String::from_utf8(w.inner.written.clone()).unwrap(),
+            "cordon: 3 log line(s) could not be written and were dropped\nback\n"
+        );
+        assert_eq!(DROPPED.load(Ordering::Relaxed), 0);
     }
 }

@@ -207,6 +207,12 @@ pub enum FsError {
     RootWritable(String),
 }
 
+impl crate::fix::Fix for FsError {
+    fn fix(&self) -> Option<String> {
+        self.hint()
+    }
+}
+
 impl FsError {
     /// What the operator can do about it.
     pub fn hint(&self) -> Option<String> {
@@ -490,6 +496,57 @@ pub fn verify_readonly(plan: &[RemountRo]) -> Result<(), FsError> {
         Err(e) => Err(FsError::RootWritable(format!("it failed with {e} instead"))),
         Ok(()) => Err(FsError::RootWritable("it succeeded".into())),
     }
+}
+
+/// The boot's `filesystem` stage: a tmpfs for everything the agent writes (mounted, or the
+/// runtime's adopted), then the configured links. Before anything is written there (credentials,
+/// the clone), while the root can still take new mount points. Returns the tmpfs paths.
+pub fn filesystem(
+    config: &crate::config::Config,
+    user: &crate::session::users::AgentUser,
+    warn: &mut dyn FnMut(String),
+) -> crate::fix::StageResult<Vec<PathBuf>> {
+    use crate::fix::Problem;
+    let fs_error = |e: FsError| Problem::from_fix(&e);
+    let mut specs = Vec::new();
+    for m in &config.tmpfs.0 {
+        let (uid, gid) = crate::session::users::resolve_owner(&m.owner_for(&user.home), user).map_err(|e| {
+            Problem::new(crate::fix::error_chain(&e)).with_fix(format!("fix the owner of tmpfs {}", m.path))
+        })?;
+        specs.push(TmpfsSpec { path: m.path.resolve(&user.home), size: m.size.0, mode: m.mode.0, uid, gid });
+    }
+    let paths = specs.iter().map(|s| s.path.clone()).collect();
+    let plan = plan_tmpfs(specs, &read_mountinfo().map_err(|e| fs_error(FsError::Mountinfo(e)))?).map_err(fs_error)?;
+    for step in &plan {
+        tracing::debug!(%step, "tmpfs");
+    }
+    for warning in apply_tmpfs(&plan).map_err(fs_error)? {
+        warn(warning);
+    }
+    for link in &config.filesystem.links {
+        make_link(&link.path.resolve(&user.home), &link.target).map_err(fs_error)?;
+    }
+    let adopted = plan.iter().filter(|s| matches!(s, TmpfsStep::Adopt { .. })).count();
+    let detail = format!(
+        "{} tmpfs mounted, {adopted} provided by the runtime, {} links",
+        plan.len() - adopted,
+        config.filesystem.links.len()
+    );
+    Ok((paths, detail))
+}
+
+/// The boot's `readonly_root` stage: every mount of the root read-only but `writable` (the
+/// tmpfs mounts, the configured writable mounts, the state directory), per mount point, then
+/// proven with a write that must fail. After everything the boot writes outside the tmpfs
+/// mounts, before anything the agent influences runs.
+pub fn readonly_root(writable: &[PathBuf], warn: &mut dyn FnMut(String)) -> crate::fix::StageResult<(), FsError> {
+    let plan = plan_readonly(&read_mountinfo().map_err(FsError::Mountinfo)?, writable);
+    let done = apply_readonly(&plan)?;
+    verify_readonly(&done.remounted)?;
+    for w in done.warnings {
+        warn(w);
+    }
+    Ok(((), format!("{} mounts read-only, write to / fails with EROFS", done.remounted.len())))
 }
 
 #[cfg(test)]

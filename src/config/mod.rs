@@ -485,6 +485,31 @@ impl ConfigSource {
     }
 }
 
+/// The boot's `config` stage, before any side effect: a mistake in the file must stop the boot
+/// while the container is still untouched. The configuration ([`ConfigSource::load`]) and the
+/// allowlist entries.
+pub fn load_for_boot(
+    source: &ConfigSource,
+    env: &BTreeMap<String, String>,
+) -> crate::fix::StageResult<(Config, Vec<(allowlist::Entry, String)>)> {
+    use crate::fix::Problem;
+    let config = source.load(env).map_err(|e| {
+        let fix = if e.from_environment() {
+            "fix the environment variable"
+        } else {
+            "fix the file, then check it with `cordon check --config FILE`"
+        };
+        Problem::new(e.to_string()).with_fix(fix)
+    })?;
+    let entries = load_allowlist(&config).map_err(|errors| {
+        Problem::new(errors.join("; "))
+            .with_fix("each line must be a name (example.com) or a wildcard below one (*.example.com)")
+    })?;
+    let from = if source.path.exists() { source.path.display().to_string() } else { "built-in defaults".into() };
+    let detail = format!("{from}, {} allowlist entries", entries.len());
+    Ok(((config, entries), detail))
+}
+
 /// The allowlist file plus inline entries, or every bad line.
 pub fn load_allowlist(config: &Config) -> Result<Vec<(allowlist::Entry, String)>, Vec<String>> {
     let path = &config.network.allowlist;

@@ -1,5 +1,5 @@
 //! Secrets: required variables checked all at once, values held in a type that cannot be
-//! printed, and scrubbed from the environment every child inherits.
+//! printed. (Taking them out of the process's environment is `sys::take_environment`.)
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +42,21 @@ pub struct Secrets {
 }
 
 impl Secrets {
+    /// The boot's `secrets` stage: every required secret present and non-empty, or every one
+    /// that is not, named at once with the fix. Before the filesystem changes, so a missing token
+    /// fails fast. The values were taken out of the process's environment before.
+    pub fn require(
+        config: &crate::config::Secrets,
+        env: &BTreeMap<String, String>,
+    ) -> crate::fix::StageResult<Secrets> {
+        let secrets = Secrets::check(&config.required, &config.optional, env);
+        if let Some(problem) = secrets.problem_report() {
+            return Err(crate::fix::Problem::new(problem).with_fix(secrets.problem_hint()));
+        }
+        let n = secrets.values.len();
+        Ok((secrets, format!("{n} present")))
+    }
+
     pub fn check(required: &[String], optional: &[String], env: &BTreeMap<String, String>) -> Secrets {
         let mut s = Secrets::default();
         for name in required {
@@ -91,18 +106,6 @@ impl Secrets {
             fly.join(" "),
             docker.join(" ")
         )
-    }
-}
-
-/// Removes the named variables from this process's environment, so no child inherits them.
-///
-/// # Safety
-/// Must run while the process is single-threaded (the environment is not thread-safe in
-/// glibc): cordon calls it before the async runtime is built.
-pub unsafe fn scrub_environment<'a>(names: impl IntoIterator<Item = &'a str>) {
-    for name in names {
-        // SAFETY: the caller guarantees no other thread exists.
-        unsafe { std::env::remove_var(name) };
     }
 }
 

@@ -465,19 +465,59 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(std::net::UdpSocket::from(fd))
 }
 
-/// Binds UDP and TCP on `addr` (the caller's error if it cannot) and starts serving.
-pub fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<Server<Handler>> {
+/// The DNS server's sockets, bound by the caller ([`bind`]; a test binds port 0) and handed to
+/// [`serve`].
+pub struct Sockets {
+    pub tcp: std::net::TcpListener,
+    pub udp: Vec<std::net::UdpSocket>,
+}
+
+impl Sockets {
+    /// The address they are bound to (the port the kernel chose, for port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Binds TCP and [`UDP_SOCKETS`] UDP sockets on `addr`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
     // The TCP listener first and without SO_REUSEPORT: it fails if anyone holds the address,
     // and the UDP sockets after it cannot be joined by another process's socket either, as
-    // theirs would need SO_REUSEPORT under the same uid (root).
+    // theirs would need SO_REUSEPORT under the same uid (root). For port 0, the UDP sockets
+    // take the port the kernel gave the TCP listener.
     let tcp = std::net::TcpListener::bind(addr)?;
     tcp.set_nonblocking(true)?;
+    let addr = tcp.local_addr()?;
+    let udp = (0..UDP_SOCKETS).map(|_| reuseport_udp(addr)).collect::<std::io::Result<_>>()?;
+    Ok(Sockets { tcp, udp })
+}
+
+/// Serves `handler` on `sockets` until `stop` is requested, then shuts down gracefully.
+pub async fn serve(sockets: Sockets, handler: Handler, mut stop: crate::service::StopRequest) {
     let mut server = Server::new(handler);
-    for _ in 0..UDP_SOCKETS {
-        server.register_socket(tokio::net::UdpSocket::from_std(reuseport_udp(addr)?)?);
+    let registered = (|| {
+        for udp in sockets.udp {
+            server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
+        }
+        server.register_listener(tokio::net::TcpListener::from_std(sockets.tcp)?, Duration::from_secs(5), 64);
+        std::io::Result::Ok(())
+    })();
+    if let Err(e) = registered {
+        tracing::error!("the DNS server cannot use its sockets: {e}");
+        return;
     }
-    server.register_listener(tokio::net::TcpListener::from_std(tcp)?, Duration::from_secs(5), 64);
-    Ok(server)
+    tokio::select! {
+        result = server.block_until_done() => {
+            if let Err(e) = result {
+                tracing::error!("the DNS server stopped: {e}");
+            }
+        }
+        () = stop.requested() => {
+            if let Err(e) = server.shutdown_gracefully().await {
+                tracing::warn!("the DNS server did not shut down cleanly: {e}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -464,12 +464,19 @@ pub fn classify(stderr: &str) -> Cause {
     }
 }
 
+impl crate::fix::Fix for FirewallError {
+    fn fix(&self) -> Option<String> {
+        Some(self.hint())
+    }
+}
+
 impl FirewallError {
     pub fn hint(&self) -> String {
         match self {
-            FirewallError::Spawn { program, .. } => format!(
+            FirewallError::Spawn { program, source } if source.kind() == std::io::ErrorKind::NotFound => format!(
                 "{program} is not installed: add iptables and ipset to the image (apt-get install iptables ipset)"
             ),
+            FirewallError::Spawn { program, .. } => format!("{program} could not be started: see the error above"),
             FirewallError::Failed { stderr, .. } if classify(stderr) == Cause::Capability => {
                 "cordon needs CAP_NET_ADMIN to set up the firewall: docker run --cap-add NET_ADMIN, or in Kubernetes \
                  securityContext.capabilities.add: [\"NET_ADMIN\"]; Fly machines have it"
@@ -525,6 +532,46 @@ fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<Stri
 
 fn list_sets() -> Result<Vec<String>, FirewallError> {
     Ok(run("ipset", &["list", "-n"], None)?.lines().map(str::to_string).collect())
+}
+
+/// The boot's `firewall` stage: default-deny for every uid but root, IPv4 and IPv6, before the
+/// agent or anything it influences can open a socket. `resolv_conf` is the file as found at
+/// boot: its nameservers are refused to the agent, with the upstreams and 127.0.0.11.
+pub fn stage(
+    network: &crate::config::Network,
+    egress: &crate::egress::Egress,
+    resolv_conf: &str,
+) -> crate::fix::StageResult<(), FirewallError> {
+    let plan = Plan {
+        listen: network.listen,
+        resolvers: crate::egress::resolver_addresses(resolv_conf, &egress.upstreams, network.listen),
+        ports: network.ports.clone(),
+        extra_ports: egress.allowlist.extra_ports().into_iter().collect(),
+        raw_ports: egress.allowlist.raw_ports().into_iter().collect(),
+        loopback_ports: network.loopback_ports.clone(),
+        proxy_port: network.name_binding.then_some(network.proxy_port),
+    };
+    let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
+    apply(&plan, default_timeout)?;
+    let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
+    let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
+    let checked = match plan.proxy_port {
+        Some(p) => format!(" name-checked by the proxy on port {p}"),
+        None => String::new(),
+    };
+    let raw: Vec<String> = plan.raw_ports.iter().map(u16::to_string).collect();
+    let raw = if raw.is_empty() { String::new() } else { format!(", {} address-based", raw.join(",")) };
+    let loopback = plan.loopback_ports.iter().map(ToString::to_string).collect();
+    Ok((
+        (),
+        format!(
+            "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {}{checked}{raw} to admitted addresses; \
+             {} resolver addresses refused; loopback ports: {}",
+            join(ports),
+            plan.resolvers.len(),
+            join(loopback)
+        ),
+    ))
 }
 
 /// Installs the firewall, replacing whatever a previous run in this network namespace left

@@ -11,6 +11,8 @@ pub mod probe;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,8 +22,10 @@ use hickory_server::proto::rr::{Name, RecordType};
 use self::dns::{DnsStats, Handler, LastGood};
 use crate::config::Network;
 use crate::config::allowlist::{Allowlist, Entry};
-use crate::egress::admission::{Admitter, Lifetimes};
+use crate::egress::admission::{Admitter, Lifetimes, Sets};
 use crate::egress::namebound::bindings::{self, Bindings};
+use crate::fix::Problem;
+use crate::service::Service;
 
 /// How long the refresh waits for one lookup.
 const REFRESH_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,33 +125,79 @@ pub struct Egress {
     pub proxy_port: Option<u16>,
     /// The name-checking proxy, once the firewall stage has started it (name binding only).
     pub proxy: OnceLock<Arc<namebound::proxy::Ctx>>,
-    /// Its task: finished means the layer stopped (name-checked connections are then refused).
-    pub proxy_task: OnceLock<tokio::task::JoinHandle<()>>,
+    /// Whether its service still serves: false once it stopped or failed (name-checked
+    /// connections are then refused, never let through).
+    pub proxy_serving: Arc<AtomicBool>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum EgressError {
-    #[error("cannot open the netlink socket to ipset")]
-    Ipset(#[source] std::io::Error),
-    #[error("cannot bind the DNS server to {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+/// Where the resolver configuration lives; the `dns` stage points it at cordon.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The boot's `dns` stage. Before the firewall, which names the listener and the upstreams; and
+/// before anything resolves a name (credentials, the clone), so every lookup from then on goes
+/// through the allowlist. `resolv_conf` is the file as found at boot: it gives the upstreams
+/// when none are configured, and is then rewritten in place to name cordon only.
+pub fn start(
+    network: &Network,
+    entries: Vec<(Entry, String)>,
+    resolv_conf: &str,
+) -> crate::fix::StageResult<(Arc<Egress>, Service)> {
+    let upstreams = upstreams(network, resolv_conf).map_err(|e| {
+        Problem::new(e).with_fix("set network.upstream, e.g. [\"1.1.1.1\"], or give the container a resolver")
+    })?;
+    let sets = crate::egress::ipset::Ipset::open().map_err(|e| {
+        Problem::caused_by("cannot open the netlink socket to ipset", &e)
+            .with_fix("cordon needs CAP_NET_ADMIN: docker run --cap-add NET_ADMIN")
+    })?;
+    let sockets = dns::bind(network.listen).map_err(|e| {
+        Problem::caused_by(format_args!("cannot bind the DNS server to {}", network.listen), &e)
+            .with_fix("another DNS server holds the address; change network.listen")
+    })?;
+    let (egress, server) = Egress::start(network, entries, upstreams, Box::new(sets), sockets);
+    // Already pointing at cordon only (a read-only root started with --dns 127.0.0.53): nothing
+    // to write.
+    let nameservers = parse_nameservers(resolv_conf);
+    let ours = !nameservers.is_empty() && nameservers.iter().all(|ns| ns.ip() == network.listen.ip());
+    if !ours {
+        write_in_place(Path::new(RESOLV_CONF), &render_resolv_conf(network.listen, resolv_conf)).map_err(|e| {
+            Problem::caused_by(format_args!("cannot point {RESOLV_CONF} at cordon's DNS server"), &e).with_fix(format!(
+                "with a read-only root, start the container with --dns {} (Kubernetes: dnsPolicy None, \
+                 dnsConfig.nameservers) and set network.upstream, or give it a writable {RESOLV_CONF}",
+                network.listen.ip()
+            ))
+        })?;
+    }
+    let ups: Vec<String> = egress.upstreams.iter().map(ToString::to_string).collect();
+    let detail = format!(
+        "listening on {}, {} allowlist entries, upstream {}",
+        network.listen,
+        egress.allowlist.len(),
+        ups.join(" ")
+    );
+    Ok(((egress, server), detail))
+}
+
+/// Rewrites a file's content in place (truncate and write), because /etc/resolv.conf is often a
+/// bind mount (Docker, Kubernetes) that a rename cannot replace.
+fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).create(true).open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 impl Egress {
-    /// Binds the DNS server on `listen` and starts serving; must run inside the runtime.
+    /// Starts the DNS server on `sockets` (bound by the caller), admitting into `sets`; must
+    /// run inside the runtime. The server is the returned service's.
     pub fn start(
         network: &Network,
         entries: Vec<(Entry, String)>,
         upstreams: Vec<SocketAddr>,
-    ) -> Result<Arc<Egress>, EgressError> {
-        let sets = crate::egress::ipset::Ipset::open().map_err(EgressError::Ipset)?;
+        sets: Box<dyn Sets>,
+        sockets: dns::Sockets,
+    ) -> (Arc<Egress>, Service) {
         let allowlist = Arc::new(Allowlist::new(entries));
         let lifetimes = Lifetimes { min_ttl: network.min_ttl.0, grace: network.grace.0 };
-        let admitter = Arc::new(Admitter::new(Box::new(sets), network.allow_cidrs.clone(), lifetimes));
+        let admitter = Arc::new(Admitter::new(sets, network.allow_cidrs.clone(), lifetimes));
         let stats = Arc::new(DnsStats::default());
         let resolver = dns::upstream_resolver(&upstreams);
         let last_good = Arc::new(Mutex::new(BTreeMap::new()));
@@ -160,20 +210,15 @@ impl Egress {
             stats: stats.clone(),
             last_good: last_good.clone(),
         };
-        let mut server =
-            dns::serve(network.listen, handler).map_err(|source| EgressError::Bind { addr: network.listen, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = server.block_until_done().await {
-                tracing::error!("the DNS server stopped: {e}");
-            }
-        });
-        Ok(Arc::new(Egress {
+        let listen = sockets.local_addr().unwrap_or(network.listen);
+        let server = Service::spawn("dns", move |stop| dns::serve(sockets, handler, stop));
+        let egress = Arc::new(Egress {
             allowlist,
             admitter,
             stats,
             resolver,
             upstreams,
-            listen: network.listen,
+            listen,
             last_good,
             last_refresh: Mutex::new(None),
             refresh_interval: network.refresh_interval.0,
@@ -182,8 +227,9 @@ impl Egress {
             name_binding: network.name_binding,
             proxy_port: network.name_binding.then_some(network.proxy_port),
             proxy: OnceLock::new(),
-            proxy_task: OnceLock::new(),
-        }))
+            proxy_serving: Arc::new(AtomicBool::new(false)),
+        });
+        (egress, server)
     }
 
     /// Renews and re-resolves the exact allowlist names. First every known address is renewed
@@ -298,14 +344,17 @@ impl Egress {
         Ok(fresh)
     }
 
-    /// Runs the refresh every `interval` until the runtime stops.
-    pub fn spawn_refresh(self: &Arc<Self>, interval: Duration) {
+    /// The refresh, every `interval`, as a service.
+    pub fn refresh_service(self: &Arc<Self>, interval: Duration) -> Service {
         let egress = self.clone();
-        tokio::spawn(async move {
+        Service::spawn("refresh", move |mut stop| async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.requested() => return,
+                }
                 let r = egress.refresh().await;
                 if r.failed.is_empty() {
                     tracing::info!(names = r.names, addresses = r.addresses, changed = r.changed, "egress refreshed");
@@ -318,13 +367,91 @@ impl Egress {
                     );
                 }
             }
-        });
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records what would go into the kernel's sets.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(String, IpAddr)>>>);
+
+    impl Sets for Recorder {
+        fn add(&mut self, set: &str, ip: IpAddr, _timeout: u32) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((set.to_string(), ip));
+            Ok(())
+        }
+    }
+
+    /// An upstream on 127.0.0.1:0 that answers every A query with 192.0.2.7 and records the
+    /// names it was asked.
+    fn fake_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        use hickory_server::proto::op::{Message, MessageType};
+        use hickory_server::proto::rr::rdata::A;
+        use hickory_server::proto::rr::{RData, Record};
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+                let Some(q) = query.queries.first().cloned() else { continue };
+                seen.lock().unwrap().push(q.name().to_ascii());
+                let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+                reply.metadata.message_type = MessageType::Response;
+                reply.metadata.recursion_available = true;
+                if q.query_type() == RecordType::A {
+                    reply.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A::new(192, 0, 2, 7))));
+                }
+                reply.add_query(q);
+                let _ = sock.send_to(&reply.to_vec().unwrap(), from);
+            }
+        });
+        (addr, asked)
+    }
+
+    /// One A query to `server`; the response.
+    async fn ask(server: SocketAddr, name: &str) -> hickory_server::proto::op::Message {
+        use hickory_server::proto::op::{Message, Query};
+        let mut query = Message::query();
+        query.metadata.id = 4242;
+        query.metadata.recursion_desired = true;
+        query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&query.to_vec().unwrap(), server).await.unwrap();
+        let mut buf = [0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf)).await.expect("an answer").unwrap();
+        Message::from_vec(&buf[..n]).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dns_handler_runs_in_process_on_port_0_without_root() {
+        use hickory_server::proto::op::ResponseCode;
+        let (upstream, asked) = fake_upstream();
+        let entries = crate::config::allowlist::parse_file("api.example.com\n", Path::new("t")).unwrap();
+        let sets = Recorder::default();
+        let network = Network::default();
+        let sockets = dns::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let server = sockets.local_addr().unwrap();
+        let (egress, service) = Egress::start(&network, entries, vec![upstream], Box::new(sets.clone()), sockets);
+        assert_eq!(egress.listen, server);
+
+        let denied = ask(server, "exfil.example.net.").await;
+        assert_eq!(denied.metadata.response_code, ResponseCode::NXDomain);
+        let allowed = ask(server, "api.example.com.").await;
+        assert_eq!(allowed.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(allowed.metadata.id, 4242);
+        assert!(allowed.answers.iter().any(|r| r.data.to_string() == "192.0.2.7"), "{allowed:?}");
+        assert_eq!(*sets.0.lock().unwrap(), [("cordon4".to_string(), "192.0.2.7".parse().unwrap())]);
+        assert_eq!(*asked.lock().unwrap(), ["api.example.com."], "the denied name never went upstream");
+
+        assert!(service.stop(Duration::from_secs(2)).await, "the server stops when asked");
+    }
 
     const DOCKER: &str = "# Generated by Docker Engine.\nnameserver 127.0.0.11\nsearch corp.example\noptions ndots:0\n";
 

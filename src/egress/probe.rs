@@ -155,6 +155,42 @@ fn allowed(target: &str) -> ProbeResult {
     ProbeResult { probe, ok: false, detail: last }
 }
 
+/// The boot's `readiness` stage: after the lockdown is complete and before the agent, the
+/// probes run as the agent user (`cordon probe`, with the agent's privileges) and must all pass,
+/// positively and negatively.
+pub fn stage(
+    egress: &crate::egress::Egress,
+    allowed: Option<String>,
+    user: &crate::session::users::AgentUser,
+) -> crate::fix::StageResult<()> {
+    use crate::fix::Problem;
+    use crate::session::users::{AGENT_PATH, unprivileged_command};
+    use crate::sys::command;
+    let spec = spec(egress.listen, &egress.upstreams, allowed);
+    let spec_json = serde_json::to_string(&spec).expect("probe spec serialises");
+    let mut cmd = unprivileged_command(crate::sys::cordon_exe(), user);
+    cmd.args(["probe", "--spec", &spec_json]).env("PATH", AGENT_PATH).current_dir("/");
+    let out = command::output(cmd, command::Options::new(deadline(&spec)))
+        .map_err(|e| Problem::caused_by("cannot run the readiness probes", &e))?;
+    let results: Vec<ProbeResult> = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Problem::new(format!(
+            "the readiness probes gave no result ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    })?;
+    let failed: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.probe, r.detail)).collect();
+    if !failed.is_empty() {
+        return Err(Problem::new(format!(
+            "{} of {} egress probes failed: {}",
+            failed.len(),
+            results.len(),
+            failed.join("; ")
+        ))
+        .with_fix("the firewall or DNS server is not enforcing the policy; see the boot log and `cordon status`"));
+    }
+    Ok(((), format!("{} probes passed as uid {}", results.len(), user.uid)))
+}
+
 /// Runs every probe of `spec`.
 pub fn run(spec: &Spec) -> Vec<ProbeResult> {
     let mut results = vec![denied_name(spec.listen)];

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::secrets::Secrets;
+use crate::session::tmux::{PaneStartError, Tmux};
 use crate::session::users::{AGENT_PATH, AgentUser, StartError, unprivileged_command};
 
 /// Secrets the agent reads from its environment by design (Claude Code authenticates with it).
@@ -53,6 +54,56 @@ pub fn agent_env(
         }
     }
     env
+}
+
+/// The boot's `session` stage, last: the agent starts only on a fully locked-down container.
+/// In the agent's tmux session (then also returned, for `attach` and `status`), or headless.
+/// The first prompt (CLAUDE_PROMPT) is the last argument of the first start only: a restarted
+/// agent must not redo the task. It is never logged.
+pub fn start(
+    config: &crate::config::Config,
+    spec: AgentSpec,
+    state_dir: &Path,
+) -> crate::fix::StageResult<(AgentSpec, AgentHandle, Option<Tmux>)> {
+    use crate::fix::Problem;
+    let workdir = &spec.workdir;
+    if !workdir.is_dir() {
+        return Err(Problem::new(format!("the work directory {} is not a directory", workdir.display()))
+            .with_fix("set agent.workdir (or repo.dest) to a directory on a tmpfs, e.g. /workspace"));
+    }
+    // A name that exists nowhere fails here; every other exec failure (no x bit, a missing #!
+    // interpreter) fails at the exec itself, which both modes wait for, and gives the same error
+    // and shell status.
+    let program = spec.argv[0].clone();
+    let start_error = |e: StartError| Problem::new(e.message.clone()).with_fix(e.hint());
+    if crate::session::users::find_program(&program).is_none() {
+        return Err(start_error(StartError::not_found(&program)));
+    }
+    let mut first = spec.clone();
+    first.argv.extend(config.agent.prompt.iter().cloned());
+    let user = &spec.user;
+    if config.agent.tmux {
+        let tmux = Tmux::prepare(state_dir, user, spec.env.clone(), &config.agent.session)
+            .map_err(|e| Problem::caused_by("cannot prepare the tmux socket directory", &e))?;
+        let pane = tmux.start(workdir, &first.argv, config.agent.shell_pane).map_err(|e| match e {
+            PaneStartError::Agent(e) => start_error(e),
+            PaneStartError::Tmux(e) => Problem::new(format!("cannot start the agent's tmux session: {e}")),
+        })?;
+        let detail = format!(
+            "tmux session `{}` on {}, agent `{program}` as {} (uid {})",
+            config.agent.session,
+            tmux.socket.display(),
+            user.name,
+            user.uid
+        );
+        let handle = AgentHandle::Tmux { tmux: tmux.clone(), pane };
+        Ok(((spec, handle, Some(tmux)), detail))
+    } else {
+        let child = spawn(&first).map_err(|e| start_error(StartError::from_exec(&program, &e)))?;
+        let detail =
+            format!("agent `{program}` pid {} as {} (uid {}), headless", child.id().unwrap_or(0), user.name, user.uid);
+        Ok(((spec, AgentHandle::Direct(Some(child)), None), detail))
+    }
 }
 
 /// Starts the agent as its own process group (so signals reach its children too).

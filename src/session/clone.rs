@@ -20,6 +20,35 @@ pub fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u3
     args
 }
 
+/// The boot's `clone` stage: `repo.url` at `repo.branch` into `repo.dest`, as the agent, with
+/// the credential helper, through the firewall (after the lockdown, like everything the agent
+/// does; before the readiness probes). git's progress goes to `progress`.
+pub fn stage(
+    repo: &crate::config::Repo,
+    url: &str,
+    user: &crate::session::users::AgentUser,
+    progress: impl FnMut(&str),
+) -> crate::fix::StageResult<()> {
+    use crate::session::users::{AGENT_PATH, unprivileged_command};
+    let mut cmd = unprivileged_command("git", user);
+    cmd.args(clone_args(url, &repo.dest, repo.branch.as_deref(), repo.depth))
+        .envs([
+            ("HOME", user.home.display().to_string()),
+            ("PATH", AGENT_PATH.to_string()),
+            ("GIT_TERMINAL_PROMPT", "0".to_string()),
+            ("LANG", "C.UTF-8".to_string()),
+        ])
+        .current_dir(repo.dest.parent().unwrap_or(Path::new("/")));
+    run(cmd, repo.timeout.0, progress).map_err(|e| {
+        crate::fix::Problem::new(e).with_fix(
+            "check REPO_URL and that GH_PAT can read the repository (fine-grained tokens: Contents); the host must \
+             be in the allowlist",
+        )
+    })?;
+    let branch = repo.branch.as_deref().unwrap_or("the default branch");
+    Ok(((), format!("{url} ({branch}) into {}", repo.dest.display())))
+}
+
 /// Runs `cmd` (already set up to run as the agent) within `timeout`, as its own process group
 /// (see `command`); git's progress lines go to `progress`. On failure, the error names what
 /// happened with the last lines git wrote.
@@ -52,7 +81,7 @@ pub fn run(cmd: Command, timeout: Duration, mut progress: impl FnMut(&str)) -> R
                 humantime::format_duration(timeout)
             ))
         }
-        Err(e) => Err(crate::boot::error_chain(&e)),
+        Err(e) => Err(crate::fix::error_chain(&e)),
     }
 }
 

@@ -123,6 +123,22 @@ pub fn write_all(
     Ok(format!("wrote {} for {}", wrote.join(", "), user.name))
 }
 
+/// The boot's `credentials` stage: the agent's git identity and credential helper, gh, npm and
+/// Claude Code files, 0600 on the home tmpfs. After the tmpfs mounts and the firewall; before the
+/// read-only root and before the clone, which needs them.
+pub fn stage(
+    config: &Config,
+    user: &AgentUser,
+    gh_pat: Option<&Secret>,
+    workdir: &Path,
+) -> crate::fix::StageResult<()> {
+    let summary = write_all(config, user, gh_pat, workdir, &crate::sys::cordon_exe()).map_err(|e| {
+        crate::fix::Problem::caused_by(format_args!("cannot write the credential files in {}", user.home.display()), &e)
+            .with_fix("the agent's home must be writable (a tmpfs, by default)")
+    })?;
+    Ok(((), summary))
+}
+
 /// `cordon git-credential <operation>`: git's credential helper protocol (gitcredentials(7)).
 /// For `get` on a configured host it answers with the token from the agent's token file; any
 /// other operation, or host, gets nothing (git then tries its other helpers, or fails).

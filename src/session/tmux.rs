@@ -177,7 +177,7 @@ impl Tmux {
         let mut cmd = self.command();
         cmd.args(args);
         let out = crate::sys::command::output(cmd, crate::sys::command::Options::new(TMUX_DEADLINE))
-            .map_err(|e| crate::boot::error_chain(&e))?;
+            .map_err(|e| crate::fix::error_chain(&e))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -187,7 +187,7 @@ impl Tmux {
 
     /// The agent's argv wrapped in `cordon pane-run`.
     fn wrapped(&self, argv: &[String]) -> Vec<String> {
-        let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/cordon".into());
+        let exe = crate::sys::cordon_exe();
         let status = status_path(&self.state_dir);
         let _ = std::fs::remove_file(&status);
         let _ = std::fs::remove_file(started_path(&status));

@@ -45,6 +45,14 @@ fn lookup_user(name: &str) -> Result<Option<User>, UserError> {
     found.map_err(|source| UserError::Lookup { name: name.into(), source })
 }
 
+/// The agent user of `agent.user` with its `agent.groups`, for the boot.
+pub fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Problem> {
+    resolve_agent_with_groups(&config.user, &config.groups).map_err(|e| {
+        crate::fix::Problem::new(crate::fix::error_chain(&e))
+            .with_fix("create the agent user in the image (useradd), or set agent.user")
+    })
+}
+
 /// The agent user with its configured supplementary groups.
 pub fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
     let mut user = resolve_agent(name)?;
@@ -180,8 +188,9 @@ fn interpreter(path: &Path) -> Option<String> {
     Some(interp)
 }
 
-/// A command that runs `program` as `user` with an empty signal mask, no inherited
-/// descriptors beyond stdio, an empty environment, and every privilege dropped before exec.
+/// A command that runs `program` as `user` with an empty signal mask, every signal at its
+/// default disposition, no inherited descriptors beyond stdio, an empty environment, and every
+/// privilege dropped before exec.
 pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
     cmd.env_clear().stdin(std::process::Stdio::null());
@@ -189,10 +198,13 @@ pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUs
     let mut groups = vec![gid];
     groups.extend(user.groups.iter().filter(|g| **g != gid));
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // syscalls (sigprocmask, close_range, prctl, set*id, capset); it allocates nothing.
+    // syscalls (sigprocmask, sigaction, close_range, prctl, set*id, capset); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             sys::unblock_all_signals()?;
+            // What cordon ignores (SIGPIPE, the job-control stops) or its launcher left ignored
+            // would otherwise stay ignored across exec.
+            sys::reset_signal_dispositions(&[])?;
             sys::cloexec_from_3()?;
             sys::drop_privileges(uid, gid, &groups)
         });

@@ -52,17 +52,23 @@ pub fn grant(state_dir: &Path, gid: u32) -> std::io::Result<()> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
 }
 
-/// Serves requests until the runtime stops.
-pub fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) {
-    tokio::spawn(async move {
+/// Serves requests on `listener` (bound by [`bind`]) until the service is stopped.
+pub fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) -> crate::service::Service {
+    crate::service::Service::spawn("control", move |mut stop| async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+                () = stop.requested() => return,
+            };
             let live = live.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(TIMEOUT, answer(stream, live)).await;
             });
         }
-    });
+    })
 }
 
 async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Result<()> {
@@ -138,7 +144,7 @@ fn namebound_status(egress: &Egress) -> status::NameBoundStatus {
     let recent = proxy.map(|p| p.stats.recent_refusals()).unwrap_or_default();
     status::NameBoundStatus {
         enabled: egress.name_binding,
-        running: proxy.is_some() && egress.proxy_task.get().is_some_and(|t| !t.is_finished()),
+        running: proxy.is_some() && egress.proxy_serving.load(std::sync::atomic::Ordering::Relaxed),
         proxy_port: egress.proxy_port,
         bindings: egress.bindings.len(),
         connections: status::NameBoundCounts {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::boot::{self, BootFailed, Booted};
 use crate::config::{self, ConfigSource, OnBootFailure, OnExit, Supervisor};
+use crate::service::Services;
 use crate::session::agent::{self, RestartPolicy};
 use crate::state::report::{AgentState, Phase, Report};
 use crate::sys;
@@ -21,20 +22,27 @@ use crate::sys;
 /// only, never one a user can write.
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// After SIGKILL, how long to wait for the killed processes to disappear.
-const KILL_SETTLE: Duration = Duration::from_secs(2);
+/// After the grace period, how long SIGKILL is repeated until nothing is left: a stop takes at
+/// most `stop_grace` + this (but for a process the kernel cannot kill, in uninterruptible sleep).
+const KILL_SETTLE: Duration = Duration::from_secs(1);
 
 /// Takes the whole environment out of the process: returned as a map for config and secrets,
-/// removed from the process so no child and no library that spawns one can inherit a secret.
+/// removed from the process so no child and no library that spawns one can inherit a secret,
+/// and zeroed in the process's initial environment block so `/proc/PID/environ` shows none.
 ///
 /// # Safety
 /// Must run while the process is single-threaded (before the async runtime is built).
 unsafe fn take_environment() -> BTreeMap<String, String> {
-    let vars: Vec<_> = std::env::vars_os().collect();
+    // SAFETY: the caller guarantees no other thread exists.
+    let (vars, scrubbed) = unsafe { sys::take_environment() };
+    if let Err(e) = scrubbed {
+        tracing::warn!(
+            "cannot overwrite the environment block: {e}; /proc/{}/environ still shows it",
+            std::process::id()
+        );
+    }
     let mut env = BTreeMap::new();
     for (k, v) in vars {
-        // SAFETY: the caller guarantees no other thread exists.
-        unsafe { std::env::remove_var(&k) };
         if let (Ok(k), Ok(v)) = (k.into_string(), v.into_string()) {
             env.insert(k, v);
         }
@@ -46,8 +54,24 @@ unsafe fn take_environment() -> BTreeMap<String, String> {
 
 /// Entry point of `cordon supervise`; returns the exit code.
 pub fn run(source: ConfigSource) -> i32 {
+    // Threads inherit the mask: held until the handlers exist (see `supervise`). Set again here,
+    // through glibc, so that its two internal signals, which the reaper blocks too, are not.
+    if let Err(e) = sys::block_signals_for_startup() {
+        tracing::error!("cannot block signals: {e}");
+        return 1;
+    }
+    // Default dispositions but for the ones cordon ignores on purpose: the job-control stops
+    // (a Ctrl-Z on the terminal reaches the reaper's whole process group, this process too).
+    if let Err(e) = sys::reset_signal_dispositions(&sys::IGNORED_IN_CORDON) {
+        tracing::error!("cannot reset signal dispositions: {e}");
+        return 1;
+    }
     // SAFETY: nothing has started a thread yet; the runtime is built below.
     let env = unsafe { take_environment() };
+    if let Err(e) = sys::set_non_dumpable() {
+        tracing::error!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}");
+        return 1;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -58,7 +82,19 @@ pub fn run(source: ConfigSource) -> i32 {
     runtime.block_on(supervise(source, env))
 }
 
+/// How long each service (control socket, DNS server, refresh, proxy) gets to stop at the end.
+const SERVICE_STOP: Duration = Duration::from_secs(1);
+
+/// The supervisor's life, then its services stopped in reverse order of start: the control
+/// socket last, so `status` answers until the end.
 async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
+    let services = Services::default();
+    let code = supervise_with(source, env, &services).await;
+    services.stop_all(SERVICE_STOP).await;
+    code
+}
+
+async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, services: &Services) -> i32 {
     // Handlers first, then unblock: signals the reaper forwarded while we started were held
     // pending by the mask we inherited, and are delivered now, to the handlers.
     let mut signals = match install_signal_handlers() {
@@ -76,16 +112,17 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
     let report = Report::new(init_mode);
     let live = crate::state::control::Live::new(report.subscribe());
 
-    let (mut report, booted, stop_requested) = match boot_until_stopped(source, env, report, live, &mut signals).await {
-        BootEnd::Returned { report, booted, stop_requested } => (report, booted, stop_requested),
-        BootEnd::Panicked => return 1,
-        BootEnd::Stuck => {
-            // The boot thread still owns the report; a fresh one is in memory only (it has no
-            // state directory), so the state file keeps the boot's last record.
-            stop_all(config::Supervisor::default().stop_grace.0, None, &mut Report::new(init_mode)).await;
-            return 0;
-        }
-    };
+    let (mut report, booted, stop_requested) =
+        match boot_until_stopped(source, env, report, live, services.clone(), &mut signals).await {
+            BootEnd::Returned { report, booted, stop_requested } => (report, booted, stop_requested),
+            BootEnd::Panicked => return 1,
+            BootEnd::Stuck => {
+                // The boot thread still owns the report; a fresh one is in memory only (it has no
+                // state directory), so the state file keeps the boot's last record.
+                stop_all(config::Supervisor::default().stop_grace.0, None, &mut Report::new(init_mode)).await;
+                return 0;
+            }
+        };
     let Booted { config, agent: spec, mut handle, egress } = match booted {
         Ok(booted) => booted,
         Err(BootFailed { supervisor, stopped: true }) => {
@@ -106,7 +143,7 @@ async fn supervise(source: ConfigSource, env: BTreeMap<String, String>) -> i32 {
         stop_all(grace, Some(&mut handle), &mut report).await;
         return 0;
     }
-    // The DNS server and the refresh run as tasks; the supervisor holds egress for its lifetime.
+    // The services (DNS server, refresh) are `services`'; egress is what they share.
     let _egress = egress;
     let mut state = AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None };
     report.set_agent(state.clone());
@@ -201,10 +238,11 @@ async fn boot_until_stopped(
     env: BTreeMap<String, String>,
     mut report: Report,
     live: std::sync::Arc<crate::state::control::Live>,
+    services: Services,
     signals: &mut mpsc::UnboundedReceiver<Signal>,
 ) -> BootEnd {
     let boot = tokio::task::spawn_blocking(move || {
-        let booted = boot::boot(&source, &env, &mut report, &live);
+        let booted = boot::boot(&source, &env, &mut report, &live, &services);
         (report, booted)
     });
     tokio::pin!(boot);
@@ -258,11 +296,15 @@ async fn hold_or_exit(
     1
 }
 
+/// Handlers for the forwarded signals, and for SIGRTMIN+3, which arrives as SIGTERM: a stop
+/// request whether the reaper translated it or it was sent to the process group (systemd sends
+/// it to every process of a unit), where its default action would end the supervisor at once.
 fn install_signal_handlers() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = mpsc::unbounded_channel();
-    for sig in sys::FORWARDED {
-        let mut stream = signal(SignalKind::from_raw(sig as i32))?;
+    let handled = sys::FORWARDED.iter().map(|&s| (s as i32, s)).chain([(sys::stop_signal_rtmin3(), Signal::SIGTERM)]);
+    for (raw, sig) in handled {
+        let mut stream = signal(SignalKind::from_raw(raw))?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
@@ -294,14 +336,16 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// The graceful stop: SIGTERM to the agent's process group and to every other process below
-/// the reaper, up to `grace` for them to exit, then SIGKILL for what is left.
+/// the reaper, up to `grace` for them to exit, then SIGKILL, repeated until nothing is left
+/// (for at most [`KILL_SETTLE`]).
 async fn stop_all(grace: Duration, agent: Option<&mut agent::AgentHandle>, report: &mut Report) {
     report.set_phase(Phase::Stopping, None);
     let me = std::process::id() as i32;
     let reaper = nix::unistd::getppid().as_raw();
     let others =
         || -> Vec<i32> { sys::live_descendants(reaper, &sys::processes()).into_iter().filter(|&p| p != me).collect() };
-    if let Some(pid) = agent.as_ref().and_then(|a| a.pid()) {
+    let agent_group = agent.as_ref().and_then(|a| a.pid());
+    if let Some(pid) = agent_group {
         let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGTERM);
     }
     sys::signal_all(&others(), Signal::SIGTERM);
@@ -317,14 +361,50 @@ async fn stop_all(grace: Duration, agent: Option<&mut agent::AgentHandle>, repor
         }
         if Instant::now() >= deadline {
             report.warn(format!("{} processes ignored SIGTERM for {:?}; killing them", left.len(), grace));
-            sys::signal_all(&left, Signal::SIGKILL);
-            let settle = Instant::now() + KILL_SETTLE;
-            while !others().is_empty() && Instant::now() < settle {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            kill_until_gone(reaper == 1, agent_group, agent, &others).await;
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     report.set_phase(Phase::Stopped, None);
+}
+
+/// SIGKILL to everything left, again and again until nothing is: one pass over a snapshot of
+/// /proc misses the children a process forks between the snapshot and the kill. As PID 1's
+/// child, a `kill(-1)` pass reaches the whole namespace atomically; otherwise (subreaper, where
+/// the namespace is not ours) the agent's process group and every group wholly below the reaper
+/// are killed as groups (also atomic), and each process of a fresh /proc walk.
+async fn kill_until_gone(
+    pid1: bool,
+    agent_group: Option<i32>,
+    mut agent: Option<&mut agent::AgentHandle>,
+    others: &dyn Fn() -> Vec<i32>,
+) {
+    let me = std::process::id() as i32;
+    let reaper = nix::unistd::getppid().as_raw();
+    let settle = Instant::now() + KILL_SETTLE;
+    loop {
+        if pid1 {
+            sys::kill_namespace();
+        }
+        if let Some(pid) = agent_group {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        sys::kill_descendants(reaper, me);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Some(a) = agent.as_mut() {
+            a.try_reap();
+        }
+        let left = others();
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= settle {
+            tracing::warn!(
+                count = left.len(),
+                "processes still alive after SIGKILL for {KILL_SETTLE:?}; leaving them to the reaper"
+            );
+            return;
+        }
+    }
 }

@@ -17,20 +17,34 @@ use nix::unistd::{Pid, getpid};
 use crate::boot::REAPER_ENV;
 use crate::sys;
 
-/// How long the final sweep waits for SIGKILLed stragglers to be reaped before exiting anyway
-/// (a process stuck in uninterruptible sleep cannot be waited for forever).
-const SWEEP_LIMIT: Duration = Duration::from_secs(5);
+/// How long the final sweep keeps killing and reaping what the supervisor left behind before
+/// exiting anyway (a process stuck in uninterruptible sleep cannot be waited for forever).
+const SWEEP_LIMIT: Duration = Duration::from_secs(1);
 
 /// Runs the reaper: never returns. `supervisor_args` are the arguments the supervisor is
 /// re-executed with (this binary, `supervise ...`).
 pub fn run(supervisor_args: Vec<OsString>) -> ! {
     // Block first, before anything can start a thread: a signal that arrives from here on is
     // held pending and handled by the loop below, never by a default disposition (which for
-    // PID 1 would mean "discarded", for anyone else "killed").
-    let wait_set = match sys::block_signals() {
-        Ok(set) => set,
-        Err(e) => fatal(&format!("cannot block signals: {e}")),
-    };
+    // PID 1 would mean "discarded", for anyone else "killed"). All 64, real-time ones included.
+    if let Err(e) = sys::block_all_signals() {
+        fatal(&format!("cannot block signals: {e}"));
+    }
+    // Then forget whatever the launcher left ignored: an inherited SIG_IGN on SIGCHLD makes the
+    // kernel reap our children itself, so the supervisor's exit status would never be seen.
+    // Only SIGPIPE stays ignored (it is the one signal not blocked above).
+    if let Err(e) = sys::reset_signal_dispositions(&[libc::SIGPIPE]) {
+        fatal(&format!("cannot reset signal dispositions: {e}"));
+    }
+    // Nothing of ours is open yet, so everything above stdio came from the launcher.
+    match sys::close_inherited_descriptors() {
+        Ok(closed) => {
+            for (fd, target) in closed {
+                tracing::info!(fd, target, "closed a descriptor inherited from the launcher");
+            }
+        }
+        Err(e) => fatal(&format!("cannot close inherited descriptors: {e}")),
+    }
     let mode = if getpid() == Pid::from_raw(1) {
         "pid 1"
     } else {
@@ -44,63 +58,98 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
     if let Err(e) = std::env::set_current_dir("/") {
         fatal(&format!("cannot change directory to /: {e}"));
     }
-    if let Err(e) = sys::cloexec_from_3() {
-        fatal(&format!("cannot mark inherited descriptors close-on-exec: {e}"));
+    // The environment holds the secrets: out of /proc/1/environ, handed to the supervisor
+    // explicitly (which scrubs its own copy the same way), and no core dump of this memory.
+    // SAFETY: single-threaded: the reaper never starts a thread.
+    let (env, scrubbed) = unsafe { sys::take_environment() };
+    if let Err(e) = scrubbed {
+        tracing::warn!(
+            "cannot overwrite the environment block: {e}; /proc/{}/environ still shows it",
+            std::process::id()
+        );
+    }
+    if let Err(e) = sys::set_non_dumpable() {
+        fatal(&format!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}"));
     }
 
-    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let exe = sys::cordon_exe();
     // The supervisor inherits the blocked mask on purpose: it unblocks once its handlers are
     // installed, so a signal sent during its start-up is delivered late rather than lost.
     #[allow(clippy::zombie_processes, reason = "reaped by reap_exited below, the one waitpid(-1)")]
-    let supervisor = match Command::new(&exe).args(&supervisor_args).env(REAPER_ENV, getpid().to_string()).spawn() {
+    let spawned =
+        Command::new(&exe).args(&supervisor_args).env_clear().envs(env).env(REAPER_ENV, getpid().to_string()).spawn();
+    let supervisor = match spawned {
         Ok(child) => Pid::from_raw(child.id() as i32),
         Err(e) => fatal(&format!("cannot start the supervisor ({}): {e}", exe.display())),
     };
     tracing::debug!(mode, supervisor = supervisor.as_raw(), "reaper started");
 
+    let stop_rtmin3 = sys::stop_signal_rtmin3();
     let code = loop {
-        match wait_set.wait() {
-            Ok(Signal::SIGCHLD) => {
-                if let Some(&(_, code)) = sys::reap_exited().iter().find(|(pid, _)| *pid == supervisor) {
-                    break code;
-                }
+        let sig = match sys::wait_signal() {
+            Ok(sig) => sig,
+            Err(e) => {
+                tracing::warn!("waiting for signals failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
-            Ok(sig) if sys::FORWARDED.contains(&sig) => {
-                if kill(supervisor, sig).is_err() {
-                    tracing::debug!(signal = %sig, "supervisor gone; signal not forwarded");
-                }
+        };
+        if sig == libc::SIGCHLD {
+            if let Some(&(_, code)) = sys::reap_exited().iter().find(|(pid, _)| *pid == supervisor) {
+                break code;
             }
-            // Anything else (SIGALRM, SIGPIPE, ...) is not for the supervisor: its default
-            // action would kill it.
-            Ok(sig) => tracing::debug!(signal = %sig, "signal ignored"),
-            Err(e) => tracing::warn!("sigwait failed: {e}"),
+        } else if sig == stop_rtmin3 {
+            // systemd's stop signal (`STOPSIGNAL SIGRTMIN+3` in an image): a stop request,
+            // which the supervisor knows as SIGTERM.
+            tracing::info!("SIGRTMIN+3: stop requested");
+            if kill(supervisor, Signal::SIGTERM).is_err() {
+                tracing::debug!("supervisor gone; stop request not forwarded");
+            }
+        } else if let Some(forwarded) = sys::FORWARDED.iter().find(|s| **s as i32 == sig) {
+            if kill(supervisor, *forwarded).is_err() {
+                tracing::debug!(signal = %forwarded, "supervisor gone; signal not forwarded");
+            }
+        } else {
+            // Anything else (SIGALRM, the job-control stops, a `kill -SEGV` from outside, the
+            // real-time signals) is not for the supervisor: its default action would kill it.
+            tracing::debug!(signal = sys::signal_name(sig), "signal ignored");
         }
     };
-    sweep();
+    sweep(mode == "pid 1");
     std::process::exit(code);
 }
 
 /// After the supervisor is gone: kill whatever is left of our subtree and reap it, so that as a
 /// subreaper we hand nothing over to the platform's init (as PID 1 the kernel would do it).
-fn sweep() {
+/// Killed again on every round, not once from one snapshot: a process that keeps forking
+/// would leave a child the snapshot did not know.
+fn sweep(pid1: bool) {
     let me = getpid().as_raw();
     let left = sys::live_descendants(me, &sys::processes());
-    if !left.is_empty() {
-        tracing::warn!(count = left.len(), "killing processes left behind by the supervisor");
-        sys::signal_all(&left, Signal::SIGKILL);
+    if left.is_empty() {
+        sys::reap_exited();
+        return;
     }
+    tracing::warn!(count = left.len(), "killing processes left behind by the supervisor");
     let deadline = Instant::now() + SWEEP_LIMIT;
     while Instant::now() < deadline {
+        if pid1 {
+            sys::kill_namespace();
+        }
+        sys::kill_descendants(me, me);
+        std::thread::sleep(Duration::from_millis(10));
         sys::reap_exited();
         if sys::live_descendants(me, &sys::processes()).is_empty() && sys::reap_exited().is_empty() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
+/// Ends the reaper on a start-up failure. The message goes to the log and, should the log be
+/// filtered, to stderr; a failed write to stderr is not a reason to panic instead.
 fn fatal(message: &str) -> ! {
+    use std::io::Write;
     tracing::error!("{message}");
-    eprintln!("cordon: {message}");
+    let _ = writeln!(std::io::stderr(), "cordon: {message}");
     std::process::exit(1)
 }
