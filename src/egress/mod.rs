@@ -12,8 +12,9 @@ pub mod probe;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use hickory_resolver::TokioResolver;
 use hickory_server::proto::rr::{Name, RecordType};
@@ -22,6 +23,7 @@ use self::dns::{DnsStats, Handler, LastGood};
 use crate::config::Network;
 use crate::config::allowlist::{Allowlist, Entry};
 use crate::egress::admission::{Admitter, Lifetimes, Sets};
+use crate::egress::namebound::bindings::{self, Bindings};
 use crate::fix::Problem;
 use crate::service::Service;
 
@@ -139,6 +141,19 @@ pub struct Egress {
     pub last_refresh: Mutex<Option<RefreshReport>>,
     /// Admissions made by the refresh last at least this long (until the next refresh).
     pub refresh_interval: Duration,
+    /// Which names cordon's DNS answered with which addresses, for the name-bound layer.
+    pub bindings: Arc<Bindings>,
+    /// `network.ports`: name-checked with name binding, else address-based.
+    pub ports: Vec<u16>,
+    /// `network.name_binding`.
+    pub name_binding: bool,
+    /// `network.proxy_port`, when name binding is on.
+    pub proxy_port: Option<u16>,
+    /// The name-checking proxy, once the firewall stage has started it (name binding only).
+    pub proxy: OnceLock<Arc<namebound::proxy::Ctx>>,
+    /// Whether its service still serves: false once it stopped or failed (name-checked
+    /// connections are then refused, never let through).
+    pub proxy_serving: Arc<AtomicBool>,
 }
 
 /// Where the resolver configuration lives; the `dns` stage points it at cordon.
@@ -212,7 +227,9 @@ impl Egress {
         let stats = Arc::new(DnsStats::default());
         let resolver = dns::upstream_resolver(&upstreams);
         let last_good = Arc::new(Mutex::new(BTreeMap::new()));
+        let bindings = Arc::new(Bindings::new(bindings::DEFAULT_CAPACITY));
         let handler = Handler {
+            bindings: bindings.clone(),
             allowlist: allowlist.clone(),
             resolver: resolver.clone(),
             admitter: admitter.clone(),
@@ -231,6 +248,12 @@ impl Egress {
             last_good,
             last_refresh: Mutex::new(None),
             refresh_interval: network.refresh_interval.0,
+            bindings,
+            ports: network.ports.clone(),
+            name_binding: network.name_binding,
+            proxy_port: network.name_binding.then_some(network.proxy_port),
+            proxy: OnceLock::new(),
+            proxy_serving: Arc::new(AtomicBool::new(false)),
         });
         (egress, server)
     }
@@ -250,8 +273,13 @@ impl Egress {
         for (name, addresses) in &known {
             let Some(reach) = self.allowlist.lookup(name) else { continue };
             for &(ip, ttl) in addresses {
-                if let Err(e) = self.admitter.admit(name, ip, ttl.max(floor), &reach) {
-                    tracing::error!(name, %ip, "refresh cannot renew an admission: {e}");
+                match self.admitter.admit(name, ip, ttl.max(floor), &reach) {
+                    Ok(admission::Verdict::Admitted) => {
+                        let now = Instant::now();
+                        self.bindings.bind(name, ip, now + self.admitter.lifetime(ttl.max(floor)), now);
+                    }
+                    Ok(admission::Verdict::Refused(_)) => {}
+                    Err(e) => tracing::error!(name, %ip, "refresh cannot renew an admission: {e}"),
                 }
             }
         }
@@ -323,7 +351,7 @@ impl Egress {
                             r
                         })
                         .collect();
-                    match dns::admit_answer(&self.admitter, &self.stats, name, &reach, &records) {
+                    match dns::admit_answer(&self.admitter, &self.bindings, &self.stats, name, &reach, &records) {
                         Ok(filtered) => fresh.extend(filtered.addresses),
                         Err(e) => {
                             tracing::error!(name, "refresh cannot admit addresses: {e}");
