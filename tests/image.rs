@@ -18,7 +18,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::docker::{Container, IMAGE_AGENT_UID, Pod, docker, host_dir};
-use harness::world::{FakeDns, GitServer, Greeter, Rec, make_repo};
+use harness::world::{FakeDns, GitServer, Greeter, HttpsServer, Rec, make_repo};
 use harness::{WORLD_V4, wait_until};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -27,12 +27,13 @@ const TOKEN: &str = "ghp_E2E_SENTINEL_0123456789abcdef";
 const AGENT: &str = r#"command = ["bash", "-c", "echo agent up; trap 'echo graceful > /out/agent-term; exit 0' TERM; while :; do sleep 0.2; done"]"#;
 
 /// The world of these tests: `git.example.com` (allowlisted; HTTPS greeter on v4 and v6, the
-/// git server on port 80) and `exfil.example.net` (not allowlisted; a greeter that must never
-/// be reached).
+/// git server on port 80, an HTTPS server on 443) and `exfil.example.net` (not allowlisted;
+/// at its own address and, sharing git.example.com's, a name the HTTPS server must never be
+/// asked for).
 struct World {
     dns: FakeDns,
     git: GitServer,
-    _greeters: Vec<Greeter>,
+    https: HttpsServer,
 }
 
 fn world(pod: &Pod, tag: &str) -> World {
@@ -42,14 +43,11 @@ fn world(pod: &Pod, tag: &str) -> World {
     for ip in ["192.0.2.80", "2001:db8::80", "192.0.2.81"] {
         pod.add_world_addr(ip);
     }
-    let greeters = ["192.0.2.80:443", "[2001:db8::80]:443", "192.0.2.81:443"]
-        .iter()
-        .map(|a| Greeter::start(&pod.world, a.parse().unwrap()))
-        .collect();
     let srv = host_dir(&format!("{tag}-srv"));
+    let https = HttpsServer::start(&pod.world, &["192.0.2.80:443", "[2001:db8::80]:443", "192.0.2.81:443"], &srv);
     make_repo(&srv, "hello from the world\n");
     let git = GitServer::start(&pod.world, "192.0.2.80:80".parse().unwrap(), srv, "x-access-token", TOKEN);
-    World { dns, git, _greeters: greeters }
+    World { dns, git, https }
 }
 
 /// The host directory mounted at /etc/cordon-e2e (config and allowlist) and /out (writable by
@@ -114,18 +112,22 @@ const PROFILE_2: &[&str] = &[
 /// NXDOMAIN without ever reaching the upstream; its address and the world's resolver are
 /// refused.
 fn check_egress(c: &Container, w: &World, ipv6: bool) {
-    let families: &[(&str, &str)] =
-        if ipv6 { &[("v4", "192.0.2.80:443"), ("v6", "[2001:db8::80]:443")] } else { &[("v4", "192.0.2.80:443")] };
-    for (family, greeter) in families {
-        let out = c.agent_sh(&format!(
-            "addr=$(getent ahosts{family} git.example.com | awk 'NR==1{{print $1}}') && exec 3<>/dev/tcp/$addr/443 && head -1 <&3"
-        ));
+    let families: &[&str] = if ipv6 { &["-4", "-6"] } else { &["-4"] };
+    for family in families {
+        let out = c.agent_sh(&format!("curl -sSk --max-time 10 {family} https://git.example.com/"));
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            format!("hello from {greeter}"),
+            "hello git.example.com",
             "allowed name, {family}: {out:?}"
         );
     }
+    // The name-bound layer: on git.example.com's own address, another name is refused before
+    // the server sees a byte.
+    let before = w.https.lines().len();
+    let fronted =
+        c.agent_sh("curl -sSk --max-time 10 --resolve exfil.example.net:443:192.0.2.80 https://exfil.example.net/");
+    assert!(!fronted.status.success(), "a foreign name on an admitted address is refused: {fronted:?}");
+    assert!(!w.https.lines()[before..].iter().any(|l| l.contains("exfil")), "the server saw the foreign name");
 
     let denied = c.agent_sh("getent hosts exfil.example.net");
     assert_eq!(denied.status.code(), Some(2), "a denied name is not found: {denied:?}");

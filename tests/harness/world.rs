@@ -194,6 +194,92 @@ impl Greeter {
     }
 }
 
+/// An HTTPS server (python3's, a self-signed certificate made with openssl) on `addrs`, each
+/// `ip:port` or `[ip6]:port`: answers every GET with "hello HOST\n" and logs the SNI of every
+/// handshake (`sni NAME`, or `sni -`) to `log`, so a test can prove a refused connection never
+/// reached it.
+pub struct HttpsServer {
+    child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+const HTTPS_PY: &str = r#"
+import socket, ssl, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+cert, key, log, *binds = sys.argv[1:]
+lock = threading.Lock()
+def note(line):
+    with lock, open(log, "a") as f:
+        f.write(line + "\n")
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+ctx.sni_callback = lambda sock, name, c: note("sni %s" % (name or "-"))
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = ("hello %s\n" % self.headers.get("Host")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+class S(ThreadingHTTPServer):
+    daemon_threads = True
+    def get_request(self):
+        conn, addr = self.socket.accept()
+        return ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), addr
+for b in binds:
+    host, port = b.rsplit(":", 1)
+    host = host.strip("[]")
+    S.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    srv = S((host, int(port)), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+note("ready")
+threading.Event().wait()
+"#;
+
+impl HttpsServer {
+    pub fn start(ns: &str, addrs: &[&str], dir: &std::path::Path) -> HttpsServer {
+        let (cert, key, log) = (dir.join("https-cert.pem"), dir.join("https-key.pem"), dir.join("https.log"));
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=cordon-world-https", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("this test needs openssl (scripts/install-test-deps.sh)");
+        assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+        let script = dir.join("https.py");
+        std::fs::write(&script, HTTPS_PY).unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "python3"])
+            .arg(&script)
+            .args([&cert, &key, &log])
+            .args(addrs)
+            .spawn()
+            .expect("start the world's HTTPS server (python3)");
+        let server = HttpsServer { child, log };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !server.lines().iter().any(|l| l == "ready") {
+            assert!(std::time::Instant::now() < deadline, "the world's HTTPS server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().map(String::from).collect()
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A request the git server received: its path and Authorization header.
 pub type Request = (String, Option<String>);
 
