@@ -4,10 +4,11 @@
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::mount::{MsFlags, mount};
+use nix::mount::MsFlags;
+
+use crate::sys::effects::{Effects, FileKind};
 
 /// One line of `/proc/self/mountinfo` (proc(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +96,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
         .collect()
 }
 
-pub fn read_mountinfo() -> io::Result<Vec<MountInfo>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo")?))
+pub fn read_mountinfo(sys: &dyn Effects) -> io::Result<Vec<MountInfo>> {
+    Ok(parse_mountinfo(&sys.read_mountinfo()?))
 }
 
 /// The mount that `path` is on: the last (topmost) mount whose mount point is its longest
@@ -262,29 +263,22 @@ pub fn plan_tmpfs(specs: Vec<TmpfsSpec>, mounts: &[MountInfo]) -> Result<Vec<Tmp
 
 /// Applies the tmpfs plan. Returns warnings (defence-in-depth flags that could not be added to
 /// a runtime's tmpfs).
-pub fn apply_tmpfs(steps: &[TmpfsStep]) -> Result<Vec<String>, FsError> {
+pub fn apply_tmpfs(steps: &[TmpfsStep], sys: &dyn Effects) -> Result<Vec<String>, FsError> {
     let mut warnings = Vec::new();
     for step in steps {
         match step {
             TmpfsStep::Mount(s) => {
-                std::fs::create_dir_all(&s.path)
-                    .map_err(|source| FsError::CreateDir { path: s.path.clone(), source })?;
+                sys.create_dir_all(&s.path).map_err(|source| FsError::CreateDir { path: s.path.clone(), source })?;
                 let data = format!("size={},mode={:o},uid={},gid={}", s.size, s.mode, s.uid, s.gid);
-                mount(
-                    Some("tmpfs"),
-                    &s.path,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                    Some(data.as_str()),
-                )
-                .map_err(|source| FsError::MountTmpfs { path: s.path.clone(), source })?;
+                sys.mount_tmpfs(&s.path, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &data)
+                    .map_err(|source| FsError::MountTmpfs { path: s.path.clone(), source })?;
             }
             TmpfsStep::Adopt { spec: s, missing, .. } => {
                 if !missing.is_empty() {
-                    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+                    let mounts = read_mountinfo(sys).map_err(FsError::Mountinfo)?;
                     let kept = mount_at(&mounts, &s.path).map(MountInfo::kept_flags).unwrap_or(MsFlags::empty());
                     let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | kept | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-                    if let Err(e) = mount(None::<&str>, &s.path, None::<&str>, flags, None::<&str>) {
+                    if let Err(e) = sys.remount(&s.path, flags) {
                         warnings.push(format!(
                             "the runtime's tmpfs at {} lacks {} and cannot be remounted with it ({e}); \
                              add the options in the runtime (e.g. --tmpfs {}:nosuid,nodev)",
@@ -294,19 +288,19 @@ pub fn apply_tmpfs(steps: &[TmpfsStep]) -> Result<Vec<String>, FsError> {
                         ));
                     }
                 }
-                std::os::unix::fs::chown(&s.path, Some(s.uid), Some(s.gid))
-                    .and_then(|_| std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(s.mode)))
+                sys.chown(&s.path, s.uid, s.gid)
+                    .and_then(|_| sys.chmod(&s.path, s.mode))
                     .map_err(|source| FsError::Chown { path: s.path.clone(), source })?;
             }
         }
     }
-    verify_tmpfs(steps, &read_mountinfo().map_err(FsError::Mountinfo)?)?;
+    verify_tmpfs(steps, &read_mountinfo(sys).map_err(FsError::Mountinfo)?, sys)?;
     Ok(warnings)
 }
 
 /// Checks that each tmpfs is in place with the configured owner and mode (and, for those cordon
 /// mounted, size and nosuid,nodev).
-fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo]) -> Result<(), FsError> {
+fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo], sys: &dyn Effects) -> Result<(), FsError> {
     for step in steps {
         let (spec, ours) = match step {
             TmpfsStep::Mount(s) => (s, true),
@@ -320,9 +314,9 @@ fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo]) -> Result<(), FsError
         if ours && (!m.has("nosuid") || !m.has("nodev") || m.tmpfs_size() != Some(spec.size)) {
             return Err(bad(format!("options {} {}", m.options.join(","), m.super_options.join(","))));
         }
-        let meta = std::fs::metadata(&spec.path).map_err(|e| bad(e.to_string()))?;
-        if meta.uid() != spec.uid || meta.gid() != spec.gid || meta.mode() & 0o7777 != spec.mode {
-            return Err(bad(format!("owner {}:{} mode {:04o}", meta.uid(), meta.gid(), meta.mode() & 0o7777)));
+        let meta = sys.stat(&spec.path).map_err(|e| bad(e.to_string()))?;
+        if meta.uid != spec.uid || meta.gid != spec.gid || meta.mode != spec.mode {
+            return Err(bad(format!("owner {}:{} mode {:04o}", meta.uid, meta.gid, meta.mode)));
         }
     }
     Ok(())
@@ -330,29 +324,29 @@ fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo]) -> Result<(), FsError
 
 /// Creates `path -> target`, replacing an existing symlink. Missing parent directories are
 /// created owned like their nearest existing ancestor (on a tmpfs owned by the agent, the agent).
-pub fn make_link(path: &Path, target: &Path) -> Result<(), FsError> {
+pub fn make_link(path: &Path, target: &Path, sys: &dyn Effects) -> Result<(), FsError> {
     let err = |source| FsError::Symlink { path: path.into(), target: target.into(), source };
     if let Some(parent) = path.parent() {
         let mut ancestor = parent;
-        while !ancestor.exists() {
+        while sys.stat(ancestor).is_err() {
             ancestor = ancestor.parent().unwrap_or(Path::new("/"));
         }
-        let meta = std::fs::metadata(ancestor).map_err(err)?;
-        std::fs::create_dir_all(parent).map_err(err)?;
+        let meta = sys.stat(ancestor).map_err(err)?;
+        sys.create_dir_all(parent).map_err(err)?;
         let mut dir = parent;
         while dir != ancestor {
-            std::os::unix::fs::chown(dir, Some(meta.uid()), Some(meta.gid())).map_err(err)?;
+            sys.chown(dir, meta.uid, meta.gid).map_err(err)?;
             dir = dir.parent().unwrap_or(ancestor);
         }
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(path).map_err(err)?,
+    match sys.lstat(path) {
+        Ok(m) if m.kind == FileKind::Symlink => sys.remove_file(path).map_err(err)?,
         Ok(_) => return Err(FsError::LinkOccupied { path: path.into() }),
         Err(_) => {}
     }
-    std::os::unix::fs::symlink(target, path).map_err(err)?;
-    let owner = std::fs::metadata(path.parent().unwrap_or(Path::new("/"))).map_err(err)?;
-    std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).map_err(err)
+    sys.symlink(target, path).map_err(err)?;
+    let owner = sys.stat(path.parent().unwrap_or(Path::new("/"))).map_err(err)?;
+    sys.lchown(path, owner.uid, owner.gid).map_err(err)
 }
 
 /// Makes sure the state directory exists on a writable tmpfs that will survive the read-only
@@ -362,20 +356,15 @@ pub fn make_link(path: &Path, target: &Path) -> Result<(), FsError> {
 /// on a root that is still writable, the directory stays on the root filesystem and a warning
 /// is returned: the boot then fails at a later stage that needs the same right, and the state
 /// directory is what lets `cordon status` and `cordon attach` say so.
-pub fn prepare_state_dir(dir: &Path) -> Result<Option<String>, FsError> {
-    std::fs::create_dir_all(dir).map_err(|source| FsError::CreateDir { path: dir.into(), source })?;
-    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+pub fn prepare_state_dir(dir: &Path, sys: &dyn Effects) -> Result<Option<String>, FsError> {
+    sys.create_dir_all(dir).map_err(|source| FsError::CreateDir { path: dir.into(), source })?;
+    let mounts = read_mountinfo(sys).map_err(FsError::Mountinfo)?;
     let on_tmpfs = mount_of(&mounts, dir).is_some_and(|m| m.fstype == "tmpfs" && !m.read_only());
     let mut warning = None;
     if !on_tmpfs {
         // 16 MiB holds years of boot logs; the size cap keeps a runaway writer from eating RAM.
-        let mounted = mount(
-            Some("tmpfs"),
-            dir,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some("size=16m,mode=755"),
-        );
+        let mounted =
+            sys.mount_tmpfs(dir, MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, "size=16m,mode=755");
         match mounted {
             Ok(()) => {}
             Err(nix::Error::EPERM) => {
@@ -388,8 +377,8 @@ pub fn prepare_state_dir(dir: &Path) -> Result<Option<String>, FsError> {
             Err(source) => return Err(FsError::MountTmpfs { path: dir.into(), source }),
         }
     }
-    std::os::unix::fs::chown(dir, Some(0), Some(0))
-        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+    sys.chown(dir, 0, 0)
+        .and_then(|_| sys.chmod(dir, 0o755))
         .map_err(|source| FsError::Chown { path: dir.into(), source })?;
     Ok(warning)
 }
@@ -461,13 +450,13 @@ pub struct ReadonlyOutcome {
 /// `readOnlyRootFilesystem`) the runtime's own read-write file bind mounts (resolv.conf, hosts,
 /// hostname) cannot be remounted; a regular file owned by root and writable by nobody else is
 /// left as it is, with a warning, since the agent cannot write it. Anything else fails closed.
-pub fn apply_readonly(plan: &[RemountRo]) -> Result<ReadonlyOutcome, FsError> {
+pub fn apply_readonly(plan: &[RemountRo], sys: &dyn Effects) -> Result<ReadonlyOutcome, FsError> {
     let mut outcome = ReadonlyOutcome::default();
     for r in plan {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | r.keep;
-        match mount(None::<&str>, &r.path, None::<&str>, flags, None::<&str>) {
+        match sys.remount(&r.path, flags) {
             Ok(()) => outcome.remounted.push(r.clone()),
-            Err(nix::Error::EPERM) if root_only_file(&r.path) => outcome.warnings.push(format!(
+            Err(nix::Error::EPERM) if root_only_file(&r.path, sys) => outcome.warnings.push(format!(
                 "{} stays a writable bind mount of the runtime's (no CAP_SYS_ADMIN to remount it); it is a root-owned file \
                  nobody else may write",
                 r.path.display()
@@ -478,20 +467,20 @@ pub fn apply_readonly(plan: &[RemountRo]) -> Result<ReadonlyOutcome, FsError> {
     Ok(outcome)
 }
 
-fn root_only_file(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0)
+fn root_only_file(path: &Path, sys: &dyn Effects) -> bool {
+    sys.stat(path).is_ok_and(|m| m.kind == FileKind::File && m.uid == 0 && m.mode & 0o022 == 0)
 }
 
 /// Proves the root is read-only: every planned mount shows `ro`, and creating a file in `/`
 /// fails with EROFS.
-pub fn verify_readonly(plan: &[RemountRo]) -> Result<(), FsError> {
-    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+pub fn verify_readonly(plan: &[RemountRo], sys: &dyn Effects) -> Result<(), FsError> {
+    let mounts = read_mountinfo(sys).map_err(FsError::Mountinfo)?;
     for r in plan {
         if mount_at(&mounts, &r.path).is_none_or(|m| !m.read_only()) {
             return Err(FsError::StillWritable { path: r.path.clone() });
         }
     }
-    match crate::sys::write_probe(Path::new("/")) {
+    match sys.write_probe(Path::new("/")) {
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(()),
         Err(e) => Err(FsError::RootWritable(format!("it failed with {e} instead"))),
         Ok(()) => Err(FsError::RootWritable("it succeeded".into())),
@@ -505,6 +494,7 @@ pub fn filesystem(
     config: &crate::config::Config,
     user: &crate::session::users::AgentUser,
     warn: &mut dyn FnMut(String),
+    sys: &dyn Effects,
 ) -> crate::fix::StageResult<Vec<PathBuf>> {
     use crate::fix::Problem;
     let fs_error = |e: FsError| Problem::from_fix(&e);
@@ -516,15 +506,16 @@ pub fn filesystem(
         specs.push(TmpfsSpec { path: m.path.resolve(&user.home), size: m.size.0, mode: m.mode.0, uid, gid });
     }
     let paths = specs.iter().map(|s| s.path.clone()).collect();
-    let plan = plan_tmpfs(specs, &read_mountinfo().map_err(|e| fs_error(FsError::Mountinfo(e)))?).map_err(fs_error)?;
+    let plan =
+        plan_tmpfs(specs, &read_mountinfo(sys).map_err(|e| fs_error(FsError::Mountinfo(e)))?).map_err(fs_error)?;
     for step in &plan {
         tracing::debug!(%step, "tmpfs");
     }
-    for warning in apply_tmpfs(&plan).map_err(fs_error)? {
+    for warning in apply_tmpfs(&plan, sys).map_err(fs_error)? {
         warn(warning);
     }
     for link in &config.filesystem.links {
-        make_link(&link.path.resolve(&user.home), &link.target).map_err(fs_error)?;
+        make_link(&link.path.resolve(&user.home), &link.target, sys).map_err(fs_error)?;
     }
     let adopted = plan.iter().filter(|s| matches!(s, TmpfsStep::Adopt { .. })).count();
     let detail = format!(
@@ -539,10 +530,14 @@ pub fn filesystem(
 /// tmpfs mounts, the configured writable mounts, the state directory), per mount point, then
 /// proven with a write that must fail. After everything the boot writes outside the tmpfs
 /// mounts, before anything the agent influences runs.
-pub fn readonly_root(writable: &[PathBuf], warn: &mut dyn FnMut(String)) -> crate::fix::StageResult<(), FsError> {
-    let plan = plan_readonly(&read_mountinfo().map_err(FsError::Mountinfo)?, writable);
-    let done = apply_readonly(&plan)?;
-    verify_readonly(&done.remounted)?;
+pub fn readonly_root(
+    writable: &[PathBuf],
+    warn: &mut dyn FnMut(String),
+    sys: &dyn Effects,
+) -> crate::fix::StageResult<(), FsError> {
+    let plan = plan_readonly(&read_mountinfo(sys).map_err(FsError::Mountinfo)?, writable);
+    let done = apply_readonly(&plan, sys)?;
+    verify_readonly(&done.remounted, sys)?;
     for w in done.warnings {
         warn(w);
     }

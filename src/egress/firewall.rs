@@ -31,6 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::PortRange;
+use crate::sys::effects::Effects;
 
 pub const CHAIN: &str = "CORDON_AGENT";
 /// Entered by every locally generated packet, from the one jump in `OUTPUT`.
@@ -415,9 +416,9 @@ impl FirewallError {
 /// xtables lock themselves).
 const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 
-fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    use crate::sys::command::{self, CommandError};
-    let out = command::run(program, args, stdin.map(str::as_bytes), COMMAND_DEADLINE).map_err(|e| match e {
+fn run(sys: &dyn Effects, program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    use crate::sys::command::CommandError;
+    let out = sys.run(program, args, stdin.map(str::as_bytes), COMMAND_DEADLINE).map_err(|e| match e {
         CommandError::Spawn { source, .. } => FirewallError::Spawn { program, source },
         other => FirewallError::Command(other),
     })?;
@@ -438,8 +439,8 @@ fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<Stri
     })
 }
 
-fn list_sets() -> Result<Vec<String>, FirewallError> {
-    Ok(run("ipset", &["list", "-n"], None)?.lines().map(str::to_string).collect())
+fn list_sets(sys: &dyn Effects) -> Result<Vec<String>, FirewallError> {
+    Ok(run(sys, "ipset", &["list", "-n"], None)?.lines().map(str::to_string).collect())
 }
 
 /// The boot's `firewall` stage: default-deny for every uid but root, IPv4 and IPv6, before the
@@ -449,6 +450,7 @@ pub fn stage(
     network: &crate::config::Network,
     egress: &crate::egress::Egress,
     resolv_conf: &str,
+    sys: &dyn Effects,
 ) -> crate::fix::StageResult<(), FirewallError> {
     let plan = Plan {
         listen: network.listen,
@@ -458,7 +460,7 @@ pub fn stage(
         loopback_ports: network.loopback_ports.clone(),
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
-    apply(&plan, default_timeout)?;
+    apply(&plan, default_timeout, sys)?;
     let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
     let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
     let loopback = plan.loopback_ports.iter().map(ToString::to_string).collect();
@@ -477,10 +479,10 @@ pub fn stage(
 /// Installs the firewall, replacing whatever a previous run in this network namespace left
 /// (its sets, chains and jumps, whatever their parameters), or, if any step fails, removes
 /// every cordon set, chain and jump so that no partial policy is left, and returns the error.
-pub fn apply(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
-    let result = apply_steps(plan, default_timeout);
+pub fn apply(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(), FirewallError> {
+    let result = apply_steps(plan, default_timeout, sys);
     if result.is_err() {
-        for problem in remove() {
+        for problem in remove(sys) {
             tracing::error!("rolling back the firewall: {problem}");
         }
     }
@@ -489,26 +491,26 @@ pub fn apply(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
 
 /// The sets first, because the rules reference them; then per family the chains and the jump
 /// in one transaction, read back; then the sets the new rules no longer reference go.
-fn apply_steps(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
-    let existing = list_sets()?;
-    run("ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
+fn apply_steps(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(), FirewallError> {
+    let existing = list_sets(sys)?;
+    run(sys, "ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
     for family in [Family::V4, Family::V6] {
-        let output = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
+        let output = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
         let rules = render_rules(plan, family, &output);
-        run(family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
-        verify(&rules, family)?;
+        run(sys, family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
+        verify(&rules, family, sys)?;
     }
-    for name in stale_sets(plan, &list_sets()?) {
-        run("ipset", &["destroy", &name], None)?;
+    for name in stale_sets(plan, &list_sets(sys)?) {
+        run(sys, "ipset", &["destroy", &name], None)?;
     }
     Ok(())
 }
 
 /// Reads the chains and `OUTPUT` back: every chain has as many rules as written, and the jump
 /// is there once.
-fn verify(rules: &str, family: Family) -> Result<(), FirewallError> {
+fn verify(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), FirewallError> {
     for chain in CHAINS {
-        let listed = run(family.iptables(), &["-w", "10", "-S", chain], None)?;
+        let listed = run(sys, family.iptables(), &["-w", "10", "-S", chain], None)?;
         let prefix = format!("-A {chain} ");
         let found = listed.lines().filter(|l| l.starts_with(&prefix)).count();
         let expected = rules.lines().filter(|l| l.starts_with(&prefix)).count();
@@ -516,7 +518,7 @@ fn verify(rules: &str, family: Family) -> Result<(), FirewallError> {
             return Err(FirewallError::Verify { family, chain, found, expected });
         }
     }
-    let output = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
+    let output = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
     let found = output.lines().filter(|l| *l == format!("-A OUTPUT -j {OUTPUT_CHAIN}")).count();
     if found != 1 {
         return Err(FirewallError::VerifyJump { family, found });
@@ -527,31 +529,31 @@ fn verify(rules: &str, family: Family) -> Result<(), FirewallError> {
 /// Removes every jump to cordon's chains, the chains and cordon's sets, both families, each
 /// step on its own so one failure does not stop the rest. Returns what could not be removed
 /// (nothing of a kind that does not exist counts).
-pub fn remove() -> Vec<String> {
+pub fn remove(sys: &dyn Effects) -> Vec<String> {
     let mut problems = Vec::new();
     for family in [Family::V4, Family::V6] {
-        let Ok(output) = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None) else { continue };
+        let Ok(output) = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None) else { continue };
         let tool = family.iptables();
         for line in render_output_jump(&output).lines().filter(|l| l.starts_with("-D ")) {
             let args: Vec<&str> = ["-w", "10"].into_iter().chain(split_spec(line)).collect();
-            if let Err(e) = run(tool, &args, None) {
+            if let Err(e) = run(sys, tool, &args, None) {
                 problems.push(format!("{tool} {line}: {e}"));
             }
         }
-        let chains = run(tool, &["-w", "10", "-S"], None).unwrap_or_default();
+        let chains = run(sys, tool, &["-w", "10", "-S"], None).unwrap_or_default();
         let present: Vec<&str> =
             CHAINS.into_iter().filter(|c| chains.lines().any(|l| l == format!("-N {c}"))).collect();
         for flag in ["-F", "-X"] {
             for chain in &present {
-                if let Err(e) = run(tool, &["-w", "10", flag, chain], None) {
+                if let Err(e) = run(sys, tool, &["-w", "10", flag, chain], None) {
                     problems.push(format!("{tool} {flag} {chain}: {e}"));
                 }
             }
         }
     }
-    if let Ok(sets) = list_sets() {
+    if let Ok(sets) = list_sets(sys) {
         for name in sets.iter().filter(|n| is_cordon_set(n)) {
-            if let Err(e) = run("ipset", &["destroy", name], None) {
+            if let Err(e) = run(sys, "ipset", &["destroy", name], None) {
                 problems.push(format!("ipset destroy {name}: {e}"));
             }
         }
@@ -579,8 +581,8 @@ fn split_spec(line: &str) -> Vec<&str> {
 }
 
 /// Per-rule packet counters of the chain, in rule order (for `status`).
-pub fn counters(family: Family) -> Result<Vec<(u64, String)>, FirewallError> {
-    let out = run(family.iptables(), &["-w", "10", "-L", CHAIN, "-n", "-v", "-x"], None)?;
+pub fn counters(family: Family, sys: &dyn Effects) -> Result<Vec<(u64, String)>, FirewallError> {
+    let out = run(sys, family.iptables(), &["-w", "10", "-L", CHAIN, "-n", "-v", "-x"], None)?;
     Ok(out
         .lines()
         .skip(2)
