@@ -634,4 +634,320 @@ mod tests {
         let first = &parse_mountinfo(text)[0];
         assert_eq!(first.kept_flags(), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME);
     }
+
+    // The stages against a recorder (`sys::effects::Recorder`): the exact effects of each plan,
+    // and the error and fix of each failure, without root. tests/filesystem.rs proves them on
+    // the real kernel.
+
+    use crate::config::{ByteSize, Config, FileMode, Link, Owner, TmpfsMount};
+    use crate::fix::Fix;
+    use crate::session::users::AgentUser;
+    use crate::sys::effects::{Call, Fault, FileKind, Recorder};
+    use nix::errno::Errno;
+
+    const ROOT_AND_TMP: &str = "\
+1 0 8:1 / / rw,relatime - ext4 /dev/sda rw
+2 1 0:5 / /tmp rw,nosuid,relatime - tmpfs tmpfs rw,size=524288k
+";
+
+    /// After the filesystem stage: /tmp has nodev, /workspace is cordon's tmpfs.
+    const ROOT_TMP_AND_WORKSPACE: &str = "\
+1 0 8:1 / / rw,relatime - ext4 /dev/sda rw
+2 1 0:5 / /tmp rw,nosuid,nodev,relatime - tmpfs tmpfs rw,size=524288k
+3 1 0:6 / /workspace rw,nosuid,nodev,relatime - tmpfs tmpfs rw,size=1024k,mode=755,uid=4242,gid=4242
+";
+
+    fn agent() -> AgentUser {
+        AgentUser {
+            name: "agent".into(),
+            uid: 4242,
+            gid: 4242,
+            home: "/home/agent".into(),
+            shell: "/bin/bash".into(),
+            groups: vec![],
+        }
+    }
+
+    /// /workspace (the agent's, 1 MiB, 0755) and /tmp (root's, 1777), and one link in the home.
+    fn config() -> Config {
+        let tmpfs = |path: &str, size, mode, owner| TmpfsMount {
+            path: path.parse().unwrap(),
+            size: ByteSize(size),
+            mode: FileMode(mode),
+            owner: Some(owner),
+        };
+        let mut config = Config::default();
+        config.tmpfs.0 =
+            vec![tmpfs("/workspace", 1 << 20, 0o755, Owner::Agent), tmpfs("/tmp", 512 << 20, 0o1777, Owner::Root)];
+        config.filesystem.links =
+            vec![Link { path: "~/.config/tool".parse().unwrap(), target: "/workspace/.tool".into() }];
+        config
+    }
+
+    /// The image's files the stage touches: the root, the runtime's /tmp, the agent's home.
+    fn image() -> Recorder {
+        let rec = Recorder::new();
+        rec.file("/", FileKind::Dir, 0, 0, 0o755)
+            .file("/tmp", FileKind::Dir, 0, 0, 0o1777)
+            .file("/home", FileKind::Dir, 0, 0, 0o755)
+            .file("/home/agent", FileKind::Dir, 4242, 4242, 0o700);
+        rec
+    }
+
+    fn filesystem_stage(rec: &Recorder) -> Result<(Vec<PathBuf>, String), crate::fix::Problem> {
+        let mut warnings = Vec::new();
+        let result = filesystem(&config(), &agent(), &mut |w| warnings.push(w), rec);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        result
+    }
+
+    #[test]
+    fn filesystem_stage_mounts_a_missing_tmpfs_adopts_the_runtimes_and_links_in_that_order() {
+        let rec = image();
+        // Planned, then re-read for the remount's flags, then read to verify.
+        rec.mountinfo([ROOT_AND_TMP, ROOT_AND_TMP, ROOT_TMP_AND_WORKSPACE]);
+        let (paths, detail) = filesystem_stage(&rec).unwrap();
+        assert_eq!(paths, [PathBuf::from("/workspace"), PathBuf::from("/tmp")]);
+        assert_eq!(detail, "1 tmpfs mounted, 1 provided by the runtime, 1 links");
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/workspace".into() },
+                Call::MountTmpfs {
+                    path: "/workspace".into(),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    data: "size=1048576,mode=755,uid=4242,gid=4242".into(),
+                },
+                // The runtime's /tmp lacks nodev: added, keeping the flags it has.
+                Call::Remount {
+                    path: "/tmp".into(),
+                    flags: MsFlags::MS_REMOUNT
+                        | MsFlags::MS_BIND
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_RELATIME
+                        | MsFlags::MS_NODEV,
+                },
+                Call::Chown { path: "/tmp".into(), uid: 0, gid: 0 },
+                Call::Chmod { path: "/tmp".into(), mode: 0o1777 },
+                // The link's missing parent is created owned like the home above it.
+                Call::CreateDirAll { path: "/home/agent/.config".into() },
+                Call::Chown { path: "/home/agent/.config".into(), uid: 4242, gid: 4242 },
+                Call::Symlink { target: "/workspace/.tool".into(), path: "/home/agent/.config/tool".into() },
+                Call::Lchown { path: "/home/agent/.config/tool".into(), uid: 4242, gid: 4242 },
+            ]
+        );
+    }
+
+    #[test]
+    fn filesystem_stage_without_the_right_to_mount_fails_with_the_cap_sys_admin_fix_and_goes_no_further() {
+        let rec = image();
+        rec.mountinfo([ROOT_AND_TMP]).fail_when(|c| matches!(c, Call::MountTmpfs { .. }), Fault::Errno(Errno::EPERM));
+        let e = filesystem_stage(&rec).unwrap_err();
+        assert_eq!(e.to_string(), "failed to mount tmpfs at /workspace: EPERM: Operation not permitted");
+        assert!(e.fix().unwrap().contains("--cap-add SYS_ADMIN"), "{e:?}");
+        assert!(matches!(rec.changes().last(), Some(Call::MountTmpfs { .. })), "{:?}", rec.changes());
+    }
+
+    #[test]
+    fn filesystem_stage_refuses_a_volume_where_a_tmpfs_is_configured_before_any_effect() {
+        let rec = image();
+        rec.mountinfo(["1 0 8:1 / / rw - ext4 /dev/sda rw\n2 1 8:1 /v /workspace rw - ext4 /dev/sda rw\n"]);
+        let e = filesystem_stage(&rec).unwrap_err();
+        assert_eq!(e.to_string(), "/workspace is already a ext4 mount, not a tmpfs");
+        assert!(e.fix().unwrap().contains("filesystem.writable"), "{e:?}");
+        assert_eq!(rec.changes(), []);
+    }
+
+    #[test]
+    fn a_runtime_tmpfs_that_cannot_take_nodev_is_kept_with_a_warning() {
+        let rec = image();
+        rec.mountinfo([ROOT_AND_TMP, ROOT_AND_TMP, ROOT_TMP_AND_WORKSPACE])
+            .fail_when(|c| matches!(c, Call::Remount { .. }), Fault::Errno(Errno::EPERM));
+        let mut warnings = Vec::new();
+        filesystem(&config(), &agent(), &mut |w| warnings.push(w), &rec).unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("the runtime's tmpfs at /tmp lacks nodev"), "{warnings:?}");
+        assert!(rec.changes().contains(&Call::Chmod { path: "/tmp".into(), mode: 0o1777 }));
+    }
+
+    #[test]
+    fn filesystem_stage_fails_when_the_mounted_tmpfs_does_not_show_up() {
+        let rec = image();
+        rec.mountinfo([ROOT_AND_TMP]);
+        let e = filesystem_stage(&rec).unwrap_err();
+        assert_eq!(e.to_string(), "tmpfs at /workspace did not come up as expected: no mount there");
+    }
+
+    #[test]
+    fn a_link_replaces_an_old_symlink_but_never_a_file() {
+        let rec = image();
+        rec.file("/home/agent/.gitconfig", FileKind::Symlink, 4242, 4242, 0o777);
+        make_link(Path::new("/home/agent/.gitconfig"), Path::new("/workspace/.gitconfig"), &rec).unwrap();
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/home/agent".into() },
+                Call::RemoveFile { path: "/home/agent/.gitconfig".into() },
+                Call::Symlink { target: "/workspace/.gitconfig".into(), path: "/home/agent/.gitconfig".into() },
+                Call::Lchown { path: "/home/agent/.gitconfig".into(), uid: 4242, gid: 4242 },
+            ]
+        );
+        let rec = image();
+        rec.file("/home/agent/.bashrc", FileKind::File, 4242, 4242, 0o644);
+        let e = make_link(Path::new("/home/agent/.bashrc"), Path::new("/x"), &rec).unwrap_err();
+        assert!(matches!(e, FsError::LinkOccupied { .. }), "{e}");
+        assert_eq!(rec.changes(), [Call::CreateDirAll { path: "/home/agent".into() }]);
+    }
+
+    #[test]
+    fn the_state_dir_on_a_runtime_tmpfs_is_used_as_it_is() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]);
+        assert_eq!(prepare_state_dir(Path::new("/tmp/cordon"), &rec).unwrap(), None);
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/tmp/cordon".into() },
+                Call::Chown { path: "/tmp/cordon".into(), uid: 0, gid: 0 },
+                Call::Chmod { path: "/tmp/cordon".into(), mode: 0o755 },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_state_dir_on_the_root_gets_a_small_tmpfs_of_its_own() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]);
+        assert_eq!(prepare_state_dir(Path::new("/run/cordon"), &rec).unwrap(), None);
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/run/cordon".into() },
+                Call::MountTmpfs {
+                    path: "/run/cordon".into(),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    data: "size=16m,mode=755".into(),
+                },
+                Call::Chown { path: "/run/cordon".into(), uid: 0, gid: 0 },
+                Call::Chmod { path: "/run/cordon".into(), mode: 0o755 },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_state_dir_without_the_right_to_mount_stays_on_the_root_with_a_warning() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]).fail_when(|c| matches!(c, Call::MountTmpfs { .. }), Fault::Errno(Errno::EPERM));
+        let warning = prepare_state_dir(Path::new("/run/cordon"), &rec).unwrap().unwrap();
+        assert!(warning.starts_with("no permission to mount a tmpfs at /run/cordon"), "{warning}");
+        assert_eq!(rec.changes().last(), Some(&Call::Chmod { path: "/run/cordon".into(), mode: 0o755 }));
+        // Any other mount failure is an error.
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]).fail_when(|c| matches!(c, Call::MountTmpfs { .. }), Fault::Errno(Errno::ENODEV));
+        let e = prepare_state_dir(Path::new("/run/cordon"), &rec).unwrap_err();
+        assert!(matches!(e, FsError::MountTmpfs { source: Errno::ENODEV, .. }), "{e}");
+    }
+
+    const ROOT_WITH_BINDS: &str = "\
+1 0 8:1 / / rw,relatime - ext4 /dev/sda rw
+2 1 0:5 / /proc rw,nosuid,nodev,noexec - proc proc rw
+3 1 8:1 /c/resolv.conf /etc/resolv.conf rw,nosuid - ext4 /dev/sda rw
+4 1 0:6 / /workspace rw,nosuid,nodev - tmpfs tmpfs rw,size=1024k
+5 1 8:1 /vol /data rw,noatime - ext4 /dev/sda rw
+";
+
+    fn readonly_after() -> String {
+        ROOT_WITH_BINDS.replace(" / / rw,", " / / ro,").replace("/etc/resolv.conf rw,", "/etc/resolv.conf ro,")
+    }
+
+    fn readonly_stage(rec: &Recorder) -> (Result<(), FsError>, Vec<String>) {
+        let mut warnings = Vec::new();
+        let writable = [PathBuf::from("/workspace"), PathBuf::from("/data")];
+        let result = readonly_root(&writable, &mut |w| warnings.push(w), rec).map(|((), detail)| {
+            assert!(detail.ends_with("mounts read-only, write to / fails with EROFS"), "{detail}");
+        });
+        (result, warnings)
+    }
+
+    fn write_fails_with(rec: &Recorder, errno: Errno) {
+        rec.fail_when(|c| matches!(c, Call::WriteProbe { .. }), Fault::Errno(errno));
+    }
+
+    #[test]
+    fn readonly_root_remounts_each_mount_of_the_root_keeping_its_flags_then_proves_it_with_a_write() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS, &readonly_after()]);
+        write_fails_with(&rec, Errno::EROFS);
+        let (result, warnings) = readonly_stage(&rec);
+        result.unwrap();
+        assert!(warnings.is_empty());
+        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::Remount { path: "/".into(), flags: ro | MsFlags::MS_RELATIME },
+                Call::Remount { path: "/etc/resolv.conf".into(), flags: ro | MsFlags::MS_NOSUID },
+                Call::WriteProbe { dir: "/".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn readonly_root_without_cap_sys_admin_fails_with_the_fix() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS]).fail_when(|c| matches!(c, Call::Remount { .. }), Fault::Errno(Errno::EPERM));
+        rec.file("/", FileKind::Dir, 0, 0, 0o755);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert_eq!(e.to_string(), "failed to remount / read-only");
+        assert!(e.fix().unwrap().contains("--cap-add SYS_ADMIN"), "{e:?}");
+        assert_eq!(rec.changes().len(), 1, "nothing after the failed remount: {:?}", rec.changes());
+    }
+
+    #[test]
+    fn a_runtime_file_bind_that_cannot_be_remounted_stays_with_a_warning_only_when_nobody_else_may_write_it() {
+        let eperm_on_resolv_conf = |mode| {
+            let rec = Recorder::new();
+            rec.mountinfo(
+                [ROOT_WITH_BINDS.to_string(), ROOT_WITH_BINDS.replace(" / / rw,", " / / ro,")]
+                    .iter()
+                    .map(String::as_str),
+            )
+            .file("/etc/resolv.conf", FileKind::File, 0, 0, mode)
+            .fail_when(
+                |c| matches!(c, Call::Remount { path, .. } if path == Path::new("/etc/resolv.conf")),
+                Fault::Errno(Errno::EPERM),
+            );
+            write_fails_with(&rec, Errno::EROFS);
+            readonly_stage(&rec)
+        };
+        let (result, warnings) = eperm_on_resolv_conf(0o644);
+        result.unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("/etc/resolv.conf stays a writable bind mount"), "{warnings:?}");
+        let (result, _) = eperm_on_resolv_conf(0o666);
+        assert!(matches!(result, Err(FsError::Remount { source: Errno::EPERM, .. })), "{result:?}");
+    }
+
+    #[test]
+    fn readonly_root_fails_when_a_write_to_the_root_does_not_fail_with_erofs() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS, &readonly_after()]);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert_eq!(e.to_string(), "a write to / did not fail with EROFS: it succeeded");
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS, &readonly_after()]);
+        write_fails_with(&rec, Errno::EACCES);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert!(e.to_string().contains("it failed with Permission denied"), "{e}");
+    }
+
+    #[test]
+    fn readonly_root_fails_when_a_mount_still_shows_rw_after_its_remount() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS]);
+        write_fails_with(&rec, Errno::EROFS);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert_eq!(e.to_string(), "/ is still writable after the read-only remount");
+        assert!(!rec.changes().contains(&Call::WriteProbe { dir: "/".into() }));
+    }
 }
