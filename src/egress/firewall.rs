@@ -845,3 +845,207 @@ rename cordon6-p8443.new cordon6-p8443
         assert!(chain.contains("-A CORDON_MLD -j DROP"), "{chain}");
     }
 }
+
+/// `apply`, `remove` and `counters` against a recorder (`sys::effects::Recorder`): the exact
+/// commands and their input, and the error and fix of each failure, without root.
+/// tests/netfilter.rs proves them on the real kernel.
+#[cfg(test)]
+mod apply_tests {
+    use super::*;
+    use crate::fix::Fix;
+    use crate::sys::effects::{Call, Fault, Recorder};
+
+    fn plan() -> Plan {
+        Plan {
+            listen: "127.0.0.53:53".parse().unwrap(),
+            resolvers: vec!["127.0.0.11".parse().unwrap()],
+            ports: vec![443],
+            extra_ports: vec![8443],
+            loopback_ports: vec![],
+        }
+    }
+
+    const BEFORE: &str = "-P OUTPUT ACCEPT\n";
+    const AFTER: &str = "-P OUTPUT ACCEPT\n-A OUTPUT -j CORDON_OUTPUT\n";
+
+    /// A kernel that takes the rules: `ipset list -n` shows a set of an earlier run and a
+    /// stale one, then every set; `-S OUTPUT` shows no jump, then one; each chain reads back
+    /// as written.
+    fn kernel() -> Recorder {
+        kernel_where(true, None)
+    }
+
+    /// `kernel()`, but IPv6's OUTPUT never gets the jump unless `v6_applies`, and the IPv4
+    /// chain `lost` reads back without its last rule.
+    fn kernel_where(v6_applies: bool, lost: Option<&str>) -> Recorder {
+        let rec = Recorder::new();
+        rec.output("ipset list -n", "cordon4\ncordon4-p22\n")
+            .output("ipset list -n", "cordon4\ncordon4-p22\ncordon4-p8443\ncordon6\ncordon6-p8443\n");
+        for family in [Family::V4, Family::V6] {
+            let tool = family.iptables();
+            rec.output(&format!("{tool} -w 10 -S OUTPUT"), BEFORE);
+            if family == Family::V4 || v6_applies {
+                rec.output(&format!("{tool} -w 10 -S OUTPUT"), AFTER);
+            }
+            let rules = render_rules(&plan(), family, BEFORE);
+            for chain in CHAINS {
+                let mut listed: Vec<String> = rules
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("-A {chain} ")))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                if family == Family::V4 && lost == Some(chain) {
+                    listed.pop();
+                }
+                let listed = listed.concat();
+                rec.output(&format!("{tool} -w 10 -S {chain}"), &format!("-N {chain}\n{listed}"));
+            }
+        }
+        rec
+    }
+
+    fn read_back(tool: &str) -> Vec<String> {
+        ["CORDON_OUTPUT", "CORDON_MLD", "CORDON_AGENT", "CORDON_ALLOW", "OUTPUT"]
+            .map(|c| format!("{tool} -w 10 -S {c}"))
+            .into()
+    }
+
+    fn stdin_of(rec: &Recorder, program: &str) -> String {
+        rec.calls()
+            .into_iter()
+            .find_map(|c| match c {
+                Call::Run { program: p, stdin, .. } if p == program => stdin,
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{program} was not run with input"))
+    }
+
+    #[test]
+    fn apply_swaps_the_sets_then_restores_and_reads_back_each_family_then_drops_stale_sets() {
+        let rec = kernel();
+        apply(&plan(), 300, &rec).unwrap();
+        let mut expected = vec!["ipset list -n".to_string(), "ipset restore".into()];
+        for (tool, restore) in [("iptables", "iptables-restore"), ("ip6tables", "ip6tables-restore")] {
+            expected.push(format!("{tool} -w 10 -S OUTPUT"));
+            expected.push(format!("{restore} --noflush --wait 10"));
+            expected.extend(read_back(tool));
+        }
+        expected.extend(["ipset list -n".into(), "ipset destroy cordon4-p22".into()]);
+        assert_eq!(rec.commands(), expected);
+
+        let sets = stdin_of(&rec, "ipset");
+        assert_eq!(sets, render_sets(&plan(), 300, &["cordon4".into(), "cordon4-p22".into()]));
+        assert!(
+            sets.contains(
+                "create cordon4.new hash:ip family inet timeout 300 maxelem 1048576\nswap cordon4.new cordon4\ndestroy cordon4.new\n"
+            ),
+            "{sets}"
+        );
+        assert!(sets.contains("rename cordon6.new cordon6\n"), "{sets}");
+        assert_eq!(stdin_of(&rec, "iptables-restore"), render_rules(&plan(), Family::V4, BEFORE));
+        assert_eq!(stdin_of(&rec, "ip6tables-restore"), render_rules(&plan(), Family::V6, BEFORE));
+    }
+
+    /// The commands `remove` runs when the IPv4 firewall is in place and the IPv6 one is not:
+    /// the IPv4 jump and chains go, IPv6 has nothing to remove, every cordon set goes.
+    fn rollback() -> Vec<String> {
+        let mut expected: Vec<String> =
+            ["iptables -w 10 -S OUTPUT", "iptables -w 10 -D OUTPUT -j CORDON_OUTPUT", "iptables -w 10 -S"]
+                .map(String::from)
+                .into();
+        for flag in ["-F", "-X"] {
+            expected.extend(CHAINS.map(|c| format!("iptables -w 10 {flag} {c}")));
+        }
+        expected.extend(["ip6tables -w 10 -S OUTPUT", "ip6tables -w 10 -S", "ipset list -n"].map(String::from));
+        expected.extend(
+            ["cordon4", "cordon4-p22", "cordon4-p8443", "cordon6", "cordon6-p8443"]
+                .map(|s| format!("ipset destroy {s}")),
+        );
+        expected
+    }
+
+    /// A kernel where IPv4's firewall goes in (`iptables -S` lists its chains) and IPv6's
+    /// restore fails.
+    fn kernel_with_ipv4_chains() -> Recorder {
+        let rec = kernel_where(false, None);
+        rec.output("iptables -w 10 -S", &format!("-P OUTPUT ACCEPT\n{}", CHAINS.map(|c| format!("-N {c}\n")).concat()));
+        rec
+    }
+
+    #[test]
+    fn a_runtime_without_ip6tables_gets_the_no_netfilter_fix_and_everything_applied_is_rolled_back() {
+        let rec = kernel_with_ipv4_chains();
+        let stderr = "ip6tables-restore v1.8.9 (legacy): can't initialize ip6tables table `filter': Table does not exist (do you need to insmod?)";
+        rec.fail_run("ip6tables-restore", stderr);
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(matches!(e, FirewallError::NoNetfilter { program: "ip6tables-restore", .. }), "{e:?}");
+        assert!(e.fix().unwrap().contains("lacks netfilter"), "{e:?}");
+        let commands = rec.commands();
+        let failed = commands.iter().position(|c| c == "ip6tables-restore --noflush --wait 10").unwrap();
+        assert_eq!(commands[failed + 1..], rollback());
+    }
+
+    #[test]
+    fn a_missing_net_admin_gets_the_capability_fix_and_a_rollback() {
+        let rec = kernel_with_ipv4_chains();
+        rec.fail_run("ip6tables-restore", "ip6tables-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)");
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(matches!(e, FirewallError::Failed { program: "ip6tables-restore", .. }), "{e:?}");
+        assert!(e.fix().unwrap().contains("--cap-add NET_ADMIN"), "{e:?}");
+        assert!(rec.commands().ends_with(&rollback()), "{:#?}", rec.commands());
+    }
+
+    #[test]
+    fn a_chain_that_reads_back_short_is_a_verify_error_and_a_rollback() {
+        let rec = kernel_where(false, Some(ALLOW_CHAIN));
+        rec.output("iptables -w 10 -S", &format!("-P OUTPUT ACCEPT\n{}", CHAINS.map(|c| format!("-N {c}\n")).concat()));
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(
+            matches!(e, FirewallError::Verify { family: Family::V4, chain: ALLOW_CHAIN, found: 1, expected: 2 }),
+            "{e:?}"
+        );
+        assert_eq!(e.fix().unwrap(), "another process changed the firewall during boot");
+        let commands = rec.commands();
+        let failed = commands.iter().position(|c| c == "iptables -w 10 -S CORDON_ALLOW").unwrap();
+        assert_eq!(commands[failed + 1..], rollback());
+    }
+
+    #[test]
+    fn a_missing_ipset_binary_gets_the_install_fix_and_nothing_else_runs_but_the_rollback() {
+        let rec = Recorder::new();
+        rec.fail_when(
+            |c| c.command_line().is_some_and(|l| l.starts_with("ipset ")),
+            Fault::Errno(nix::errno::Errno::ENOENT),
+        );
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(matches!(e, FirewallError::Spawn { program: "ipset", .. }), "{e:?}");
+        assert!(e.fix().unwrap().contains("apt-get install iptables ipset"), "{e:?}");
+        assert_eq!(
+            rec.commands(),
+            [
+                "ipset list -n",
+                "iptables -w 10 -S OUTPUT",
+                "iptables -w 10 -S",
+                "ip6tables -w 10 -S OUTPUT",
+                "ip6tables -w 10 -S",
+                "ipset list -n"
+            ]
+        );
+    }
+
+    #[test]
+    fn counters_are_read_per_rule_in_order_for_status() {
+        let rec = Recorder::new();
+        rec.output(
+            "iptables -w 10 -L CORDON_AGENT -n -v -x",
+            "Chain CORDON_AGENT (1 references)\n    pkts      bytes target     prot opt in     out     source               destination\n\
+                   12     3400 ACCEPT     all  --  *      *       0.0.0.0/0            0.0.0.0/0            ctstate RELATED,ESTABLISHED\n\
+                    3      180 REJECT     tcp  --  *      *       0.0.0.0/0            0.0.0.0/0            reject-with tcp-reset\n",
+        );
+        let rules = counters(Family::V4, &rec).unwrap();
+        assert_eq!(rules.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [12, 3]);
+        assert!(rules[1].1.starts_with("REJECT tcp -- * * 0.0.0.0/0"), "{rules:?}");
+        rec.fail_run("iptables -w 10 -L", "iptables: No chain/target/match by that name.");
+        assert!(matches!(counters(Family::V4, &rec), Err(FirewallError::Failed { program: "iptables", .. })));
+    }
+}
