@@ -507,3 +507,45 @@ mod recorder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use nix::errno::Errno;
+
+    use super::*;
+
+    #[test]
+    fn the_recorder_fails_the_nth_call_and_repeats_the_last_scripted_answer() {
+        let rec = Recorder::new();
+        rec.output("ipset list -n", "a\n").output("ipset list -n", "b\n").fail_call(1, Fault::Errno(Errno::EIO));
+        let run = || rec.run("ipset", &["list", "-n"], None, Duration::from_secs(1));
+        assert_eq!(run().unwrap().stdout, b"a\n");
+        assert!(matches!(run(), Err(CommandError::Spawn { .. })), "the second call fails");
+        assert_eq!(run().unwrap().stdout, b"b\n");
+        assert_eq!(run().unwrap().stdout, b"b\n");
+        assert_eq!(rec.commands(), ["ipset list -n"; 4]);
+        rec.fail_run("ipset", "nope");
+        let out = run().unwrap();
+        assert_eq!((out.status.code(), out.stderr.as_slice()), (Some(1), b"nope".as_slice()));
+    }
+
+    #[test]
+    fn the_recorder_keeps_owner_and_mode_as_chown_chmod_and_tmpfs_options_set_them() {
+        let rec = Recorder::new();
+        rec.create_dir_all(Path::new("/a/b")).unwrap();
+        assert_eq!(rec.stat(Path::new("/a")).unwrap().kind, FileKind::Dir);
+        rec.chown(Path::new("/a/b"), 7, 8).unwrap();
+        rec.chmod(Path::new("/a/b"), 0o700).unwrap();
+        assert_eq!(rec.stat(Path::new("/a/b")).unwrap(), FileInfo { kind: FileKind::Dir, uid: 7, gid: 8, mode: 0o700 });
+        rec.mount_tmpfs(Path::new("/a/b"), MsFlags::empty(), "size=1m,mode=1777,uid=1,gid=2").unwrap();
+        assert_eq!(
+            rec.stat(Path::new("/a/b")).unwrap(),
+            FileInfo { kind: FileKind::Dir, uid: 1, gid: 2, mode: 0o1777 }
+        );
+        assert_eq!(rec.lstat(Path::new("/nope")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(rec.changes().len(), 4, "{:?}", rec.calls());
+    }
+}
