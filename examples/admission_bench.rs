@@ -22,7 +22,9 @@ fn main() {
         resolvers: vec!["192.0.2.1".parse().unwrap()],
         ports: vec![80, 443],
         extra_ports: vec![],
+        raw_ports: vec![],
         loopback_ports: vec![],
+        proxy_port: Some(cordon::config::DEFAULT_PROXY_PORT),
     };
     firewall::apply(&plan, 360, &cordon::sys::effects::Host).expect("firewall in the private namespace");
     let sets = cordon::egress::ipset::Ipset::open().unwrap();

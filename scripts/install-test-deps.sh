@@ -6,7 +6,7 @@
 # stay as they are.
 set -euo pipefail
 packages=(iproute2 util-linux bsdutils mount procps iptables ipset dnsutils netcat-openbsd tmux git make
-  docker.io debootstrap)
+  docker.io debootstrap openssl curl python3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

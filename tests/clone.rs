@@ -104,6 +104,92 @@ fn a_private_repo_clones_with_gh_pat_and_the_token_is_nowhere_it_must_not_be() {
     c.wait_exit(BOOT);
 }
 
+/// A config whose repo.dest is on a volume (a bind mount of the sandbox's `host` directory,
+/// kept across restarts like a Docker volume), listed in filesystem.writable.
+fn volume_config(sb: &Sandbox, url: &str) -> TestConfig {
+    let mut cfg = config(sb, url);
+    cfg.extra =
+        cfg.extra.replace(&sb.path("ws/repo").display().to_string(), &sb.path("host/repo").display().to_string());
+    cfg.extra.push_str(&format!("[filesystem]\nwritable = [\"{}\"]\n", sb.path("host").display()));
+    cfg.on_boot_failure = "hold";
+    cfg
+}
+
+fn boot_on_volume(sb: &Sandbox, cfg: &TestConfig) -> Cordon {
+    let host = sb.path("host");
+    std::os::unix::fs::chown(&host, Some(AGENT_UID), Some(AGENT_UID)).unwrap();
+    let before = format!("mount --bind {0} {0}", host.display());
+    sb.launch(&sb.write_config(cfg), &[("GH_PAT", TOKEN)], Mode::Pid1, &before)
+}
+
+#[test]
+fn a_restart_on_a_workspace_volume_keeps_uncommitted_work_and_only_fetches() {
+    let sb = Sandbox::new("clone-volume");
+    let (_dns, _server) = git_world(&sb);
+    let cfg = volume_config(&sb, "http://git.example.com/repo.git");
+    let repo = sb.path("host/repo");
+    let mut c = boot_on_volume(&sb, &cfg);
+    c.wait_phase(Phase::Ready, BOOT);
+    let out = c.agent_exec(&format!("cd {} && echo draft > untracked.txt && echo edited >> README", repo.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(0));
+
+    // Upstream moves on while the container is down.
+    let src = sb.path("srv/src");
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git").current_dir(&src).args(args).status().unwrap().success();
+        assert!(ok, "git {args:?}");
+    };
+    fs::write(src.join("NEWS"), "second\n").unwrap();
+    git(&["add", "NEWS"]);
+    git(&["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "second"]);
+    git(&["push", "-q", &sb.path("srv/repo.git").display().to_string(), "main"]);
+    let ok = std::process::Command::new("git")
+        .current_dir(sb.path("srv/repo.git"))
+        .args(["update-server-info"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let head = std::process::Command::new("git").current_dir(&src).args(["rev-parse", "HEAD"]).output().unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+
+    let mut c = boot_on_volume(&sb, &cfg);
+    let state = c.wait_phase(Phase::Ready, BOOT);
+    let clone = state.stages.iter().find(|s| s.name == "clone").unwrap();
+    assert!(clone.detail.as_deref().unwrap_or("").contains("kept as it is and fetched"), "{clone:?}");
+    assert_eq!(fs::read_to_string(repo.join("untracked.txt")).unwrap(), "draft\n", "untracked work kept");
+    assert_eq!(
+        fs::read_to_string(repo.join("README")).unwrap(),
+        "hello from the world\nedited\n",
+        "uncommitted edit kept"
+    );
+    assert!(!repo.join("NEWS").exists(), "fetched, not merged or reset");
+    let fetched = std::process::Command::new("git")
+        .current_dir(&repo)
+        .args(["-c", "safe.directory=*", "rev-parse", "origin/main"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&fetched.stdout).trim(), head, "origin/main is the new upstream commit");
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(c.wait_exit(BOOT).code(), Some(0));
+
+    // Another remote for the same workspace is refused, and the work is left alone.
+    let mut c = boot_on_volume(&sb, &volume_config(&sb, "http://git.example.com/other.git"));
+    let state = c.wait_phase(Phase::Failed, BOOT);
+    let stage = state.stages.last().unwrap();
+    assert_eq!(stage.name, "clone");
+    let error = stage.error.as_deref().unwrap();
+    assert!(
+        error.contains("already holds a clone of http://git.example.com/repo.git") && error.contains("other.git"),
+        "{error}"
+    );
+    assert!(stage.hint.as_deref().unwrap().contains("repo.dest"));
+    assert!(repo.join("untracked.txt").exists());
+    c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
+    c.wait_exit(BOOT);
+}
+
 #[test]
 fn a_wrong_token_fails_the_clone_stage_with_a_clear_error() {
     let sb = Sandbox::new("clone-badtoken");

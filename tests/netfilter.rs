@@ -33,7 +33,9 @@ fn plan() -> Plan {
         resolvers: vec!["192.0.2.1".parse().unwrap(), "127.0.0.11".parse().unwrap()],
         ports: vec![80, 443],
         extra_ports: vec![8443],
+        raw_ports: vec![22],
         loopback_ports: vec![],
+        proxy_port: Some(15443),
     }
 }
 
@@ -48,9 +50,19 @@ fn firewall_applies_atomically_and_twice_without_duplicating_the_jump() {
                 output.lines().filter(|l| l.contains("CORDON")).collect::<Vec<_>>(),
                 ["-A OUTPUT -j CORDON_OUTPUT"]
             );
-            let expected = firewall::render_rules(&plan(), family, "");
-            for chain in ["CORDON_OUTPUT", "CORDON_AGENT", "CORDON_ALLOW"] {
-                let listed = sh(&format!("{tool} -S {chain}"));
+            let nat_output = sh(&format!("{tool} -t nat -S OUTPUT"));
+            assert_eq!(
+                nat_output.lines().filter(|l| l.contains("CORDON")).collect::<Vec<_>>(),
+                ["-A OUTPUT -j CORDON_NAT"]
+            );
+            let expected = firewall::render_rules(&plan(), family, "", "");
+            for (table, chain) in [
+                ("filter", "CORDON_OUTPUT"),
+                ("filter", "CORDON_AGENT"),
+                ("filter", "CORDON_ALLOW"),
+                ("nat", "CORDON_NAT"),
+            ] {
+                let listed = sh(&format!("{tool} -t {table} -S {chain}"));
                 let prefix = format!("-A {chain} ");
                 assert_eq!(
                     listed.lines().filter(|l| l.starts_with(&prefix)).count(),
@@ -61,7 +73,7 @@ fn firewall_applies_atomically_and_twice_without_duplicating_the_jump() {
             assert!(firewall::counters(family, &Host).unwrap().len() > 5);
         }
         let sets = sh("ipset list -n");
-        for name in ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p8443"] {
+        for name in ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p8443", "cordon4-r22", "cordon6-r22"] {
             assert!(sets.lines().any(|l| l == name), "{sets}");
         }
     });
@@ -118,7 +130,11 @@ fn applying_over_an_earlier_run_replaces_its_sets_chains_and_jumps_whatever_thei
         let sets = sh("ipset list -n");
         let mut names: Vec<&str> = sets.lines().collect();
         names.sort();
-        assert_eq!(names, ["cordon4", "cordon4-p8443", "cordon6", "cordon6-p8443"], "stale and temporary sets gone");
+        assert_eq!(
+            names,
+            ["cordon4", "cordon4-p8443", "cordon4-r22", "cordon6", "cordon6-p8443", "cordon6-r22"],
+            "stale and temporary sets gone"
+        );
         let v4 = sh("ipset list cordon4");
         assert!(v4.contains("timeout 300"), "the new timeout: {v4}");
         assert!(!v4.contains("192.0.2.99"), "old admissions do not carry over: {v4}");
@@ -130,7 +146,19 @@ fn applying_over_an_earlier_run_replaces_its_sets_chains_and_jumps_whatever_thei
         let sets = sh("ipset list -n");
         assert!(!sets.contains("cordon4-p8443") && sets.contains("cordon6-p2222"), "{sets}");
         assert!(sh("ipset list cordon6").contains("timeout 60"));
-        assert!(sh("iptables -S CORDON_AGENT").contains("--dport 2222"));
+        assert!(sh("iptables -t nat -S CORDON_NAT").contains("--dport 2222"));
+        assert!(!sh("iptables -t nat -S CORDON_NAT").contains("--dport 8443"));
+
+        // And with name binding turned off: the nat chain stays, empty, and the ports are
+        // accepted by address again.
+        let off = Plan { proxy_port: None, ..plan() };
+        firewall::apply(&off, 60, &Host).expect("apply without name binding");
+        for tool in ["iptables", "ip6tables"] {
+            let nat = sh(&format!("{tool} -t nat -S"));
+            assert!(!nat.contains("REDIRECT"), "{nat}");
+            assert_eq!(nat.lines().filter(|l| *l == "-A OUTPUT -j CORDON_NAT").count(), 1, "{nat}");
+            assert!(sh(&format!("{tool} -S CORDON_AGENT")).contains("--dports 80,443"));
+        }
     });
 }
 
@@ -148,7 +176,7 @@ fn a_failed_apply_leaves_no_cordon_chain_jump_or_set() {
             "{e}"
         );
         for tool in ["iptables", "ip6tables"] {
-            let all = sh(&format!("{tool} -S"));
+            let all = sh(&format!("{tool} -S; {tool} -t nat -S"));
             assert!(!all.contains("CORDON"), "{tool} kept a part of the policy: {all}");
         }
         assert_eq!(sh("ipset list -n").trim(), "", "sets left behind");

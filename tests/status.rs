@@ -93,6 +93,14 @@ fn ready_status_reports_every_section_and_the_json_schema_holds_field_by_field()
         tmpfs.iter().all(|t| t["size_bytes"].as_u64().unwrap() > 0 && t["use_pct"].is_u64() && t["warning"] == false)
     );
     assert!(v["warnings"].is_array());
+    let nb = &v["namebound"];
+    assert_eq!((nb["enabled"].as_bool(), nb["running"].as_bool()), (Some(true), Some(true)), "{nb}");
+    assert_eq!(nb["proxy_port"], 15443);
+    assert!(nb["bindings"].as_u64().unwrap() >= 1, "api.example.com was answered: {nb}");
+    for counter in ["accepted", "allowed", "refused", "hello_timeouts", "overloaded", "upstream_failures"] {
+        assert!(nb["connections"][counter].as_u64().is_some(), "namebound.connections.{counter}");
+    }
+    assert!(nb["recent_refusals"].is_array());
 
     let human = status(&c, &sb, "", false);
     let screen = text(&human);

@@ -127,9 +127,30 @@ fn run(
     };
 
     // 7. Firewall. Default-deny for every uid but root, IPv4 and IPv6, before the agent or
-    //    anything it influences can open a socket.
+    //    anything it influences can open a socket. With name binding, the name-checking proxy
+    //    listens first: the rules redirect the agent's connections on the name-checked ports to
+    //    it the moment they exist.
     match &egress {
-        Some(egress) => s.run("firewall", |_| egress::firewall::stage(network, egress, &resolv_conf, sys))?,
+        Some(egress) => {
+            let proxy = s.run("firewall", |report| {
+                let proxy = if network.name_binding {
+                    Some(egress::namebound::start(network, egress)?)
+                } else {
+                    report.warn(
+                        "name binding is OFF (network.name_binding = false): connections to admitted addresses are \
+                         address-based, any name sharing an address is reachable"
+                            .into(),
+                    );
+                    None
+                };
+                let ((), detail) =
+                    egress::firewall::stage(network, egress, &resolv_conf, sys).map_err(|e| Problem::from_fix(&e))?;
+                Ok::<_, Problem>((proxy, detail))
+            })?;
+            if let Some(proxy) = proxy {
+                services.add(proxy);
+            }
+        }
         None => s.skip("firewall", "network.enforce = false"),
     }
 

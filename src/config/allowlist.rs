@@ -15,11 +15,15 @@ pub enum DomainPattern {
     Below(String),
 }
 
-/// A pattern with the port it admits, when the entry named one (`host:8443`).
+/// A pattern with the port it admits, when the entry named one (`host:8443`), and whether
+/// connections on that port are address-based only (`host:22:raw`: no name is read from them,
+/// for ssh, databases and clients that send no TLS name).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Entry {
     pub pattern: DomainPattern,
     pub port: Option<u16>,
+    /// `:raw`: only with a port.
+    pub raw: bool,
 }
 
 impl DomainPattern {
@@ -72,10 +76,14 @@ impl fmt::Display for DomainPattern {
 }
 
 impl Entry {
-    /// Parses `pattern` or `pattern:port`.
+    /// Parses `pattern`, `pattern:port` or `pattern:port:raw`.
     pub fn parse(text: &str) -> Result<Entry, String> {
         let t = text.trim();
-        let (pattern, port) = match t.rsplit_once(':') {
+        let (rest, raw) = match t.strip_suffix(":raw") {
+            Some(rest) => (rest, true),
+            None => (t, false),
+        };
+        let (pattern, port) = match rest.rsplit_once(':') {
             Some((p, port)) => {
                 let port: u16 = port
                     .parse()
@@ -84,17 +92,23 @@ impl Entry {
                     .ok_or_else(|| format!("`{t}`: the port after `:` must be a number from 1 to 65535"))?;
                 (p, Some(port))
             }
-            None => (t, None),
+            None => (rest, None),
         };
-        Ok(Entry { pattern: DomainPattern::parse(pattern)?, port })
+        if raw && port.is_none() {
+            return Err(format!(
+                "`{t}`: `:raw` needs a port, as in git.example.com:22:raw (the default ports are always name-checked)"
+            ));
+        }
+        Ok(Entry { pattern: DomainPattern::parse(pattern)?, port, raw })
     }
 }
 
 impl fmt::Display for Entry {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        match self.port {
-            Some(p) => write!(f, "{}:{p}", self.pattern),
-            None => write!(f, "{}", self.pattern),
+        match (self.port, self.raw) {
+            (Some(p), true) => write!(f, "{}:{p}:raw", self.pattern),
+            (Some(p), false) => write!(f, "{}:{p}", self.pattern),
+            (None, _) => write!(f, "{}", self.pattern),
         }
     }
 }
@@ -143,11 +157,13 @@ fn normalize_name(name: &str) -> Result<String, String> {
     Ok(ascii)
 }
 
-/// What a matching name may reach: the default ports and/or per-entry ports.
+/// What a matching name may reach: the default ports and/or per-entry ports, name-checked
+/// (`name:port`) or address-based (`name:port:raw`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reach {
     pub default_ports: bool,
     pub extra_ports: BTreeSet<u16>,
+    pub raw_ports: BTreeSet<u16>,
 }
 
 /// One pattern's reach and the entries (with their origin, `domains.conf:12`) behind it.
@@ -176,9 +192,10 @@ impl Allowlist {
                 DomainPattern::Exact(n) => list.exact.entry(n.clone()).or_default(),
                 DomainPattern::Below(n) => list.below.entry(n.clone()).or_default(),
             };
-            match entry.port {
-                Some(p) => rule.reach.extra_ports.insert(p),
-                None => std::mem::replace(&mut rule.reach.default_ports, true),
+            match (entry.port, entry.raw) {
+                (Some(p), true) => rule.reach.raw_ports.insert(p),
+                (Some(p), false) => rule.reach.extra_ports.insert(p),
+                (None, _) => std::mem::replace(&mut rule.reach.default_ports, true),
             };
             rule.origins.push(format!("{entry} ({origin})"));
         }
@@ -198,9 +215,14 @@ impl Allowlist {
         self.exact.keys().map(String::as_str)
     }
 
-    /// Every per-entry port (`name:port`), each needing its own allow set.
+    /// Every name-checked per-entry port (`name:port`), each needing its own allow set.
     pub fn extra_ports(&self) -> BTreeSet<u16> {
         self.exact.values().chain(self.below.values()).flat_map(|r| r.reach.extra_ports.iter().copied()).collect()
+    }
+
+    /// Every address-based per-entry port (`name:port:raw`), each needing its own allow set.
+    pub fn raw_ports(&self) -> BTreeSet<u16> {
+        self.exact.values().chain(self.below.values()).flat_map(|r| r.reach.raw_ports.iter().copied()).collect()
     }
 
     /// Whether `name` (canonical: see [`canonical`]) is an exact entry.
@@ -229,6 +251,7 @@ impl Allowlist {
             let acc = found.get_or_insert_with(Reach::default);
             acc.default_ports |= rule.reach.default_ports;
             acc.extra_ports.extend(&rule.reach.extra_ports);
+            acc.raw_ports.extend(&rule.reach.raw_ports);
         }
         found
     }
@@ -348,6 +371,33 @@ mod tests {
         assert_eq!(e.to_string(), "git.example.com:8443");
         assert!(Entry::parse("a.com:0").is_err());
         assert!(Entry::parse("a.com:http").is_err());
+    }
+
+    #[test]
+    fn raw_entries_need_a_port_and_round_trip() {
+        let e = Entry::parse("git.example.com:22:raw").unwrap();
+        assert_eq!((e.port, e.raw), (Some(22), true));
+        assert_eq!(e.to_string(), "git.example.com:22:raw");
+        assert!(!Entry::parse("git.example.com:22").unwrap().raw);
+        let err = Entry::parse("git.example.com:raw").unwrap_err();
+        assert!(err.contains("`:raw` needs a port"), "{err}");
+        assert!(Entry::parse("git.example.com:22:RAW").is_err(), "only the documented spelling");
+        assert!(Entry::parse("git.example.com:22:raw:raw").is_err());
+        let errs = parse_file("ok.example.com:22:raw\nbad.example.com:raw\n", Path::new("domains.conf")).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].to_string().starts_with("domains.conf:2: `bad.example.com:raw`"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn raw_and_name_checked_ports_are_kept_apart() {
+        let l = list("git.example.com:22:raw\ngit.example.com:8443\n*.example.com:5432:raw\n");
+        let r = l.lookup("git.example.com").unwrap();
+        assert_eq!(r.raw_ports.iter().copied().collect::<Vec<_>>(), [22, 5432]);
+        assert_eq!(r.extra_ports.iter().copied().collect::<Vec<_>>(), [8443]);
+        assert!(!r.default_ports);
+        assert_eq!(l.raw_ports().into_iter().collect::<Vec<_>>(), [22, 5432]);
+        assert_eq!(l.extra_ports().into_iter().collect::<Vec<_>>(), [8443]);
+        assert_eq!(l.explain("git.example.com")[0], "git.example.com:22:raw (d:1)");
     }
 
     #[test]

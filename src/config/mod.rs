@@ -154,6 +154,14 @@ pub struct Network {
     pub refresh_interval: Span,
     /// Optional positive readiness probe as `name:port`: must resolve and connect as the agent.
     pub probe: Option<String>,
+    /// The name-bound layer: the agent's connections on the name-checked ports must carry an
+    /// allowlisted name (TLS SNI, HTTP Host) that cordon's DNS answered with their address.
+    /// false is for debugging only: those connections are then address-based, and the boot log
+    /// says so.
+    pub name_binding: bool,
+    /// The loopback port (127.0.0.1 and [::1]) of cordon's name-checking proxy, where the
+    /// kernel redirects the agent's connections on the name-checked ports.
+    pub proxy_port: u16,
 }
 
 impl Default for Network {
@@ -171,9 +179,15 @@ impl Default for Network {
             grace: Span(Duration::from_secs(300)),
             refresh_interval: Span(Duration::from_secs(300)),
             probe: None,
+            name_binding: true,
+            proxy_port: DEFAULT_PROXY_PORT,
         }
     }
 }
+
+/// Where the name-checking proxy listens on loopback unless `network.proxy_port` says otherwise:
+/// a registered-range port no common development server uses.
+pub const DEFAULT_PROXY_PORT: u16 = 15443;
 
 /// A port or an inclusive range of ports: `3000` or `"8000-8099"` in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -638,6 +652,18 @@ impl Config {
                 "must be a loopback address (the DNS server is for this container only)".into(),
             ));
         }
+        if self.network.proxy_port == 0 {
+            return Err(err("network.proxy_port", "must be a port from 1 to 65535".into()));
+        }
+        if self.network.loopback_ports.iter().any(|r| (r.first..=r.last).contains(&self.network.proxy_port)) {
+            return Err(err(
+                "network.proxy_port",
+                format!(
+                    "{} is also in network.loopback_ports: the agent would reach the proxy directly; pick another port",
+                    self.network.proxy_port
+                ),
+            ));
+        }
         if self.network.refresh_interval.0 < Duration::from_secs(10) {
             return Err(err("network.refresh_interval", "must be at least 10s".into()));
         }
@@ -829,6 +855,19 @@ mod tests {
         let home = Path::new("/home/agent");
         let owners: Vec<Owner> = c.tmpfs.0.iter().map(|m| m.owner_for(home)).collect();
         assert_eq!(owners, [Owner::Agent, Owner::Agent, Owner::Agent, Owner::Root, Owner::Root, Owner::Root]);
+    }
+
+    #[test]
+    fn name_binding_is_on_by_default_and_its_proxy_port_stays_off_the_agents_loopback_ports() {
+        let c = Config::default();
+        assert!(c.network.name_binding);
+        assert_eq!(c.network.proxy_port, 15443);
+        let c = parse("[network]\nname_binding = false\nproxy_port = 20000\n").unwrap();
+        assert!(!c.network.name_binding);
+        assert_eq!(c.network.proxy_port, 20000);
+        let e = parse("[network]\nloopback_ports = [\"15000-16000\"]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("network.proxy_port"), "{e}");
+        assert!(parse("[network]\nproxy_port = 0\n").is_err());
     }
 
     #[test]

@@ -89,7 +89,8 @@ impl Admitter {
             .default_ports
             .then(|| firewall::set_name(family, None))
             .into_iter()
-            .chain(reach.extra_ports.iter().map(|&p| firewall::set_name(family, Some(p))));
+            .chain(reach.extra_ports.iter().map(|&p| firewall::set_name(family, Some(p))))
+            .chain(reach.raw_ports.iter().map(|&p| firewall::raw_set_name(family, p)));
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         for set in wanted {
             let key = (ip, set);
@@ -101,6 +102,12 @@ impl Admitter {
             table.insert(key, Entry { name: name.to_string(), until: now + lifetime });
         }
         Ok(Verdict::Admitted)
+    }
+
+    /// How long an address answered with `ttl` stays admitted from now: the name-bound layer
+    /// binds the answer's names to it for as long.
+    pub fn lifetime(&self, ttl: u32) -> Duration {
+        self.lifetimes.lifetime(ttl)
     }
 
     /// Forgets entries whose lifetime is over (the kernel has dropped them by itself).

@@ -4,14 +4,17 @@
 //! forwarded upstream. An allowed name is forwarded; every A/AAAA address in the answer (CNAME
 //! chains included) is admitted to the firewall before the answer is released, addresses that
 //! may not be admitted (rebinding) are removed from it, and address hints in HTTPS/SVCB records
-//! are stripped (the client must resolve, and so admit, the target itself). Answers from the
-//! resolver's cache pass the same path, so they re-admit their addresses.
+//! and encrypted ClientHello configurations in HTTPS/SVCB records are stripped (the client must
+//! resolve, and so admit, the target itself; and must send its TLS name in the clear, where the
+//! name-bound layer reads it). Every admitted address is also bound to the query name and every
+//! name of the answer's CNAME chain, for the name-bound layer (`namebound::bindings`). Answers
+//! from the resolver's cache pass the same path, so they re-admit and re-bind their addresses.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -28,6 +31,7 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 
 use crate::config::allowlist::Allowlist;
 use crate::egress::admission::{Admitter, Verdict};
+use crate::egress::namebound::bindings::Bindings;
 
 /// RFC 8914 §4.16: "Blocked" — the resolver blocked the name by policy.
 const EDE_BLOCKED: u16 = 15;
@@ -146,6 +150,7 @@ pub struct Handler {
     pub admitter: Arc<Admitter>,
     pub stats: Arc<DnsStats>,
     pub last_good: LastGood,
+    pub bindings: Arc<Bindings>,
 }
 
 /// What became of one upstream answer on its way to the client.
@@ -154,16 +159,19 @@ pub struct Filtered {
     pub addresses: Vec<(IpAddr, u32)>,
 }
 
-/// Admits every address of `records` for `name`, drops the refused ones and strips SVCB
-/// hints. Err: the kernel refused an admission, and the answer must not be released.
+/// Admits every address of `records` for `name`, drops the refused ones, binds the names of
+/// the answer to the admitted ones, and strips SVCB hints and ECH. Err: the kernel refused an
+/// admission, and the answer must not be released.
 pub fn admit_answer(
     admitter: &Admitter,
+    bindings: &Bindings,
     stats: &DnsStats,
     name: &str,
     reach: &crate::config::allowlist::Reach,
     records: &[Record],
 ) -> std::io::Result<Filtered> {
     let mut out = Filtered { records: Vec::with_capacity(records.len()), addresses: Vec::new() };
+    let now = Instant::now();
     for record in records {
         let ip = match &record.data {
             RData::A(a) => Some(IpAddr::V4(a.0)),
@@ -172,7 +180,10 @@ pub fn admit_answer(
         };
         if let Some(ip) = ip {
             match admitter.admit(name, ip, record.ttl, reach)? {
-                Verdict::Admitted => out.addresses.push((ip, record.ttl)),
+                Verdict::Admitted => {
+                    out.addresses.push((ip, record.ttl));
+                    bind_names(bindings, name, records, ip, now + admitter.lifetime(record.ttl), now);
+                }
                 Verdict::Refused(why) => {
                     stats.rebinding_blocked.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(name, %ip, why, "address removed from the answer: never admitted for a public name");
@@ -197,11 +208,61 @@ pub fn admit_answer(
     Ok(out)
 }
 
+/// Binds `ip` to the query name and to every name of the answer's CNAME chain (owners and
+/// targets), and to the owners of its address records, until `until`: a TLS name or HTTP host
+/// that is any of them may then reach `ip`. Allocates nothing for names already bound
+/// (lowercase query names, the wire form of the records' names).
+fn bind_names(bindings: &Bindings, qname: &str, records: &[Record], ip: IpAddr, until: Instant, now: Instant) {
+    bindings.bind(qname.strip_suffix('.').unwrap_or(qname), ip, until, now);
+    for record in records {
+        let bind = |n: &Name| with_ascii(n, |n| bindings.bind(n, ip, until, now));
+        match &record.data {
+            RData::CNAME(target) => {
+                bind(&record.name);
+                bind(&target.0);
+            }
+            RData::A(_) | RData::AAAA(_) => bind(&record.name),
+            _ => {}
+        }
+    }
+}
+
+/// Calls `f` with `name` in the canonical form (lowercase ASCII, no trailing dot), written into a
+/// stack buffer: the answer path binds several names per answer and should not allocate for
+/// them. A name that does not fit (longer than DNS allows) or is not ASCII is skipped.
+fn with_ascii(name: &Name, f: impl FnOnce(&str)) {
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    for label in name.iter() {
+        let need = usize::from(len > 0) + label.len();
+        if len + need > buf.len() {
+            return;
+        }
+        if len > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        for &b in label {
+            buf[len] = b.to_ascii_lowercase();
+            len += 1;
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(&buf[..len])
+        && text.is_ascii()
+        && len > 0
+    {
+        f(text);
+    }
+}
+
+/// The record without address hints (the client must resolve, and so admit, the target) and
+/// without ECH configurations (the client must send its real name in the clear ClientHello,
+/// where the name-bound layer reads it; with ECH it would send only an outer name).
 fn without_hints(s: &SVCB) -> SVCB {
     let params = s
         .svc_params
         .iter()
-        .filter(|(k, _)| !matches!(k, SvcParamKey::Ipv4Hint | SvcParamKey::Ipv6Hint))
+        .filter(|(k, _)| !matches!(k, SvcParamKey::Ipv4Hint | SvcParamKey::Ipv6Hint | SvcParamKey::EchConfigList))
         .cloned()
         .collect();
     SVCB::new(s.svc_priority, s.target_name.clone(), params)
@@ -277,7 +338,8 @@ impl RequestHandler for Handler {
             Ok(result) => result,
             Err(_) => {
                 if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) = admit_answer(&self.admitter, &self.stats, &qname, &reach, &stale)
+                    && let Ok(filtered) =
+                        admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
                 {
                     self.stats.stale.fetch_add(1, Ordering::Relaxed);
                     self.stats.upstream_failed(format!("{qname} {qtype}: no answer within {STALE_CLIENT_TIMEOUT:?}"));
@@ -289,20 +351,23 @@ impl RequestHandler for Handler {
             }
         };
         match result {
-            Ok(lookup) => match admit_answer(&self.admitter, &self.stats, &qname, &reach, lookup.answers()) {
-                Ok(filtered) => {
-                    self.stats.allowed.fetch_add(1, Ordering::Relaxed);
-                    if !filtered.addresses.is_empty() {
-                        self.remember(&qname, &filtered.addresses);
+            Ok(lookup) => {
+                match admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, lookup.answers()) {
+                    Ok(filtered) => {
+                        self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+                        if !filtered.addresses.is_empty() {
+                            self.remember(&qname, &filtered.addresses);
+                        }
+                        send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], [])).await
                     }
-                    send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], [])).await
+                    Err(e) => {
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(name = %qname, "cannot admit the answer's addresses, answering SERVFAIL: {e}");
+                        send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail))
+                            .await
+                    }
                 }
-                Err(e) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(name = %qname, "cannot admit the answer's addresses, answering SERVFAIL: {e}");
-                    send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail)).await
-                }
-            },
+            }
             Err(e) if e.is_nx_domain() => {
                 self.stats.allowed.fetch_add(1, Ordering::Relaxed);
                 md.response_code = ResponseCode::NXDomain;
@@ -317,7 +382,8 @@ impl RequestHandler for Handler {
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
                 if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) = admit_answer(&self.admitter, &self.stats, &qname, &reach, &stale)
+                    && let Ok(filtered) =
+                        admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
                 {
                     self.stats.stale.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed ({e}); serving the last good addresses");
@@ -476,6 +542,75 @@ mod tests {
         assert_eq!(out.svc_params.len(), 1);
         assert_eq!(out.svc_params[0].0, SvcParamKey::Alpn);
         assert_eq!(out.target_name, s.target_name);
+    }
+
+    #[test]
+    fn https_records_lose_their_ech_configuration_and_keep_alpn() {
+        use hickory_server::proto::rr::rdata::svcb::{Alpn, EchConfigList, SvcParamValue};
+        let s = SVCB::new(
+            1,
+            Name::from_ascii(".").unwrap(),
+            vec![
+                (SvcParamKey::Alpn, SvcParamValue::Alpn(Alpn(vec!["h2".into()]))),
+                (SvcParamKey::EchConfigList, SvcParamValue::EchConfigList(EchConfigList(vec![0, 4, 0xfe, 0x0d, 0, 0]))),
+            ],
+        );
+        let out = without_hints(&s);
+        let keys: Vec<SvcParamKey> = out.svc_params.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, [SvcParamKey::Alpn]);
+    }
+
+    fn admitter() -> Admitter {
+        struct NoSets;
+        impl crate::egress::admission::Sets for NoSets {
+            fn add(&mut self, _: &str, _: IpAddr, _: u32) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lifetimes =
+            crate::egress::admission::Lifetimes { min_ttl: Duration::from_secs(60), grace: Duration::from_secs(300) };
+        Admitter::new(Box::new(NoSets), vec![], lifetimes)
+    }
+
+    #[test]
+    fn an_answer_binds_its_address_to_the_query_name_and_every_name_of_its_cname_chain() {
+        use hickory_server::proto::rr::rdata::{A, CNAME};
+        let name = |s: &str| Name::from_ascii(s).unwrap();
+        let records = vec![
+            Record::from_rdata(name("WWW.Example.com."), 30, RData::CNAME(CNAME(name("edge.cdn.example.net.")))),
+            Record::from_rdata(name("edge.cdn.example.net."), 30, RData::CNAME(CNAME(name("e1.cdn.example.net.")))),
+            Record::from_rdata(name("e1.cdn.example.net."), 30, RData::A(A::new(192, 0, 2, 7))),
+        ];
+        let bindings = Bindings::new(64);
+        let reach = crate::config::allowlist::Reach { default_ports: true, ..Default::default() };
+        let out =
+            admit_answer(&admitter(), &bindings, &DnsStats::default(), "www.example.com.", &reach, &records).unwrap();
+        assert_eq!(out.addresses.len(), 1);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let now = Instant::now();
+        for n in ["www.example.com", "edge.cdn.example.net", "e1.cdn.example.net"] {
+            assert!(bindings.is_bound(n, ip, now), "{n}");
+            assert!(!bindings.is_bound(n, ip, now + Duration::from_secs(361)), "{n}: bound past its admission");
+        }
+        assert!(bindings.is_bound("www.example.com", ip, now + Duration::from_secs(359)), "max(TTL, min_ttl) + grace");
+        assert!(!bindings.is_bound("other.example.com", ip, now));
+        assert_eq!(bindings.len(), 3);
+        // A repeated answer binds nothing new.
+        admit_answer(&admitter(), &bindings, &DnsStats::default(), "www.example.com.", &reach, &records).unwrap();
+        assert_eq!(bindings.len(), 3);
+    }
+
+    #[test]
+    fn a_refused_address_is_bound_to_no_name() {
+        use hickory_server::proto::rr::rdata::A;
+        let records =
+            vec![Record::from_rdata(Name::from_ascii("in.example.com.").unwrap(), 30, RData::A(A::new(10, 0, 0, 1)))];
+        let bindings = Bindings::new(64);
+        let reach = crate::config::allowlist::Reach { default_ports: true, ..Default::default() };
+        let a = admitter();
+        let out = admit_answer(&a, &bindings, &DnsStats::default(), "in.example.com.", &reach, &records).unwrap();
+        assert!(out.addresses.is_empty());
+        assert!(bindings.is_empty());
     }
 
     #[test]

@@ -25,6 +25,16 @@
 //!      reject the rest.
 //!   5. New TCP to an admitted address on an allowed port: mark the connection, accept.
 //!   6. Everything else: reject at once (TCP reset, ICMP otherwise), counted.
+//!
+//! With name binding (`network.name_binding`, the default), the name-checked ports change
+//! hands. In the nat table, `OUTPUT` has one jump, to `CORDON_NAT`, where new TCP of the agent's
+//! uids to an admitted address on a name-checked port (`network.ports`, and each `name:port`
+//! not marked `:raw`) is redirected to cordon's proxy on loopback (127.0.0.1 or [::1],
+//! `network.proxy_port`); the proxy reads the name and connects as root, or resets. In
+//! `CORDON_AGENT`, before the loopback rules (step 4), a connection to the proxy port is accepted (and
+//! marked) only when the kernel redirected it (`--ctstate DNAT`): the agent connecting to the
+//! proxy port itself meets the loopback reject. Step 5 then accepts only the `:raw` ports,
+//! which stay address-based; a name-checked port reached without the redirect is rejected.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -42,6 +52,9 @@ pub const ALLOW_CHAIN: &str = "CORDON_ALLOW";
 /// empty, for IPv4 too, so both families have the same chains).
 pub const MLD_CHAIN: &str = "CORDON_MLD";
 const CHAINS: [&str; 4] = [OUTPUT_CHAIN, MLD_CHAIN, CHAIN, ALLOW_CHAIN];
+/// In the nat table: redirects the agent's name-checked connections to the proxy. Declared
+/// (empty) without name binding too, so a restart with it turned off replaces a previous run's.
+pub const NAT_CHAIN: &str = "CORDON_NAT";
 
 /// The connmark bit of connections the agent was allowed to open. One bit, always set and
 /// matched under its own mask, clear of the bits Docker, kube-proxy (0x4000, 0x8000), Calico
@@ -49,8 +62,10 @@ const CHAINS: [&str; 4] = [OUTPUT_CHAIN, MLD_CHAIN, CHAIN, ALLOW_CHAIN];
 /// (0x0f00, 0x0200) use.
 pub const CONNMARK: u32 = 0x0010_0000;
 
-/// The jump that sends the agent's packets to its chain. Sockets without an owner (kernel
-/// packets) and root's never match the uid range.
+/// The agent's uids: every socket owner but root. Sockets without an owner (kernel packets)
+/// and root's (cordon's own, the proxy's upstream connections) never match.
+const OWNER_MATCH: &str = "-m owner --uid-owner 1-4294967294";
+/// The jump that sends the agent's packets to its chain.
 const OWNER_JUMP: &str = "-m owner --uid-owner 1-4294967294 -j CORDON_AGENT";
 
 /// The largest MLDv2 report let out: the kernel bundles pending changes, so bringing up an
@@ -114,6 +129,13 @@ impl Family {
         }
     }
 
+    fn loopback(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::from([127, 0, 0, 1]),
+            Family::V6 => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    }
+
     fn prefix(self) -> u8 {
         match self {
             Family::V4 => 32,
@@ -134,6 +156,15 @@ pub fn set_name(family: Family, port: Option<u16>) -> String {
     }
 }
 
+/// The allow set of an address-based `name:port:raw` entry's port.
+pub fn raw_set_name(family: Family, port: u16) -> String {
+    let f = match family {
+        Family::V4 => "4",
+        Family::V6 => "6",
+    };
+    format!("cordon{f}-r{port}")
+}
+
 /// The suffix of a set's temporary twin, created fresh at boot and swapped in.
 const NEW_SUFFIX: &str = ".new";
 
@@ -141,7 +172,8 @@ const NEW_SUFFIX: &str = ".new";
 fn is_cordon_set(name: &str) -> bool {
     let name = name.strip_suffix(NEW_SUFFIX).unwrap_or(name);
     let Some(rest) = name.strip_prefix("cordon4").or_else(|| name.strip_prefix("cordon6")) else { return false };
-    rest.is_empty() || rest.strip_prefix("-p").is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    let port = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    rest.is_empty() || rest.strip_prefix("-p").is_some_and(port) || rest.strip_prefix("-r").is_some_and(port)
 }
 
 /// What the rules are made from.
@@ -154,8 +186,13 @@ pub struct Plan {
     pub ports: Vec<u16>,
     /// Ports of `name:port` entries, each with its own set.
     pub extra_ports: Vec<u16>,
+    /// Ports of `name:port:raw` entries, each with its own set: address-based, never redirected.
+    pub raw_ports: Vec<u16>,
     /// Ports the agent may reach on loopback besides the DNS listener.
     pub loopback_ports: Vec<PortRange>,
+    /// Name binding: the proxy's loopback port, where `ports` and `extra_ports` are redirected.
+    /// None: those ports are address-based like `raw_ports` (`network.name_binding = false`).
+    pub proxy_port: Option<u16>,
 }
 
 impl Plan {
@@ -166,6 +203,9 @@ impl Plan {
             sets.push((family, set_name(family, None)));
             for &p in &self.extra_ports {
                 sets.push((family, set_name(family, Some(p))));
+            }
+            for &p in &self.raw_ports {
+                sets.push((family, raw_set_name(family, p)));
             }
         }
         sets
@@ -226,6 +266,15 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
     // 127.0.0.11:53 to a random port) would escape a plain --dport 53.
     rule(&format!("-p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with {proto_unreach}"));
     rule("-p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset");
+    // The proxy's port, but only for what the kernel redirected there (the nat chain): the
+    // agent's own connection to the proxy port is not DNAT and meets the loopback reject.
+    if let Some(port) = plan.proxy_port {
+        rule(&format!(
+            "-d {}/{} -p tcp -m tcp --dport {port} -m conntrack --ctstate DNAT -j {ALLOW_CHAIN}",
+            family.loopback(),
+            family.prefix()
+        ));
+    }
     // Loopback by port: the owner match cannot see who owns the destination socket, so a
     // root-owned service on 127.0.0.1 and the agent's own test server look alike.
     for range in &plan.loopback_ports {
@@ -237,17 +286,23 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
     }
     rule("-o lo -p tcp -j REJECT --reject-with tcp-reset");
     rule(&format!("-o lo -j REJECT --reject-with {reject}"));
-    let ports: Vec<String> = plan.ports.iter().map(u16::to_string).collect();
-    rule(&format!(
-        "-p tcp -m multiport --dports {} -m set --match-set {} dst -j {ALLOW_CHAIN}",
-        ports.join(","),
-        set_name(family, None)
-    ));
-    for &p in &plan.extra_ports {
+    // With name binding these ports are redirected before they get here (nat OUTPUT comes
+    // before filter OUTPUT); one that was not is rejected below, never let through unchecked.
+    if plan.proxy_port.is_none() {
         rule(&format!(
-            "-p tcp -m tcp --dport {p} -m set --match-set {} dst -j {ALLOW_CHAIN}",
-            set_name(family, Some(p))
+            "-p tcp -m multiport --dports {} -m set --match-set {} dst -j {ALLOW_CHAIN}",
+            join_ports(&plan.ports),
+            set_name(family, None)
         ));
+        for &p in &plan.extra_ports {
+            rule(&format!(
+                "-p tcp -m tcp --dport {p} -m set --match-set {} dst -j {ALLOW_CHAIN}",
+                set_name(family, Some(p))
+            ));
+        }
+    }
+    for &p in &plan.raw_ports {
+        rule(&format!("-p tcp -m tcp --dport {p} -m set --match-set {} dst -j {ALLOW_CHAIN}", raw_set_name(family, p)));
     }
     rule("-p tcp -j REJECT --reject-with tcp-reset");
     rule(&format!("-j REJECT --reject-with {reject}"));
@@ -257,25 +312,62 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
     r
 }
 
-/// The lines that leave exactly one jump to `CORDON_OUTPUT` at the top of `OUTPUT`, given
-/// `iptables -S OUTPUT`: every existing jump to one of cordon's chains is deleted (the old
-/// single owner jump of earlier versions, duplicates), then the one jump is inserted.
-pub fn render_output_jump(output_listing: &str) -> String {
-    let mut r = String::new();
-    for line in output_listing.lines() {
-        let Some(spec) = line.strip_prefix("-A OUTPUT ") else { continue };
-        if CHAINS.iter().any(|c| spec.ends_with(&format!("-j {c}"))) {
-            let _ = writeln!(r, "-D OUTPUT {spec}");
-        }
+fn join_ports(ports: &[u16]) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The nat chain for one family, without the `*nat` and `COMMIT` lines: the agent's new TCP to
+/// an admitted address on a name-checked port goes to the proxy. nat `OUTPUT` sees only a
+/// connection's first packet; the rest follow its conntrack entry. REDIRECT from `OUTPUT` maps
+/// to 127.0.0.1 or ::1 and reroutes through `lo`, so `route_localnet` is not involved (it is
+/// for packets arriving from outside).
+pub fn render_nat_chain(plan: &Plan, family: Family) -> String {
+    let mut r = format!(":{NAT_CHAIN} - [0:0]\n");
+    let Some(proxy) = plan.proxy_port else { return r };
+    let mut redirect = |ports: &str, set: String| {
+        let _ = writeln!(
+            r,
+            "-A {NAT_CHAIN} -p tcp {OWNER_MATCH} {ports} -m set --match-set {set} dst -j REDIRECT --to-ports {proxy}"
+        );
+    };
+    redirect(&format!("-m multiport --dports {}", join_ports(&plan.ports)), set_name(family, None));
+    for &p in &plan.extra_ports {
+        redirect(&format!("-m tcp --dport {p}"), set_name(family, Some(p)));
     }
-    let _ = writeln!(r, "-I OUTPUT 1 -j {OUTPUT_CHAIN}");
     r
 }
 
-/// The whole `iptables-restore --noflush` input for one family: chains, then the jump, in one
-/// transaction.
-pub fn render_rules(plan: &Plan, family: Family, output_listing: &str) -> String {
-    format!("*filter\n{}{}COMMIT\n", render_chains(plan, family), render_output_jump(output_listing))
+/// The lines that leave exactly one jump to `chain` at the top of `OUTPUT`, given `iptables -S
+/// OUTPUT` of its table: every existing jump to one of cordon's chains is deleted (the old
+/// single owner jump of earlier versions, duplicates), then the one jump is inserted.
+fn render_jump(output_listing: &str, chain: &str) -> String {
+    let mut r = String::new();
+    for line in output_listing.lines() {
+        let Some(spec) = line.strip_prefix("-A OUTPUT ") else { continue };
+        if CHAINS.iter().chain(&[NAT_CHAIN]).any(|c| spec.ends_with(&format!("-j {c}"))) {
+            let _ = writeln!(r, "-D OUTPUT {spec}");
+        }
+    }
+    let _ = writeln!(r, "-I OUTPUT 1 -j {chain}");
+    r
+}
+
+/// The filter table's jump to `CORDON_OUTPUT` (see [`render_jump`]).
+pub fn render_output_jump(output_listing: &str) -> String {
+    render_jump(output_listing, OUTPUT_CHAIN)
+}
+
+/// The whole `iptables-restore --noflush` input for one family, in one transaction: the nat
+/// chain and its jump, then the filter chains and theirs. `nat_listing` and `output_listing`
+/// are `iptables -t nat -S OUTPUT` and `iptables -S OUTPUT`.
+pub fn render_rules(plan: &Plan, family: Family, nat_listing: &str, output_listing: &str) -> String {
+    format!(
+        "*nat\n{}{}COMMIT\n*filter\n{}{}COMMIT\n",
+        render_nat_chain(plan, family),
+        render_jump(nat_listing, NAT_CHAIN),
+        render_chains(plan, family),
+        render_output_jump(output_listing)
+    )
 }
 
 /// The `ipset restore` input that gives every set of the plan fresh, with the plan's timeout,
@@ -327,8 +419,8 @@ pub enum FirewallError {
     NoNetfilter { program: &'static str, stderr: String },
     #[error("the {family:?} chain {chain} has {found} rules after applying, expected {expected}")]
     Verify { family: Family, chain: &'static str, found: usize, expected: usize },
-    #[error("the {family:?} OUTPUT chain has {found} jumps to {OUTPUT_CHAIN} after applying, expected 1")]
-    VerifyJump { family: Family, found: usize },
+    #[error("the {family:?} OUTPUT chain has {found} jumps to {chain} after applying, expected 1")]
+    VerifyJump { family: Family, chain: &'static str, found: usize },
     /// Timed out, or stopped because cordon is stopping.
     #[error(transparent)]
     Command(crate::sys::command::CommandError),
@@ -457,17 +549,25 @@ pub fn stage(
         resolvers: crate::egress::resolver_addresses(resolv_conf, &egress.upstreams, network.listen),
         ports: network.ports.clone(),
         extra_ports: egress.allowlist.extra_ports().into_iter().collect(),
+        raw_ports: egress.allowlist.raw_ports().into_iter().collect(),
         loopback_ports: network.loopback_ports.clone(),
+        proxy_port: network.name_binding.then_some(network.proxy_port),
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
     apply(&plan, default_timeout, sys)?;
     let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
     let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
+    let checked = match plan.proxy_port {
+        Some(p) => format!(" name-checked by the proxy on port {p}"),
+        None => String::new(),
+    };
+    let raw: Vec<String> = plan.raw_ports.iter().map(u16::to_string).collect();
+    let raw = if raw.is_empty() { String::new() } else { format!(", {} address-based", raw.join(",")) };
     let loopback = plan.loopback_ports.iter().map(ToString::to_string).collect();
     Ok((
         (),
         format!(
-            "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {} to admitted addresses; \
+            "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {}{checked}{raw} to admitted addresses; \
              {} resolver addresses refused; loopback ports: {}",
             join(ports),
             plan.resolvers.len(),
@@ -495,8 +595,9 @@ fn apply_steps(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(
     let existing = list_sets(sys)?;
     run(sys, "ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
     for family in [Family::V4, Family::V6] {
+        let nat = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
         let output = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
-        let rules = render_rules(plan, family, &output);
+        let rules = render_rules(plan, family, &nat, &output);
         run(sys, family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
         verify(&rules, family, sys)?;
     }
@@ -506,9 +607,21 @@ fn apply_steps(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(
     Ok(())
 }
 
-/// Reads the chains and `OUTPUT` back: every chain has as many rules as written, and the jump
-/// is there once.
+/// Reads the chains and both `OUTPUT`s back: every chain has as many rules as written, and
+/// each jump is there once.
 fn verify(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), FirewallError> {
+    let nat = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", NAT_CHAIN], None)?;
+    let prefix = format!("-A {NAT_CHAIN} ");
+    let found = nat.lines().filter(|l| l.starts_with(&prefix)).count();
+    let expected = rules.lines().filter(|l| l.starts_with(&prefix)).count();
+    if found != expected {
+        return Err(FirewallError::Verify { family, chain: NAT_CHAIN, found, expected });
+    }
+    let nat_output = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
+    let found = nat_output.lines().filter(|l| *l == format!("-A OUTPUT -j {NAT_CHAIN}")).count();
+    if found != 1 {
+        return Err(FirewallError::VerifyJump { family, chain: NAT_CHAIN, found });
+    }
     for chain in CHAINS {
         let listed = run(sys, family.iptables(), &["-w", "10", "-S", chain], None)?;
         let prefix = format!("-A {chain} ");
@@ -521,7 +634,7 @@ fn verify(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), Firewall
     let output = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
     let found = output.lines().filter(|l| *l == format!("-A OUTPUT -j {OUTPUT_CHAIN}")).count();
     if found != 1 {
-        return Err(FirewallError::VerifyJump { family, found });
+        return Err(FirewallError::VerifyJump { family, chain: OUTPUT_CHAIN, found });
     }
     Ok(())
 }
@@ -532,6 +645,7 @@ fn verify(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), Firewall
 pub fn remove(sys: &dyn Effects) -> Vec<String> {
     let mut problems = Vec::new();
     for family in [Family::V4, Family::V6] {
+        remove_nat(family, &mut problems, sys);
         let Ok(output) = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None) else { continue };
         let tool = family.iptables();
         for line in render_output_jump(&output).lines().filter(|l| l.starts_with("-D ")) {
@@ -559,6 +673,27 @@ pub fn remove(sys: &dyn Effects) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The nat half of [`remove`]: the jumps to `CORDON_NAT`, then the chain. A kernel without the
+/// nat table has nothing to remove.
+fn remove_nat(family: Family, problems: &mut Vec<String>, sys: &dyn Effects) {
+    let tool = family.iptables();
+    let Ok(output) = run(sys, tool, &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None) else { return };
+    for line in render_jump(&output, NAT_CHAIN).lines().filter(|l| l.starts_with("-D ")) {
+        let args: Vec<&str> = ["-w", "10", "-t", "nat"].into_iter().chain(split_spec(line)).collect();
+        if let Err(e) = run(sys, tool, &args, None) {
+            problems.push(format!("{tool} -t nat {line}: {e}"));
+        }
+    }
+    let chains = run(sys, tool, &["-w", "10", "-t", "nat", "-S"], None).unwrap_or_default();
+    if chains.lines().any(|l| l == format!("-N {NAT_CHAIN}")) {
+        for flag in ["-F", "-X"] {
+            if let Err(e) = run(sys, tool, &["-w", "10", "-t", "nat", flag, NAT_CHAIN], None) {
+                problems.push(format!("{tool} -t nat {flag} {NAT_CHAIN}: {e}"));
+            }
+        }
+    }
 }
 
 /// Splits an `iptables -S` rule into arguments: words, with a double-quoted word (a u32
@@ -605,13 +740,21 @@ mod tests {
             resolvers: vec!["127.0.0.11".parse().unwrap(), "2001:db8::53".parse().unwrap()],
             ports: vec![80, 443],
             extra_ports: vec![8443],
+            raw_ports: vec![22],
             loopback_ports: vec![PortRange { first: 3000, last: 3000 }, PortRange { first: 8000, last: 8099 }],
+            proxy_port: Some(15443),
         }
     }
 
     #[test]
     fn ipv4_rules_snapshot() {
         let expected = "\
+*nat
+:CORDON_NAT - [0:0]
+-A CORDON_NAT -p tcp -m owner --uid-owner 1-4294967294 -m multiport --dports 80,443 -m set --match-set cordon4 dst -j REDIRECT --to-ports 15443
+-A CORDON_NAT -p tcp -m owner --uid-owner 1-4294967294 -m tcp --dport 8443 -m set --match-set cordon4-p8443 dst -j REDIRECT --to-ports 15443
+-I OUTPUT 1 -j CORDON_NAT
+COMMIT
 *filter
 :CORDON_OUTPUT - [0:0]
 :CORDON_MLD - [0:0]
@@ -627,14 +770,14 @@ mod tests {
 -A CORDON_AGENT -d 127.0.0.11/32 -j REJECT --reject-with icmp-admin-prohibited
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp-port-unreachable
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -d 127.0.0.1/32 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 8000:8099 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -o lo -j REJECT --reject-with icmp-admin-prohibited
--A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon4 dst -j CORDON_ALLOW
--A CORDON_AGENT -p tcp -m tcp --dport 8443 -m set --match-set cordon4-p8443 dst -j CORDON_ALLOW
+-A CORDON_AGENT -p tcp -m tcp --dport 22 -m set --match-set cordon4-r22 dst -j CORDON_ALLOW
 -A CORDON_AGENT -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -j REJECT --reject-with icmp-admin-prohibited
 -A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
@@ -642,12 +785,18 @@ mod tests {
 -I OUTPUT 1 -j CORDON_OUTPUT
 COMMIT
 ";
-        assert_eq!(render_rules(&plan(), Family::V4, "-P OUTPUT ACCEPT\n"), expected);
+        assert_eq!(render_rules(&plan(), Family::V4, "-P OUTPUT ACCEPT\n", "-P OUTPUT ACCEPT\n"), expected);
     }
 
     #[test]
     fn ipv6_gets_the_same_policy_without_the_ipv4_listener() {
         let expected = "\
+*nat
+:CORDON_NAT - [0:0]
+-A CORDON_NAT -p tcp -m owner --uid-owner 1-4294967294 -m multiport --dports 80,443 -m set --match-set cordon6 dst -j REDIRECT --to-ports 15443
+-A CORDON_NAT -p tcp -m owner --uid-owner 1-4294967294 -m tcp --dport 8443 -m set --match-set cordon6-p8443 dst -j REDIRECT --to-ports 15443
+-I OUTPUT 1 -j CORDON_NAT
+COMMIT
 *filter
 :CORDON_OUTPUT - [0:0]
 :CORDON_MLD - [0:0]
@@ -668,14 +817,14 @@ COMMIT
 -A CORDON_AGENT -d 2001:db8::53/128 -j REJECT --reject-with icmp6-adm-prohibited
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp6-port-unreachable
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -d ::1/128 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 8000:8099 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -o lo -j REJECT --reject-with icmp6-adm-prohibited
--A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon6 dst -j CORDON_ALLOW
--A CORDON_AGENT -p tcp -m tcp --dport 8443 -m set --match-set cordon6-p8443 dst -j CORDON_ALLOW
+-A CORDON_AGENT -p tcp -m tcp --dport 22 -m set --match-set cordon6-r22 dst -j CORDON_ALLOW
 -A CORDON_AGENT -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -j REJECT --reject-with icmp6-adm-prohibited
 -A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
@@ -683,7 +832,50 @@ COMMIT
 -I OUTPUT 1 -j CORDON_OUTPUT
 COMMIT
 ";
-        assert_eq!(render_rules(&plan(), Family::V6, "-P OUTPUT ACCEPT\n"), expected);
+        assert_eq!(render_rules(&plan(), Family::V6, "-P OUTPUT ACCEPT\n", "-P OUTPUT ACCEPT\n"), expected);
+    }
+
+    #[test]
+    fn without_name_binding_the_nat_chain_is_empty_and_the_checked_ports_are_address_based_again() {
+        let plan = Plan { proxy_port: None, ..plan() };
+        let rules = render_rules(&plan, Family::V4, "-P OUTPUT ACCEPT\n", "-P OUTPUT ACCEPT\n");
+        let nat: Vec<&str> = rules.lines().take_while(|l| *l != "*filter").collect();
+        assert_eq!(
+            nat,
+            ["*nat", ":CORDON_NAT - [0:0]", "-I OUTPUT 1 -j CORDON_NAT", "COMMIT"],
+            "declared, so a restart flushes it"
+        );
+        assert!(!rules.contains("REDIRECT") && !rules.contains("DNAT") && !rules.contains("15443"), "{rules}");
+        for accept in [
+            "-A CORDON_AGENT -p tcp -m multiport --dports 80,443 -m set --match-set cordon4 dst -j CORDON_ALLOW",
+            "-A CORDON_AGENT -p tcp -m tcp --dport 8443 -m set --match-set cordon4-p8443 dst -j CORDON_ALLOW",
+            "-A CORDON_AGENT -p tcp -m tcp --dport 22 -m set --match-set cordon4-r22 dst -j CORDON_ALLOW",
+        ] {
+            assert!(rules.lines().any(|l| l == accept), "{accept}\n{rules}");
+        }
+    }
+
+    #[test]
+    fn with_name_binding_the_proxy_port_is_accepted_only_as_a_redirect_and_before_the_loopback_reject() {
+        let chain = render_chains(&plan(), Family::V4);
+        let at = |needle: &str| chain.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}"));
+        assert!(at("--dport 15443 -m conntrack --ctstate DNAT") < at("-o lo -p tcp -j REJECT"));
+        assert_eq!(chain.matches("15443").count(), 1, "no other rule opens the proxy port: {chain}");
+        // A checked port reached without the redirect falls through to the reject.
+        assert!(!chain.contains("--match-set cordon4 dst") && !chain.contains("cordon4-p8443"), "{chain}");
+        // Root and kernel packets are never redirected: every nat rule matches the agent's uids.
+        let nat = render_nat_chain(&plan(), Family::V6);
+        assert!(
+            nat.lines()
+                .filter(|l| l.starts_with("-A"))
+                .all(|l| l.contains(OWNER_MATCH) && l.ends_with("--to-ports 15443"))
+        );
+    }
+
+    #[test]
+    fn the_nat_jump_replaces_earlier_ones_and_leaves_dockers() {
+        let listing = "-P OUTPUT ACCEPT\n-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT\n-A OUTPUT -j CORDON_NAT\n";
+        assert_eq!(render_jump(listing, NAT_CHAIN), "-D OUTPUT -j CORDON_NAT\n-I OUTPUT 1 -j CORDON_NAT\n");
     }
 
     #[test]
@@ -716,10 +908,14 @@ swap cordon4.new cordon4
 destroy cordon4.new
 create cordon4-p8443.new hash:ip family inet timeout 300 maxelem 1048576
 rename cordon4-p8443.new cordon4-p8443
+create cordon4-r22.new hash:ip family inet timeout 300 maxelem 1048576
+rename cordon4-r22.new cordon4-r22
 create cordon6.new hash:ip family inet6 timeout 300 maxelem 1048576
 rename cordon6.new cordon6
 create cordon6-p8443.new hash:ip family inet6 timeout 300 maxelem 1048576
 rename cordon6-p8443.new cordon6-p8443
+create cordon6-r22.new hash:ip family inet6 timeout 300 maxelem 1048576
+rename cordon6-r22.new cordon6-r22
 "
         );
         assert_eq!(stale_sets(&plan(), &existing), ["cordon6-p8443.new", "cordon4-p22"]);
@@ -727,10 +923,14 @@ rename cordon6-p8443.new cordon6-p8443
 
     #[test]
     fn only_cordons_own_set_names_are_recognised() {
-        for name in ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p1.new", "cordon4.new"] {
+        for name in
+            ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p1.new", "cordon4.new", "cordon4-r22", "cordon6-r22.new"]
+        {
             assert!(is_cordon_set(name), "{name}");
         }
-        for name in ["cordon", "cordon5", "cordon4-p", "cordon4-px", "cordon4x", "kube-cordon4", "cordon4.old"] {
+        for name in
+            ["cordon", "cordon5", "cordon4-p", "cordon4-px", "cordon4x", "kube-cordon4", "cordon4.old", "cordon4-r"]
+        {
             assert!(!is_cordon_set(name), "{name}");
         }
     }
@@ -861,53 +1061,64 @@ mod apply_tests {
             resolvers: vec!["127.0.0.11".parse().unwrap()],
             ports: vec![443],
             extra_ports: vec![8443],
+            raw_ports: vec![],
             loopback_ports: vec![],
+            proxy_port: Some(15001),
         }
     }
 
+    /// `OUTPUT` of either table before cordon's jump, and after.
     const BEFORE: &str = "-P OUTPUT ACCEPT\n";
-    const AFTER: &str = "-P OUTPUT ACCEPT\n-A OUTPUT -j CORDON_OUTPUT\n";
+    fn after(chain: &str) -> String {
+        format!("-P OUTPUT ACCEPT\n-A OUTPUT -j {chain}\n")
+    }
+
+    /// The rules of `chain` in `rules`, as `iptables -S chain` lists them.
+    fn listing(rules: &str, chain: &str) -> Vec<String> {
+        rules.lines().filter(|l| l.starts_with(&format!("-A {chain} "))).map(|l| format!("{l}\n")).collect()
+    }
 
     /// A kernel that takes the rules: `ipset list -n` shows a set of an earlier run and a
-    /// stale one, then every set; `-S OUTPUT` shows no jump, then one; each chain reads back
+    /// stale one, then every set; each `OUTPUT` shows no jump, then one; each chain reads back
     /// as written.
     fn kernel() -> Recorder {
         kernel_where(true, None)
     }
 
-    /// `kernel()`, but IPv6's OUTPUT never gets the jump unless `v6_applies`, and the IPv4
-    /// chain `lost` reads back without its last rule.
+    /// `kernel()`, but IPv6's `OUTPUT`s never get the jumps unless `v6_applies`, and the IPv4
+    /// filter chain `lost` reads back without its last rule.
     fn kernel_where(v6_applies: bool, lost: Option<&str>) -> Recorder {
         let rec = Recorder::new();
         rec.output("ipset list -n", "cordon4\ncordon4-p22\n")
             .output("ipset list -n", "cordon4\ncordon4-p22\ncordon4-p8443\ncordon6\ncordon6-p8443\n");
         for family in [Family::V4, Family::V6] {
             let tool = family.iptables();
-            rec.output(&format!("{tool} -w 10 -S OUTPUT"), BEFORE);
+            rec.output(&format!("{tool} -w 10 -t nat -S OUTPUT"), BEFORE)
+                .output(&format!("{tool} -w 10 -S OUTPUT"), BEFORE);
             if family == Family::V4 || v6_applies {
-                rec.output(&format!("{tool} -w 10 -S OUTPUT"), AFTER);
+                rec.output(&format!("{tool} -w 10 -t nat -S OUTPUT"), &after(NAT_CHAIN))
+                    .output(&format!("{tool} -w 10 -S OUTPUT"), &after(OUTPUT_CHAIN));
             }
-            let rules = render_rules(&plan(), family, BEFORE);
+            let rules = render_rules(&plan(), family, BEFORE, BEFORE);
+            let nat = listing(&rules, NAT_CHAIN).concat();
+            rec.output(&format!("{tool} -w 10 -t nat -S {NAT_CHAIN}"), &format!("-N {NAT_CHAIN}\n{nat}"));
             for chain in CHAINS {
-                let mut listed: Vec<String> = rules
-                    .lines()
-                    .filter(|l| l.starts_with(&format!("-A {chain} ")))
-                    .map(|l| format!("{l}\n"))
-                    .collect();
+                let mut listed = listing(&rules, chain);
                 if family == Family::V4 && lost == Some(chain) {
                     listed.pop();
                 }
-                let listed = listed.concat();
-                rec.output(&format!("{tool} -w 10 -S {chain}"), &format!("-N {chain}\n{listed}"));
+                rec.output(&format!("{tool} -w 10 -S {chain}"), &format!("-N {chain}\n{}", listed.concat()));
             }
         }
         rec
     }
 
     fn read_back(tool: &str) -> Vec<String> {
-        ["CORDON_OUTPUT", "CORDON_MLD", "CORDON_AGENT", "CORDON_ALLOW", "OUTPUT"]
-            .map(|c| format!("{tool} -w 10 -S {c}"))
-            .into()
+        let mut commands =
+            vec![format!("{tool} -w 10 -t nat -S {NAT_CHAIN}"), format!("{tool} -w 10 -t nat -S OUTPUT")];
+        commands.extend(CHAINS.map(|c| format!("{tool} -w 10 -S {c}")));
+        commands.push(format!("{tool} -w 10 -S OUTPUT"));
+        commands
     }
 
     fn stdin_of(rec: &Recorder, program: &str) -> String {
@@ -926,6 +1137,7 @@ mod apply_tests {
         apply(&plan(), 300, &rec).unwrap();
         let mut expected = vec!["ipset list -n".to_string(), "ipset restore".into()];
         for (tool, restore) in [("iptables", "iptables-restore"), ("ip6tables", "ip6tables-restore")] {
+            expected.push(format!("{tool} -w 10 -t nat -S OUTPUT"));
             expected.push(format!("{tool} -w 10 -S OUTPUT"));
             expected.push(format!("{restore} --noflush --wait 10"));
             expected.extend(read_back(tool));
@@ -942,21 +1154,39 @@ mod apply_tests {
             "{sets}"
         );
         assert!(sets.contains("rename cordon6.new cordon6\n"), "{sets}");
-        assert_eq!(stdin_of(&rec, "iptables-restore"), render_rules(&plan(), Family::V4, BEFORE));
-        assert_eq!(stdin_of(&rec, "ip6tables-restore"), render_rules(&plan(), Family::V6, BEFORE));
+        assert_eq!(stdin_of(&rec, "iptables-restore"), render_rules(&plan(), Family::V4, BEFORE, BEFORE));
+        assert_eq!(stdin_of(&rec, "ip6tables-restore"), render_rules(&plan(), Family::V6, BEFORE, BEFORE));
     }
 
     /// The commands `remove` runs when the IPv4 firewall is in place and the IPv6 one is not:
-    /// the IPv4 jump and chains go, IPv6 has nothing to remove, every cordon set goes.
+    /// the IPv4 jumps and chains go (nat, then filter), IPv6 has nothing to remove, every
+    /// cordon set goes.
     fn rollback() -> Vec<String> {
-        let mut expected: Vec<String> =
-            ["iptables -w 10 -S OUTPUT", "iptables -w 10 -D OUTPUT -j CORDON_OUTPUT", "iptables -w 10 -S"]
-                .map(String::from)
-                .into();
+        let mut expected: Vec<String> = [
+            "iptables -w 10 -t nat -S OUTPUT",
+            "iptables -w 10 -t nat -D OUTPUT -j CORDON_NAT",
+            "iptables -w 10 -t nat -S",
+            "iptables -w 10 -t nat -F CORDON_NAT",
+            "iptables -w 10 -t nat -X CORDON_NAT",
+            "iptables -w 10 -S OUTPUT",
+            "iptables -w 10 -D OUTPUT -j CORDON_OUTPUT",
+            "iptables -w 10 -S",
+        ]
+        .map(String::from)
+        .into();
         for flag in ["-F", "-X"] {
             expected.extend(CHAINS.map(|c| format!("iptables -w 10 {flag} {c}")));
         }
-        expected.extend(["ip6tables -w 10 -S OUTPUT", "ip6tables -w 10 -S", "ipset list -n"].map(String::from));
+        expected.extend(
+            [
+                "ip6tables -w 10 -t nat -S OUTPUT",
+                "ip6tables -w 10 -t nat -S",
+                "ip6tables -w 10 -S OUTPUT",
+                "ip6tables -w 10 -S",
+                "ipset list -n",
+            ]
+            .map(String::from),
+        );
         expected.extend(
             ["cordon4", "cordon4-p22", "cordon4-p8443", "cordon6", "cordon6-p8443"]
                 .map(|s| format!("ipset destroy {s}")),
@@ -964,17 +1194,20 @@ mod apply_tests {
         expected
     }
 
-    /// A kernel where IPv4's firewall goes in (`iptables -S` lists its chains) and IPv6's
-    /// restore fails.
-    fn kernel_with_ipv4_chains() -> Recorder {
-        let rec = kernel_where(false, None);
-        rec.output("iptables -w 10 -S", &format!("-P OUTPUT ACCEPT\n{}", CHAINS.map(|c| format!("-N {c}\n")).concat()));
+    /// A kernel where IPv4's firewall goes in (`iptables -S` of each table lists its chains)
+    /// and IPv6's does not, with the IPv4 filter chain `lost` reading back short.
+    fn kernel_with_ipv4_chains(lost: Option<&str>) -> Recorder {
+        let rec = kernel_where(false, lost);
+        rec.output("iptables -w 10 -t nat -S", &format!("-P OUTPUT ACCEPT\n-N {NAT_CHAIN}\n")).output(
+            "iptables -w 10 -S",
+            &format!("-P OUTPUT ACCEPT\n{}", CHAINS.map(|c| format!("-N {c}\n")).concat()),
+        );
         rec
     }
 
     #[test]
     fn a_runtime_without_ip6tables_gets_the_no_netfilter_fix_and_everything_applied_is_rolled_back() {
-        let rec = kernel_with_ipv4_chains();
+        let rec = kernel_with_ipv4_chains(None);
         let stderr = "ip6tables-restore v1.8.9 (legacy): can't initialize ip6tables table `filter': Table does not exist (do you need to insmod?)";
         rec.fail_run("ip6tables-restore", stderr);
         let e = apply(&plan(), 300, &rec).unwrap_err();
@@ -987,7 +1220,7 @@ mod apply_tests {
 
     #[test]
     fn a_missing_net_admin_gets_the_capability_fix_and_a_rollback() {
-        let rec = kernel_with_ipv4_chains();
+        let rec = kernel_with_ipv4_chains(None);
         rec.fail_run("ip6tables-restore", "ip6tables-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)");
         let e = apply(&plan(), 300, &rec).unwrap_err();
         assert!(matches!(e, FirewallError::Failed { program: "ip6tables-restore", .. }), "{e:?}");
@@ -997,8 +1230,7 @@ mod apply_tests {
 
     #[test]
     fn a_chain_that_reads_back_short_is_a_verify_error_and_a_rollback() {
-        let rec = kernel_where(false, Some(ALLOW_CHAIN));
-        rec.output("iptables -w 10 -S", &format!("-P OUTPUT ACCEPT\n{}", CHAINS.map(|c| format!("-N {c}\n")).concat()));
+        let rec = kernel_with_ipv4_chains(Some(ALLOW_CHAIN));
         let e = apply(&plan(), 300, &rec).unwrap_err();
         assert!(
             matches!(e, FirewallError::Verify { family: Family::V4, chain: ALLOW_CHAIN, found: 1, expected: 2 }),
@@ -1020,17 +1252,12 @@ mod apply_tests {
         let e = apply(&plan(), 300, &rec).unwrap_err();
         assert!(matches!(e, FirewallError::Spawn { program: "ipset", .. }), "{e:?}");
         assert!(e.fix().unwrap().contains("apt-get install iptables ipset"), "{e:?}");
-        assert_eq!(
-            rec.commands(),
-            [
-                "ipset list -n",
-                "iptables -w 10 -S OUTPUT",
-                "iptables -w 10 -S",
-                "ip6tables -w 10 -S OUTPUT",
-                "ip6tables -w 10 -S",
-                "ipset list -n"
-            ]
-        );
+        let mut expected = vec!["ipset list -n".to_string()];
+        for tool in ["iptables", "ip6tables"] {
+            expected.extend(["-t nat -S OUTPUT", "-t nat -S", "-S OUTPUT", "-S"].map(|a| format!("{tool} -w 10 {a}")));
+        }
+        expected.push("ipset list -n".into());
+        assert_eq!(rec.commands(), expected);
     }
 
     #[test]

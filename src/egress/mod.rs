@@ -12,8 +12,9 @@ pub mod probe;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use hickory_resolver::TokioResolver;
 use hickory_server::proto::rr::{Name, RecordType};
@@ -22,6 +23,7 @@ use self::dns::{DnsStats, Handler, LastGood};
 use crate::config::Network;
 use crate::config::allowlist::{Allowlist, Entry};
 use crate::egress::admission::{Admitter, Lifetimes, Sets};
+use crate::egress::namebound::bindings::{self, Bindings};
 use crate::fix::Problem;
 use crate::service::Service;
 
@@ -42,6 +44,28 @@ pub fn parse_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// How a resolv.conf cordon wrote remembers the nameservers it replaced, so that a restart of
+/// the container on the same file (Docker and Kubernetes keep it across restarts) finds its
+/// upstreams again.
+const REPLACED: &str = "# cordon replaced: nameserver";
+
+/// The resolvers a resolv.conf names for this container: its nameservers, and those a
+/// resolv.conf written by cordon remembers replacing; never `listen` (cordon itself).
+pub fn original_nameservers(resolv_conf: &str, listen: SocketAddr) -> Vec<SocketAddr> {
+    let remembered: String = resolv_conf
+        .lines()
+        .filter_map(|l| l.strip_prefix(REPLACED))
+        .map(|rest| format!("nameserver {rest}\n"))
+        .collect();
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for ns in parse_nameservers(resolv_conf).into_iter().chain(parse_nameservers(&remembered)) {
+        if ns.ip() != listen.ip() && !out.contains(&ns) {
+            out.push(ns);
+        }
+    }
+    out
+}
+
 /// Docker's embedded resolver. On a user-defined network 127.0.0.11:53 is a NAT redirect to a
 /// random high port on the same address, readable in /proc/net/udp, so the address as a whole
 /// is a resolver, whatever the configuration says.
@@ -52,7 +76,7 @@ pub const DOCKER_RESOLVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0
 /// force, and Docker's embedded resolver; never cordon's own listener. In order, deduplicated.
 pub fn resolver_addresses(original_resolv_conf: &str, upstreams: &[SocketAddr], listen: SocketAddr) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
-    let found = parse_nameservers(original_resolv_conf).into_iter().chain(upstreams.iter().copied());
+    let found = original_nameservers(original_resolv_conf, listen).into_iter().chain(upstreams.iter().copied());
     for ip in found.map(|a| a.ip()).chain([DOCKER_RESOLVER]) {
         if ip != listen.ip() && !out.contains(&ip) {
             out.push(ip);
@@ -62,9 +86,13 @@ pub fn resolver_addresses(original_resolv_conf: &str, upstreams: &[SocketAddr], 
 }
 
 /// resolv.conf pointing at cordon's listener only, keeping the original `search`, `domain`
-/// and `options` lines (Kubernetes relies on its search list).
+/// and `options` lines (Kubernetes relies on its search list), and remembering the nameservers
+/// it replaces in comments (see [`original_nameservers`]).
 pub fn render_resolv_conf(listen: SocketAddr, original: &str) -> String {
     let mut out = String::from("# Written by cordon: every lookup goes through its allowlist DNS server.\n");
+    for ns in original_nameservers(original, listen) {
+        out.push_str(&format!("{REPLACED} {}\n", ns.ip()));
+    }
     out.push_str(&format!("nameserver {}\n", listen.ip()));
     for line in original.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
@@ -79,7 +107,7 @@ pub fn render_resolv_conf(listen: SocketAddr, original: &str) -> String {
 /// The upstreams in force: configured, or else those of resolv.conf, never cordon itself.
 pub fn upstreams(config: &Network, resolv_conf: &str) -> Result<Vec<SocketAddr>, String> {
     let found: Vec<SocketAddr> = if config.upstream.is_empty() {
-        parse_nameservers(resolv_conf)
+        original_nameservers(resolv_conf, config.listen)
     } else {
         config.upstream.iter().map(|u| u.0).collect()
     };
@@ -113,6 +141,19 @@ pub struct Egress {
     pub last_refresh: Mutex<Option<RefreshReport>>,
     /// Admissions made by the refresh last at least this long (until the next refresh).
     pub refresh_interval: Duration,
+    /// Which names cordon's DNS answered with which addresses, for the name-bound layer.
+    pub bindings: Arc<Bindings>,
+    /// `network.ports`: name-checked with name binding, else address-based.
+    pub ports: Vec<u16>,
+    /// `network.name_binding`.
+    pub name_binding: bool,
+    /// `network.proxy_port`, when name binding is on.
+    pub proxy_port: Option<u16>,
+    /// The name-checking proxy, once the firewall stage has started it (name binding only).
+    pub proxy: OnceLock<Arc<namebound::proxy::Ctx>>,
+    /// Whether its service still serves: false once it stopped or failed (name-checked
+    /// connections are then refused, never let through).
+    pub proxy_serving: Arc<AtomicBool>,
 }
 
 /// Where the resolver configuration lives; the `dns` stage points it at cordon.
@@ -186,7 +227,9 @@ impl Egress {
         let stats = Arc::new(DnsStats::default());
         let resolver = dns::upstream_resolver(&upstreams);
         let last_good = Arc::new(Mutex::new(BTreeMap::new()));
+        let bindings = Arc::new(Bindings::new(bindings::DEFAULT_CAPACITY));
         let handler = Handler {
+            bindings: bindings.clone(),
             allowlist: allowlist.clone(),
             resolver: resolver.clone(),
             admitter: admitter.clone(),
@@ -205,6 +248,12 @@ impl Egress {
             last_good,
             last_refresh: Mutex::new(None),
             refresh_interval: network.refresh_interval.0,
+            bindings,
+            ports: network.ports.clone(),
+            name_binding: network.name_binding,
+            proxy_port: network.name_binding.then_some(network.proxy_port),
+            proxy: OnceLock::new(),
+            proxy_serving: Arc::new(AtomicBool::new(false)),
         });
         (egress, server)
     }
@@ -224,8 +273,13 @@ impl Egress {
         for (name, addresses) in &known {
             let Some(reach) = self.allowlist.lookup(name) else { continue };
             for &(ip, ttl) in addresses {
-                if let Err(e) = self.admitter.admit(name, ip, ttl.max(floor), &reach) {
-                    tracing::error!(name, %ip, "refresh cannot renew an admission: {e}");
+                match self.admitter.admit(name, ip, ttl.max(floor), &reach) {
+                    Ok(admission::Verdict::Admitted) => {
+                        let now = Instant::now();
+                        self.bindings.bind(name, ip, now + self.admitter.lifetime(ttl.max(floor)), now);
+                    }
+                    Ok(admission::Verdict::Refused(_)) => {}
+                    Err(e) => tracing::error!(name, %ip, "refresh cannot renew an admission: {e}"),
                 }
             }
         }
@@ -297,7 +351,7 @@ impl Egress {
                             r
                         })
                         .collect();
-                    match dns::admit_answer(&self.admitter, &self.stats, name, &reach, &records) {
+                    match dns::admit_answer(&self.admitter, &self.bindings, &self.stats, name, &reach, &records) {
                         Ok(filtered) => fresh.extend(filtered.addresses),
                         Err(e) => {
                             tracing::error!(name, "refresh cannot admit addresses: {e}");
@@ -440,8 +494,20 @@ mod tests {
         assert_eq!(
             out,
             "# Written by cordon: every lookup goes through its allowlist DNS server.\n\
+             # cordon replaced: nameserver 127.0.0.11\n\
              nameserver 127.0.0.53\nsearch corp.example\noptions ndots:0\n"
         );
+    }
+
+    #[test]
+    fn a_restart_on_the_resolv_conf_cordon_wrote_finds_the_same_upstreams() {
+        let listen: SocketAddr = "127.0.0.53:53".parse().unwrap();
+        let first = render_resolv_conf(listen, DOCKER);
+        let second = render_resolv_conf(listen, &first);
+        assert_eq!(second, first, "rewriting is idempotent");
+        let net = Network::default();
+        assert_eq!(upstreams(&net, &second).unwrap(), ["127.0.0.11:53".parse().unwrap()]);
+        assert_eq!(resolver_addresses(&second, &[], listen), ["127.0.0.11".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]

@@ -23,30 +23,94 @@ pub fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u3
 /// The boot's `clone` stage: `repo.url` at `repo.branch` into `repo.dest`, as the agent, with
 /// the credential helper, through the firewall (after the lockdown, like everything the agent
 /// does; before the readiness probes). git's progress goes to `progress`.
+///
+/// Where `repo.dest` already holds a clone of the same remote (a workspace on a volume, after
+/// a restart), it is kept as it is, uncommitted work included, and only fetched; a clone of
+/// another remote there fails the stage.
 pub fn stage(
     repo: &crate::config::Repo,
     url: &str,
     user: &crate::session::users::AgentUser,
     progress: impl FnMut(&str),
 ) -> crate::fix::StageResult<()> {
-    use crate::session::users::{AGENT_PATH, unprivileged_command};
-    let mut cmd = unprivileged_command("git", user);
-    cmd.args(clone_args(url, &repo.dest, repo.branch.as_deref(), repo.depth))
-        .envs([
-            ("HOME", user.home.display().to_string()),
-            ("PATH", AGENT_PATH.to_string()),
-            ("GIT_TERMINAL_PROMPT", "0".to_string()),
-            ("LANG", "C.UTF-8".to_string()),
-        ])
-        .current_dir(repo.dest.parent().unwrap_or(Path::new("/")));
-    run(cmd, repo.timeout.0, progress).map_err(|e| {
-        crate::fix::Problem::new(e).with_fix(
-            "check REPO_URL and that GH_PAT can read the repository (fine-grained tokens: Contents); the host must \
-             be in the allowlist",
-        )
-    })?;
+    use crate::fix::Problem;
+    let fix = "check REPO_URL and that GH_PAT can read the repository (fine-grained tokens: Contents); the host must \
+               be in the allowlist";
+    if repo.dest.join(".git").exists() {
+        let origin = git(user, &repo.dest, &["config", "--get", "remote.origin.url"], repo.timeout.0).map_err(|e| {
+            Problem::new(format!("{} holds a git repository whose remote cannot be read: {e}", repo.dest.display()))
+        })?;
+        if !same_remote(origin.trim(), url) {
+            return Err(Problem::new(format!(
+                "{} already holds a clone of {}, not of {url}",
+                repo.dest.display(),
+                origin.trim()
+            ))
+            .with_fix("move the old workspace away, or set repo.dest (or REPO_URL) to match it"));
+        }
+        let mut cmd = git_command(user, &repo.dest);
+        cmd.args(["fetch", "--progress", "--prune", "origin"]);
+        run(cmd, repo.timeout.0, progress)
+            .map_err(|e| Problem::new(e.replace("git clone failed", "git fetch failed")).with_fix(fix))?;
+        return Ok(((), format!("{url}: the clone in {} was kept as it is and fetched", repo.dest.display())));
+    }
+    let mut cmd = git_command(user, repo.dest.parent().unwrap_or(Path::new("/")));
+    cmd.args(clone_args(url, &repo.dest, repo.branch.as_deref(), repo.depth));
+    run(cmd, repo.timeout.0, progress).map_err(|e| Problem::new(e).with_fix(fix))?;
     let branch = repo.branch.as_deref().unwrap_or("the default branch");
     Ok(((), format!("{url} ({branch}) into {}", repo.dest.display())))
+}
+
+/// git as the agent, in `dir`, with the agent's HOME (its credential helper) and no prompt.
+fn git_command(user: &crate::session::users::AgentUser, dir: &Path) -> Command {
+    use crate::session::users::{AGENT_PATH, unprivileged_command};
+    let mut cmd = unprivileged_command("git", user);
+    cmd.envs([
+        ("HOME", user.home.display().to_string()),
+        ("PATH", AGENT_PATH.to_string()),
+        ("GIT_TERMINAL_PROMPT", "0".to_string()),
+        ("LANG", "C.UTF-8".to_string()),
+    ])
+    .current_dir(dir);
+    cmd
+}
+
+/// A short git command as the agent in `dir`: its stdout, or what went wrong.
+fn git(
+    user: &crate::session::users::AgentUser,
+    dir: &Path,
+    args: &[&str],
+    deadline: Duration,
+) -> Result<String, String> {
+    let mut cmd = git_command(user, dir);
+    cmd.args(args);
+    match command::output(cmd, Options::new(deadline)) {
+        Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Ok(out) => Err(format!(
+            "git {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(crate::fix::error_chain(&e)),
+    }
+}
+
+/// Whether two repository URLs name the same remote: case of scheme and host aside, and a
+/// trailing `/` or `.git`.
+pub fn same_remote(a: &str, b: &str) -> bool {
+    fn norm(url: &str) -> String {
+        let url = url.trim().trim_end_matches('/');
+        let url = url.strip_suffix(".git").unwrap_or(url);
+        match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+                format!("{}://{}/{path}", scheme.to_ascii_lowercase(), host.to_ascii_lowercase())
+            }
+            None => url.to_string(),
+        }
+    }
+    norm(a) == norm(b)
 }
 
 /// Runs `cmd` (already set up to run as the agent) within `timeout`, as its own process group
@@ -88,6 +152,16 @@ pub fn run(cmd: Command, timeout: Duration, mut progress: impl FnMut(&str)) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remotes_are_the_same_whatever_the_case_of_the_host_and_a_trailing_slash_or_dot_git() {
+        assert!(same_remote("https://GitHub.com/o/r.git", "https://github.com/o/r"));
+        assert!(same_remote("https://github.com/o/r/", "https://github.com/o/r.git"));
+        assert!(same_remote("git@github.com:o/r.git", "git@github.com:o/r"));
+        assert!(!same_remote("https://github.com/o/r.git", "https://github.com/o/other.git"));
+        assert!(!same_remote("https://github.com/O/r.git", "https://github.com/o/r.git"), "paths keep their case");
+        assert!(!same_remote("https://github.com/o/r.git", "https://gitlab.com/o/r.git"));
+    }
 
     #[test]
     fn clone_arguments_end_with_a_double_dash_before_the_url() {

@@ -93,6 +93,7 @@ async fn live_status(live: &Live) -> StatusDoc {
     if let Some(egress) = live.egress.get() {
         doc.dns = Some(dns_status(egress));
         doc.egress = Some(egress_status(egress).await);
+        doc.namebound = Some(namebound_status(egress));
     }
     doc.filesystem.tmpfs = live.tmpfs.get().into_iter().flatten().filter_map(|p| status::usage(p)).collect();
     if let Some(tmux) = live.tmux.get().cloned() {
@@ -132,6 +133,39 @@ fn dns_status(egress: &Egress) -> status::DnsStatus {
                 qtype: d.qtype,
                 count: d.count,
                 last: status::rfc3339(d.last),
+            })
+            .collect(),
+    }
+}
+
+fn namebound_status(egress: &Egress) -> status::NameBoundStatus {
+    let proxy = egress.proxy.get();
+    let counts = proxy.map(|p| p.stats.counts()).unwrap_or_default();
+    let recent = proxy.map(|p| p.stats.recent_refusals()).unwrap_or_default();
+    status::NameBoundStatus {
+        enabled: egress.name_binding,
+        running: proxy.is_some() && egress.proxy_serving.load(std::sync::atomic::Ordering::Relaxed),
+        proxy_port: egress.proxy_port,
+        bindings: egress.bindings.len(),
+        connections: status::NameBoundCounts {
+            accepted: counts.accepted,
+            allowed: counts.allowed,
+            refused: counts.refused,
+            hello_timeouts: counts.hello_timeouts,
+            overloaded: counts.overloaded,
+            upstream_failures: counts.upstream_failures,
+        },
+        recent_refusals: recent
+            .iter()
+            .rev()
+            .take(32)
+            .map(|r| status::RefusalStatus {
+                name: r.shown_name().to_string(),
+                address: r.dst.ip().to_canonical().to_string(),
+                port: r.dst.port(),
+                kind: r.kind.to_string(),
+                reason: r.reason.to_string(),
+                at: status::rfc3339(r.at),
             })
             .collect(),
     }

@@ -32,6 +32,9 @@ pub struct StatusDoc {
     pub stages: Vec<StageRecord>,
     pub dns: Option<DnsStatus>,
     pub egress: Option<EgressStatus>,
+    /// The name-bound layer (live only; None when egress is not enforced).
+    #[serde(default)]
+    pub namebound: Option<NameBoundStatus>,
     pub session: SessionStatus,
     pub filesystem: FilesystemStatus,
     pub warnings: Vec<String>,
@@ -86,6 +89,49 @@ pub struct EgressStatus {
     /// Packets the firewall rejected, from its own counters; None if they could not be read.
     pub rejected_ipv4: Option<u64>,
     pub rejected_ipv6: Option<u64>,
+}
+
+/// The name-bound layer: the proxy's counters and its recent refusals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NameBoundStatus {
+    /// `network.name_binding`.
+    pub enabled: bool,
+    /// The proxy is serving (false with `enabled`: the layer failed; connections on the
+    /// name-checked ports are refused, never let through).
+    pub running: bool,
+    /// Loopback port of the proxy.
+    pub proxy_port: Option<u16>,
+    /// (name, address) pairs cordon's DNS answered and the layer holds.
+    pub bindings: usize,
+    pub connections: NameBoundCounts,
+    /// Newest first, at most 32.
+    pub recent_refusals: Vec<RefusalStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NameBoundCounts {
+    /// Connections the kernel redirected to the proxy.
+    pub accepted: u64,
+    /// TLS connections and HTTP requests let through.
+    pub allowed: u64,
+    /// Refusals of any reason, timeouts and overload included.
+    pub refused: u64,
+    pub hello_timeouts: u64,
+    pub overloaded: u64,
+    /// Allowed, but the destination could not be reached.
+    pub upstream_failures: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusalStatus {
+    /// The SNI or HTTP host, or "no SNI" / "no host".
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    /// "tls" or "http".
+    pub kind: String,
+    pub reason: String,
+    pub at: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +189,14 @@ pub struct WhyDoc {
     /// The allowlist entries that decided, with file and line.
     pub decided_by: Vec<String>,
     pub admitted: Vec<AdmittedStatus>,
+    /// For a name: how its connections are judged, one line per port ("443: TLS, name-checked
+    /// (SNI)", "22: address-based (name:22:raw)").
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// For an address: the names cordon's DNS answered with it, whose connections to it the
+    /// name-bound layer lets through (if allowlisted).
+    #[serde(default)]
+    pub bound_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -190,6 +244,7 @@ pub fn from_state(state: &State, source: &str) -> StatusDoc {
         stages: state.stages.clone(),
         dns: None,
         egress: None,
+        namebound: None,
         session: SessionStatus { agent: state.agent.clone(), tmux: None },
         filesystem: FilesystemStatus { readonly_root, tmpfs: vec![] },
         warnings: state.warnings.clone(),
@@ -354,6 +409,31 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
     } else if doc.source == "live" && doc.phase != Phase::Booting {
         let _ = writeln!(o, "egress: {}", paint("31", "not enforced"));
     }
+    if let Some(n) = &doc.namebound {
+        let state = match (n.enabled, n.running) {
+            (false, _) => paint("33", "name binding OFF: address-based (network.name_binding)"),
+            (true, false) => paint("31", "name binding NOT RUNNING: checked ports refused"),
+            (true, true) => paint("32", &format!("name binding on (proxy port {})", n.proxy_port.unwrap_or(0))),
+        };
+        let _ = writeln!(o, "names:  {state}; {} bindings", n.bindings);
+        let c = &n.connections;
+        if n.enabled {
+            let line = format!(
+                "        {} checked, {} allowed, {} refused ({} silent, {} overload), {} unreachable",
+                c.accepted, c.allowed, c.refused, c.hello_timeouts, c.overloaded, c.upstream_failures
+            );
+            let _ = writeln!(o, "{}", fit(&line));
+        }
+        if !n.recent_refusals.is_empty() {
+            let _ = writeln!(o, "        recently refused (explain: cordon status why NAME|ADDRESS):");
+            for r in n.recent_refusals.iter().take(8) {
+                let what =
+                    format!("          {} -> {} {}, {}", r.name, format_addr(&r.address, r.port), r.kind, ago(&r.at));
+                let _ = writeln!(o, "{}", fit(&what));
+                let _ = writeln!(o, "{}", fit(&format!("            {}", r.reason)));
+            }
+        }
+    }
     match &doc.session.agent {
         Some(a) => {
             let running = if a.running { paint("32", "running") } else { paint("31", "not running") };
@@ -385,10 +465,33 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
     o
 }
 
+/// A screen line cut to 80 columns.
+fn fit(line: &str) -> String {
+    if line.chars().count() <= 80 {
+        line.to_string()
+    } else {
+        format!("{}…", line.chars().take(79).collect::<String>())
+    }
+}
+
+fn format_addr(ip: &str, port: u16) -> String {
+    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+}
+
 pub fn render_why(w: &WhyDoc) -> String {
     let mut o = format!("{} {}: {}\n  {}\n", w.kind, w.target, w.verdict, w.explanation);
     for d in &w.decided_by {
         let _ = writeln!(o, "  allowlist entry: {d}");
+    }
+    for p in &w.ports {
+        let _ = writeln!(o, "  port {p}");
+    }
+    if !w.bound_names.is_empty() {
+        let _ = writeln!(
+            o,
+            "  names answered with it (name-checked connections may carry these): {}",
+            w.bound_names.join(" ")
+        );
     }
     for a in &w.admitted {
         let _ = writeln!(o, "  admitted {} for {} in {} until {}", a.ip, a.name.trim_end_matches('.'), a.set, a.until);
@@ -407,6 +510,8 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
         explanation: String::new(),
         decided_by: vec![],
         admitted: vec![],
+        ports: vec![],
+        bound_names: vec![],
     };
     let Some(egress) = egress else {
         doc.verdict = "not enforced".into();
@@ -424,6 +529,7 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
     match ip {
         Some(ip) => {
             doc.admitted = admitted.iter().filter(|a| a.ip == ip).map(out).collect();
+            doc.bound_names = egress.bindings.names_for(ip, std::time::Instant::now());
             if !doc.admitted.is_empty() {
                 doc.verdict = "admitted".into();
                 doc.explanation = "an allowed name resolved to it; the agent may connect on the allowed ports".into();
@@ -441,10 +547,11 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
         None => {
             let name = crate::config::allowlist::canonical(target);
             match egress.allowlist.lookup(&name) {
-                Some(_) => {
+                Some(reach) => {
                     doc.verdict = "allowed".into();
                     doc.explanation = "the name is answered and its addresses admitted".into();
                     doc.decided_by = egress.allowlist.explain(&name);
+                    doc.ports = port_rules(&reach, &egress.ports, egress.name_binding);
                 }
                 None => {
                     doc.verdict = "denied".into();
@@ -457,7 +564,72 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
     doc
 }
 
+/// How the connections of a name with `reach` are judged, port by port: name-checked (TLS SNI,
+/// or the Host of every HTTP request on port 80) or address-based (`:raw` entries, or every
+/// port when name binding is off). `ports` is `network.ports`.
+pub fn port_rules(reach: &crate::config::allowlist::Reach, ports: &[u16], name_binding: bool) -> Vec<String> {
+    let mut checked: Vec<u16> = if reach.default_ports { ports.to_vec() } else { vec![] };
+    checked.extend(reach.extra_ports.iter().filter(|p| !checked.contains(p)).collect::<Vec<_>>());
+    checked.sort_unstable();
+    let mut out: Vec<(u16, String)> = checked
+        .into_iter()
+        .map(|p| {
+            let rule = match (name_binding, p) {
+                (false, _) => "address-based (network.name_binding = false)".to_string(),
+                (true, 80) => {
+                    "HTTP, name-checked: the Host of every request must be this name, answered with the address".into()
+                }
+                (true, _) => {
+                    "TLS, name-checked: the ClientHello's SNI must be this name, answered with the address".into()
+                }
+            };
+            (p, rule)
+        })
+        .collect();
+    for &p in &reach.raw_ports {
+        if !out.iter().any(|(q, _)| *q == p) {
+            out.push((
+                p,
+                format!(
+                    "address-based (a `:{p}:raw` entry): any connection to an admitted address passes, no name is read"
+                ),
+            ));
+        }
+    }
+    out.sort_by_key(|(p, _)| *p);
+    out.into_iter().map(|(p, rule)| format!("{p}: {rule}")).collect()
+}
+
 /// Where a state directory's control socket is.
 pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("control.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::allowlist::Reach;
+
+    #[test]
+    fn a_names_ports_say_which_are_name_checked_and_which_address_based() {
+        let reach = Reach { default_ports: true, extra_ports: [8443].into(), raw_ports: [22].into() };
+        let rules = port_rules(&reach, &[80, 443], true);
+        let starts: Vec<&str> = rules.iter().map(|r| r.split(',').next().unwrap()).collect();
+        assert_eq!(
+            starts,
+            [
+                "22: address-based (a `:22:raw` entry): any connection to an admitted address passes",
+                "80: HTTP",
+                "443: TLS",
+                "8443: TLS"
+            ]
+        );
+        let off = port_rules(&reach, &[80, 443], false);
+        assert!(
+            off.iter().filter(|r| !r.starts_with("22:")).all(|r| r.contains("network.name_binding = false")),
+            "{off:?}"
+        );
+        let raw_only = Reach { raw_ports: [5432].into(), ..Reach::default() };
+        assert_eq!(port_rules(&raw_only, &[80, 443], true).len(), 1);
+    }
 }

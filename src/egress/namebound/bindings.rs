@@ -104,6 +104,20 @@ impl Bindings {
         inner.by_name.get(name).is_some_and(|slots| slots.iter().any(|slot| slot.ip == ip && now < slot.until))
     }
 
+    /// The names bound to `ip` at `now`, sorted (for `status why ADDRESS`). A scan of every
+    /// binding: for a person's question, never on a connection's path.
+    pub fn names_for(&self, ip: IpAddr, now: Instant) -> Vec<String> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = inner
+            .by_name
+            .iter()
+            .filter(|(_, slots)| slots.iter().any(|s| s.ip == ip && now < s.until))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// How many (name, address) bindings are held, expired ones not yet evicted included.
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len
@@ -174,6 +188,19 @@ mod tests {
         assert!(!bindings.is_bound("gitlab.com", ip("192.0.2.1"), now));
         assert!(!bindings.is_bound("github.com", ip("192.0.2.1"), until));
         assert_eq!(bindings.len(), 2);
+    }
+
+    #[test]
+    fn names_for_an_address_are_the_live_bindings_only() {
+        let bindings = Bindings::new(16);
+        let now = Instant::now();
+        let a = ip("192.0.2.1");
+        bindings.bind("b.example", a, now + Duration::from_secs(60), now);
+        bindings.bind("a.example", a, now + Duration::from_secs(60), now);
+        bindings.bind("old.example", a, now + Duration::from_secs(1), now);
+        bindings.bind("c.example", ip("192.0.2.2"), now + Duration::from_secs(60), now);
+        assert_eq!(bindings.names_for(a, now + Duration::from_secs(2)), ["a.example", "b.example"]);
+        assert!(bindings.names_for(ip("192.0.2.9"), now).is_empty());
     }
 
     #[test]

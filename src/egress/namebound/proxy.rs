@@ -82,12 +82,16 @@ impl OriginalDestination for KernelOriginalDestination {
 /// the admission lifetime. An ECH hello is judged by its outer name the same way; a refusal
 /// says so.
 pub struct BoundNamePolicy {
-    allowlisted: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    allowlisted: Box<AllowlistedOnPort>,
     bindings: Arc<Bindings>,
 }
 
+/// Whether a name (canonical) is allowlisted for a destination port: the allowlist's answer,
+/// ports included (`name:8443` reaches 8443 only).
+pub type AllowlistedOnPort = dyn Fn(&str, u16) -> bool + Send + Sync;
+
 impl BoundNamePolicy {
-    pub fn new(allowlisted: Box<dyn Fn(&str) -> bool + Send + Sync>, bindings: Arc<Bindings>) -> Self {
+    pub fn new(allowlisted: Box<AllowlistedOnPort>, bindings: Arc<Bindings>) -> Self {
         BoundNamePolicy { allowlisted, bindings }
     }
 }
@@ -97,7 +101,7 @@ impl Policy for BoundNamePolicy {
         let Some(name) = name else {
             return Err(Refusal::new("no SNI"));
         };
-        if !(self.allowlisted)(name) {
+        if !(self.allowlisted)(name, dst.port()) {
             return Err(Refusal::new(if ech { "ECH outer name not allowlisted" } else { "name not allowlisted" }));
         }
         // A v4 address reaching a dual-stack listener shows as ::ffff:a.b.c.d; DNS bound a.b.c.d.
@@ -783,7 +787,7 @@ mod tests {
         let answered: std::net::IpAddr = "192.0.2.1".parse().unwrap();
         bindings.bind("api.example.com", answered, now + Duration::from_secs(60), now);
         bindings.bind("cdn.example.net", answered, now + Duration::from_secs(60), now);
-        let policy = BoundNamePolicy::new(Box::new(|name: &str| name == "api.example.com"), Arc::clone(&bindings));
+        let policy = BoundNamePolicy::new(Box::new(|name: &str, _| name == "api.example.com"), Arc::clone(&bindings));
         let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 443);
         let decide = |name, ech, dst| policy.decide(name, ech, dst, Kind::Tls).map_err(|r| r.reason);
         assert_eq!(decide(Some("api.example.com"), false, at("192.0.2.1")), Ok(()));
