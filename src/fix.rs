@@ -79,7 +79,7 @@ mod tests {
 
     #[test]
     fn the_chain_reads_as_one_line_from_the_operation_to_the_cause() {
-        let e = Outer(std::io::Error::from_raw_os_error(libc::EPERM));
+        let e = Outer(std::io::Error::from_raw_os_error(nix::errno::Errno::EPERM as i32));
         assert_eq!(error_chain(&e), "cannot mount tmpfs at /workspace: Operation not permitted (os error 1)");
         let p = Problem::caused_by("filesystem", &e).with_fix("add --cap-add SYS_ADMIN");
         assert_eq!(p.to_string(), "filesystem: cannot mount tmpfs at /workspace: Operation not permitted (os error 1)");

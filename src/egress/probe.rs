@@ -210,6 +210,7 @@ pub fn run(spec: &Spec) -> Vec<ProbeResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::errno::Errno;
 
     #[test]
     fn query_encodes_labels_type_and_class() {
@@ -220,11 +221,13 @@ mod tests {
 
     #[test]
     fn immediate_refusals_count_and_timeouts_do_not() {
-        for errno in [libc::ECONNREFUSED, libc::EPERM, libc::ENETUNREACH, libc::EHOSTUNREACH, libc::EADDRNOTAVAIL] {
+        for errno in [Errno::ECONNREFUSED, Errno::EPERM, Errno::ENETUNREACH, Errno::EHOSTUNREACH, Errno::EADDRNOTAVAIL]
+        {
+            let errno = errno as i32;
             assert!(refused(&std::io::Error::from_raw_os_error(errno)), "errno {errno}");
         }
         assert!(!refused(&std::io::Error::from(ErrorKind::TimedOut)));
-        assert!(!refused(&std::io::Error::from_raw_os_error(libc::ETIMEDOUT)));
+        assert!(!refused(&std::io::Error::from_raw_os_error(nix::errno::Errno::ETIMEDOUT as i32)));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Users and owners, resolved through the passwd and group databases (NSS), and how a command
 //! is made to run as the agent user.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{Group, User};
@@ -197,18 +196,7 @@ pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUs
     let (uid, gid) = (user.uid, user.gid);
     let mut groups = vec![gid];
     groups.extend(user.groups.iter().filter(|g| **g != gid));
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // syscalls (sigprocmask, sigaction, close_range, prctl, set*id, capset); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::unblock_all_signals()?;
-            // What cordon ignores (SIGPIPE, the job-control stops) or its launcher left ignored
-            // would otherwise stay ignored across exec.
-            sys::reset_signal_dispositions(&[])?;
-            sys::cloexec_from_3()?;
-            sys::drop_privileges(uid, gid, &groups)
-        });
-    }
+    sys::drop_to_user_at_exec(&mut cmd, uid, gid, groups);
     cmd
 }
 
@@ -224,7 +212,7 @@ mod tests {
         std::fs::write(&script, "#!/nonexistent/interp -x\n").unwrap();
         let program = script.display().to_string();
 
-        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(libc::ENOENT));
+        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32));
         assert_eq!(e.status, 127);
         assert_eq!(
             e.message,
@@ -233,7 +221,7 @@ mod tests {
                  No such file or directory (os error 2) (exit status 127)"
             )
         );
-        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(libc::EACCES));
+        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(nix::errno::Errno::EACCES as i32));
         assert_eq!(
             (e.status, e.message),
             (126, format!("cannot start the agent `{program}`: Permission denied (os error 13) (exit status 126)"))
