@@ -276,14 +276,9 @@ impl RequestHandler for Handler {
         let result = match tokio::time::timeout(STALE_CLIENT_TIMEOUT, &mut lookup).await {
             Ok(result) => result,
             Err(_) => {
-                if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) = admit_answer(&self.admitter, &self.stats, &qname, &reach, &stale)
-                {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                if let Some(records) = self.serve_stale(&qname, qtype, &reach, "upstream is slow") {
                     self.stats.upstream_failed(format!("{qname} {qtype}: no answer within {STALE_CLIENT_TIMEOUT:?}"));
-                    tracing::warn!(name = %qname, qtype = %qtype, "upstream is slow; serving the last good addresses");
-                    return send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], []))
-                        .await;
+                    return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
                 lookup.await
             }
@@ -316,13 +311,9 @@ impl RequestHandler for Handler {
                 self.stats.upstream_failed(format!("{qname} {qtype}: {e}"));
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
-                if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) = admit_answer(&self.admitter, &self.stats, &qname, &reach, &stale)
+                if let Some(records) = self.serve_stale(&qname, qtype, &reach, &format!("upstream lookup failed ({e})"))
                 {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed ({e}); serving the last good addresses");
-                    return send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], []))
-                        .await;
+                    return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed: {e}");
@@ -352,6 +343,24 @@ impl Handler {
             }
         }
         last.insert(key, addresses.to_vec());
+    }
+
+    /// Serve-stale (RFC 8767): the answer for `qname` and `qtype` from its last good addresses,
+    /// admitted again, when the upstream cannot answer (`why`, for the log). None when the
+    /// name has no last good addresses (it fails closed) or when their admission failed (the
+    /// answer must not be released). Counted in `stale`.
+    fn serve_stale(
+        &self,
+        qname: &str,
+        qtype: RecordType,
+        reach: &crate::config::allowlist::Reach,
+        why: &str,
+    ) -> Option<Vec<Record>> {
+        let stale = self.stale_records(qname, qtype)?;
+        let filtered = admit_answer(&self.admitter, &self.stats, qname, reach, &stale).ok()?;
+        self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(name = %qname, qtype = %qtype, "{why}; serving the last good addresses");
+        Some(filtered.records)
     }
 
     /// The last good addresses of `qname` for `qtype`, as records with the stale TTL: None when
