@@ -164,12 +164,11 @@ const PANE_POLL: Duration = Duration::from_millis(250);
 impl AgentHandle {
     /// Waits until the agent exits; its status in shell convention. Call only while it runs.
     pub async fn wait(&mut self) -> i32 {
-        use std::os::unix::process::ExitStatusExt;
         match self {
             AgentHandle::Direct(slot) => {
                 let Some(child) = slot.as_mut() else { return std::future::pending().await };
                 let code = match child.wait().await {
-                    Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                    Ok(status) => crate::sys::exit_code(status),
                     Err(e) => {
                         tracing::error!("waiting for the agent failed: {e}");
                         1

@@ -46,7 +46,6 @@ pub fn status_path(state_dir: &Path) -> PathBuf {
 /// `F`, and exits with it. Signals meant for the agent reach it through the process group; the
 /// wrapper keeps them blocked, so it outlives the agent and always records the status.
 pub fn pane_run(status_file: &Path, argv: &[String]) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
     let _ = std::fs::remove_file(status_file);
     if let Err(e) = crate::sys::block_signals() {
         eprintln!("cordon pane-run: cannot block signals: {e}");
@@ -60,7 +59,7 @@ pub fn pane_run(status_file: &Path, argv: &[String]) -> i32 {
         Ok(mut child) => {
             record(&started_path(status_file), &format!("{}\n", child.id()));
             match child.wait() {
-                Ok(s) => (s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)), None),
+                Ok(status) => (crate::sys::exit_code(status), None),
                 Err(e) => (1, Some(format!("cannot wait for the agent `{}`: {e}", argv[0]))),
             }
         }

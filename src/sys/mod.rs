@@ -336,6 +336,14 @@ pub fn shell_exit_code(status: libc::c_int) -> Option<i32> {
     }
 }
 
+/// Exit status of a child that std or tokio waited for, in shell convention: the code, or
+/// 128 + signal number, decoded by [`shell_exit_code`] like the reaper's. A status `wait`
+/// returns is always an end; anything else (it cannot happen) reads as 1, a failure.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    shell_exit_code(status.into_raw()).unwrap_or(1)
+}
+
 /// Reaps every child that has exited, without blocking. The one `waitpid(-1)` of the program:
 /// only the reaper process calls it, so no exit status is stolen from anyone else.
 pub fn reap_exited() -> Vec<(Pid, i32)> {
@@ -567,6 +575,18 @@ mod tests {
         assert_eq!(shell_exit_code(libc::SIGSEGV | 0x80), Some(128 + 11), "core dumped");
         assert_eq!(shell_exit_code(37), Some(128 + 37), "SIGRTMIN+3");
         assert_eq!(shell_exit_code(0x137f), None, "stopped by SIGSTOP");
+    }
+
+    #[test]
+    fn exit_code_of_a_waited_child_is_its_code_or_128_plus_its_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGTERM)), 128 + 15);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGRTMIN() + 3)), 128 + 37, "real-time signals too");
+        let real = std::process::Command::new("sh").args(["-c", "kill -KILL $$"]).status().unwrap();
+        assert_eq!(exit_code(real), 128 + 9);
     }
 
     #[test]
