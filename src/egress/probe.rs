@@ -164,12 +164,12 @@ pub fn stage(
     user: &crate::session::users::AgentUser,
 ) -> crate::fix::StageResult<()> {
     use crate::fix::Problem;
-    use crate::session::users::{AGENT_PATH, unprivileged_command};
+    use crate::session::users::unprivileged_command;
     use crate::sys::command;
     let spec = spec(egress.listen, &egress.upstreams, allowed);
     let spec_json = serde_json::to_string(&spec).expect("probe spec serialises");
     let mut cmd = unprivileged_command(crate::sys::cordon_exe(), user);
-    cmd.args(["probe", "--spec", &spec_json]).env("PATH", AGENT_PATH).current_dir("/");
+    cmd.args(["probe", "--spec", &spec_json]).current_dir("/");
     let out = command::output(cmd, command::Options::new(deadline(&spec)))
         .map_err(|e| Problem::caused_by("cannot run the readiness probes", &e))?;
     let results: Vec<ProbeResult> = serde_json::from_slice(&out.stdout).map_err(|e| {

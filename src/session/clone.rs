@@ -29,12 +29,11 @@ pub fn stage(
     user: &crate::session::users::AgentUser,
     progress: impl FnMut(&str),
 ) -> crate::fix::StageResult<()> {
-    use crate::session::users::{AGENT_PATH, unprivileged_command};
+    use crate::session::users::unprivileged_command;
     let mut cmd = unprivileged_command("git", user);
     cmd.args(clone_args(url, &repo.dest, repo.branch.as_deref(), repo.depth))
         .envs([
             ("HOME", user.home.display().to_string()),
-            ("PATH", AGENT_PATH.to_string()),
             ("GIT_TERMINAL_PROMPT", "0".to_string()),
             ("LANG", "C.UTF-8".to_string()),
         ])

@@ -188,11 +188,12 @@ fn interpreter(path: &Path) -> Option<String> {
 }
 
 /// A command that runs `program` as `user` with an empty signal mask, every signal at its
-/// default disposition, no inherited descriptors beyond stdio, an empty environment, and every
-/// privilege dropped before exec.
+/// default disposition, no inherited descriptors beyond stdio, an environment of [`AGENT_PATH`]
+/// alone (the caller adds the rest), and every privilege dropped before exec. `program` is
+/// looked up on that PATH.
 pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
-    cmd.env_clear().stdin(std::process::Stdio::null());
+    cmd.env_clear().env("PATH", AGENT_PATH).stdin(std::process::Stdio::null());
     let (uid, gid) = (user.uid, user.gid);
     let mut groups = vec![gid];
     groups.extend(user.groups.iter().filter(|g| **g != gid));
@@ -203,6 +204,21 @@ pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUs
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_run_as_the_agent_get_the_agents_path_and_nothing_else() {
+        let user = AgentUser {
+            name: "agent".into(),
+            uid: 4242,
+            gid: 4242,
+            home: "/home/agent".into(),
+            shell: "/bin/bash".into(),
+            groups: vec![],
+        };
+        let cmd = unprivileged_command("git", &user);
+        let env: Vec<_> = cmd.get_envs().filter_map(|(k, v)| Some((k.to_str()?, v?.to_str()?))).collect();
+        assert_eq!(env, [("PATH", AGENT_PATH)]);
+    }
 
     #[test]
     fn start_errors_name_the_program_the_reason_and_the_shell_status() {
