@@ -9,7 +9,7 @@
 //! group keeps open costs a parked thread, never the boot.
 //!
 //! Exit statuses come from std's `Child` (`waitpid` on the child's own pid), which is safe here:
-//! only the reaper process calls `waitpid(-1)` (see `reaper.rs`).
+//! only the reaper process calls `waitpid(-1)` (see `supervise::reaper`).
 
 use std::io::{Read, Write};
 use std::process::{Command, ExitStatus, Output, Stdio};
