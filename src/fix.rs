@@ -7,7 +7,7 @@ use std::fmt;
 
 /// What a boot stage returns: its value and a one-line detail for the boot log, or an error
 /// that carries its fix.
-pub type StageResult<T, E = Problem> = Result<(T, String), E>;
+pub(crate) type StageResult<T, E = Problem> = Result<(T, String), E>;
 
 /// An error that knows what the operator can do about it.
 pub trait Fix: std::error::Error {
@@ -58,7 +58,7 @@ impl Fix for Problem {
 }
 
 /// An error and its `source()` chain, joined by ": ", in one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

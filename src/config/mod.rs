@@ -3,7 +3,7 @@
 //! with no file at all cordon runs on the built-in defaults.
 
 pub mod allowlist;
-pub mod secrets;
+pub(crate) mod secrets;
 mod units;
 
 use std::collections::BTreeMap;

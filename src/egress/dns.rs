@@ -109,7 +109,7 @@ impl DnsStats {
 }
 
 /// A resolver for the upstream servers only: no hosts file, no search list, no system config.
-pub fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
+pub(crate) fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
     let servers = upstreams
         .iter()
         .map(|u| {
@@ -138,9 +138,9 @@ pub fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
 
 /// Last good addresses (with their TTLs) of the exact allowlist names, for the refresh's
 /// fail-closed fallback.
-pub type LastGood = Arc<Mutex<BTreeMap<String, Vec<(IpAddr, u32)>>>>;
+pub(crate) type LastGood = Arc<Mutex<BTreeMap<String, Vec<(IpAddr, u32)>>>>;
 
-pub struct Handler {
+pub(crate) struct Handler {
     pub allowlist: Arc<Allowlist>,
     pub resolver: TokioResolver,
     pub admitter: Arc<Admitter>,
@@ -149,14 +149,14 @@ pub struct Handler {
 }
 
 /// What became of one upstream answer on its way to the client.
-pub struct Filtered {
+pub(crate) struct Filtered {
     pub records: Vec<Record>,
     pub addresses: Vec<(IpAddr, u32)>,
 }
 
 /// Admits every address of `records` for `name`, drops the refused ones and strips SVCB
 /// hints. Err: the kernel refused an admission, and the answer must not be released.
-pub fn admit_answer(
+pub(crate) fn admit_answer(
     admitter: &Admitter,
     stats: &DnsStats,
     name: &str,
@@ -396,7 +396,7 @@ fn merge(known: &mut Vec<(IpAddr, u32)>, fresh: &[(IpAddr, u32)]) {
 /// How many UDP sockets share the listen address. hickory-server runs one receive loop per
 /// socket; with SO_REUSEPORT the kernel spreads queries over the sockets by source address, so
 /// receive loops run in parallel on the runtime's worker threads.
-pub const UDP_SOCKETS: usize = 2;
+pub(crate) const UDP_SOCKETS: usize = 2;
 
 /// A UDP socket bound to `addr` with SO_REUSEPORT set, so several can share it.
 fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
@@ -423,7 +423,7 @@ impl Sockets {
 }
 
 /// Binds TCP and [`UDP_SOCKETS`] UDP sockets on `addr`.
-pub fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
     // The TCP listener first and without SO_REUSEPORT: it fails if anyone holds the address,
     // and the UDP sockets after it cannot be joined by another process's socket either, as
     // theirs would need SO_REUSEPORT under the same uid (root). For port 0, the UDP sockets
@@ -436,7 +436,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
 }
 
 /// Serves `handler` on `sockets` until `stop` is requested, then shuts down gracefully.
-pub async fn serve(sockets: Sockets, handler: Handler, mut stop: crate::service::StopRequest) {
+pub(crate) async fn serve(sockets: Sockets, handler: Handler, mut stop: crate::service::StopRequest) {
     let mut server = Server::new(handler);
     let registered = (|| {
         for udp in sockets.udp {

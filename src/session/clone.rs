@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::sys::command::{self, CommandError, Options};
 
 /// git's argv for the clone: options, then `--`, so the URL can never be read as one.
-pub fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u32>) -> Vec<String> {
+pub(crate) fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u32>) -> Vec<String> {
     let mut args = vec!["clone".to_string(), "--progress".into()];
     if let Some(b) = branch {
         args.extend(["--branch".into(), b.into(), "--single-branch".into()]);
@@ -23,7 +23,7 @@ pub fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u3
 /// The boot's `clone` stage: `repo.url` at `repo.branch` into `repo.dest`, as the agent, with
 /// the credential helper, through the firewall (after the lockdown, like everything the agent
 /// does; before the readiness probes). git's progress goes to `progress`.
-pub fn stage(
+pub(crate) fn stage(
     repo: &crate::config::Repo,
     url: &str,
     user: &crate::session::users::AgentUser,
@@ -51,7 +51,7 @@ pub fn stage(
 /// Runs `cmd` (already set up to run as the agent) within `timeout`, as its own process group
 /// (see `command`); git's progress lines go to `progress`. On failure, the error names what
 /// happened with the last lines git wrote.
-pub fn run(cmd: Command, timeout: Duration, mut progress: impl FnMut(&str)) -> Result<(), String> {
+pub(crate) fn run(cmd: Command, timeout: Duration, mut progress: impl FnMut(&str)) -> Result<(), String> {
     let mut tail: Vec<String> = Vec::new();
     let mut last_shown = Instant::now() - Duration::from_secs(1);
     let mut last_phase = String::new();

@@ -21,7 +21,7 @@ pub struct AgentUser {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum UserError {
+pub(crate) enum UserError {
     #[error("user `{0}` does not exist in /etc/passwd")]
     NoSuchUser(String),
     #[error("group `{0}` does not exist in /etc/group")]
@@ -45,7 +45,7 @@ fn lookup_user(name: &str) -> Result<Option<User>, UserError> {
 }
 
 /// The agent user of `agent.user` with its `agent.groups`, for the boot.
-pub fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Problem> {
+pub(crate) fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Problem> {
     resolve_agent_with_groups(&config.user, &config.groups).map_err(|e| {
         crate::fix::Problem::new(crate::fix::error_chain(&e))
             .with_fix("create the agent user in the image (useradd), or set agent.user")
@@ -53,7 +53,7 @@ pub fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Pro
 }
 
 /// The agent user with its configured supplementary groups.
-pub fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
+pub(crate) fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
     let mut user = resolve_agent(name)?;
     for g in groups {
         user.groups.push(resolve_group(g)?);
@@ -73,7 +73,7 @@ fn resolve_group(group: &str) -> Result<u32, UserError> {
     }
 }
 
-pub fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
+pub(crate) fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
     let user = lookup_user(name)?.ok_or_else(|| UserError::NoSuchUser(name.into()))?;
     if user.uid.is_root() {
         return Err(UserError::AgentIsRoot(name.into()));
@@ -90,7 +90,7 @@ pub fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
 
 /// The uid and gid an [`Owner`] stands for. A numeric user that is not in passwd is taken as
 /// is (its group defaults to the same number), as runtimes that map arbitrary uids expect.
-pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), UserError> {
+pub(crate) fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), UserError> {
     match owner {
         Owner::Agent => Ok((agent.uid, agent.gid)),
         Owner::Root => Ok((0, 0)),
@@ -112,13 +112,13 @@ pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), Use
 }
 
 /// PATH for the agent: no user-writable directory first.
-pub const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub(crate) const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Where `program` is found, as a shell finds it: as given when it contains a `/`, else the
 /// first executable file of that name on [`AGENT_PATH`], else the first file of that name
 /// (whose exec then fails with "Permission denied", status 126, rather than "not found").
 /// None: nothing of that name exists (status 127).
-pub fn find_program(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if program.contains('/') {
         return Path::new(program).exists().then(|| PathBuf::from(program));
@@ -191,7 +191,7 @@ fn interpreter(path: &Path) -> Option<String> {
 /// default disposition, no inherited descriptors beyond stdio, an environment of [`AGENT_PATH`]
 /// alone (the caller adds the rest), and every privilege dropped before exec. `program` is
 /// looked up on that PATH.
-pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
+pub(crate) fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
     cmd.env_clear().env("PATH", AGENT_PATH).stdin(std::process::Stdio::null());
     let (uid, gid) = (user.uid, user.gid);

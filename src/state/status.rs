@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::report::{AgentState, Phase, StageRecord, State};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusDoc {
+pub(crate) struct StatusDoc {
     pub version: u32,
     /// "live" (from the running cordon) or "state-file" (cordon did not answer).
     pub source: String,
@@ -38,14 +38,14 @@ pub struct StatusDoc {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FailedStage {
+pub(crate) struct FailedStage {
     pub stage: String,
     pub error: String,
     pub hint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DnsStatus {
+pub(crate) struct DnsStatus {
     pub listen: String,
     pub upstreams: Vec<String>,
     pub upstream_last_error: Option<TimedMessage>,
@@ -54,13 +54,13 @@ pub struct DnsStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TimedMessage {
+pub(crate) struct TimedMessage {
     pub at: String,
     pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueryCounts {
+pub(crate) struct QueryCounts {
     pub allowed: u64,
     pub denied: u64,
     pub failed: u64,
@@ -69,7 +69,7 @@ pub struct QueryCounts {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DenialStatus {
+pub(crate) struct DenialStatus {
     pub name: String,
     #[serde(rename = "type")]
     pub qtype: String,
@@ -78,7 +78,7 @@ pub struct DenialStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EgressStatus {
+pub(crate) struct EgressStatus {
     pub allowlist_entries: usize,
     pub admitted_ipv4: usize,
     pub admitted_ipv6: usize,
@@ -89,7 +89,7 @@ pub struct EgressStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RefreshStatus {
+pub(crate) struct RefreshStatus {
     pub at: String,
     pub names: usize,
     pub addresses: usize,
@@ -98,14 +98,14 @@ pub struct RefreshStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionStatus {
+pub(crate) struct SessionStatus {
     pub agent: Option<AgentState>,
     /// The tmux session, when the agent runs in one (live only).
     pub tmux: Option<TmuxStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TmuxStatus {
+pub(crate) struct TmuxStatus {
     pub session: String,
     pub socket: String,
     /// The tmux server answers and the session exists.
@@ -115,14 +115,14 @@ pub struct TmuxStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FilesystemStatus {
+pub(crate) struct FilesystemStatus {
     /// Whether the read-only root was verified (None: not reached, or turned off).
     pub readonly_root: Option<bool>,
     pub tmpfs: Vec<TmpfsUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TmpfsUsage {
+pub(crate) struct TmpfsUsage {
     pub path: String,
     pub size_bytes: u64,
     pub used_bytes: u64,
@@ -133,7 +133,7 @@ pub struct TmpfsUsage {
 
 /// `cordon status why <target>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WhyDoc {
+pub(crate) struct WhyDoc {
     pub target: String,
     /// "name" or "address".
     pub kind: String,
@@ -146,19 +146,19 @@ pub struct WhyDoc {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AdmittedStatus {
+pub(crate) struct AdmittedStatus {
     pub ip: String,
     pub name: String,
     pub set: String,
     pub until: String,
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// The part of the document the state file alone gives.
-pub fn from_state(state: &State, source: &str) -> StatusDoc {
+pub(crate) fn from_state(state: &State, source: &str) -> StatusDoc {
     let uptime_s = humantime::parse_rfc3339_weak(&state.started_at)
         .ok()
         .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -197,12 +197,12 @@ pub fn from_state(state: &State, source: &str) -> StatusDoc {
 }
 
 /// Exit status for health checks: 0 ready, 1 anything else cordon reported.
-pub fn exit_code(doc: &StatusDoc) -> u8 {
+pub(crate) fn exit_code(doc: &StatusDoc) -> u8 {
     if doc.phase == Phase::Ready { 0 } else { 1 }
 }
 
 /// Usage of a mounted filesystem, from statvfs(2).
-pub fn usage(path: &std::path::Path) -> Option<TmpfsUsage> {
+pub(crate) fn usage(path: &std::path::Path) -> Option<TmpfsUsage> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
     let frag = st.fragment_size();
     let size = st.blocks() * frag;
@@ -232,7 +232,7 @@ fn bytes(n: u64) -> String {
 /// One screen for a person; ANSI colour when `color`. One section per part of the container,
 /// in the order a person asks about them: is it up, how did the boot go, DNS, egress, the
 /// agent, the files.
-pub fn render_human(doc: &StatusDoc, color: bool) -> String {
+pub(crate) fn render_human(doc: &StatusDoc, color: bool) -> String {
     let paint = Paint(color);
     let mut o = String::new();
     render_summary(&mut o, doc, paint);
@@ -421,7 +421,7 @@ fn render_files(o: &mut String, fs: &FilesystemStatus, paint: Paint) {
     }
 }
 
-pub fn render_why(w: &WhyDoc) -> String {
+pub(crate) fn render_why(w: &WhyDoc) -> String {
     let mut o = format!("{} {}: {}\n  {}\n", w.kind, w.target, w.verdict, w.explanation);
     for d in &w.decided_by {
         let _ = writeln!(o, "  allowlist entry: {d}");
@@ -433,7 +433,7 @@ pub fn render_why(w: &WhyDoc) -> String {
 }
 
 /// Answers `why` against live egress state.
-pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
+pub(crate) fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
     let ip: Option<IpAddr> = target.trim_start_matches('[').trim_end_matches(']').parse().ok();
     let kind = if ip.is_some() { "address" } else { "name" };
     let mut doc = WhyDoc {
@@ -494,7 +494,7 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
 }
 
 /// Where a state directory's control socket is.
-pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
+pub(crate) fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 

@@ -1,8 +1,8 @@
 //! Every direct libc call cordon makes lives here, each with its reason, so the unsafe surface
 //! can be read in one sitting. Callers get `io::Result` or a typed value.
 
-pub mod command;
-pub mod net;
+pub(crate) mod command;
+pub(crate) mod net;
 
 use std::collections::{HashMap, HashSet};
 use std::io;

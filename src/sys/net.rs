@@ -51,7 +51,7 @@ impl NetfilterSocket {
 /// The original destination of a connection accepted on a REDIRECT target. `local` is the
 /// accepted socket's own address and says which family to ask for. On a connection that was not
 /// redirected the kernel returns the socket's own local address (or ENOENT without conntrack).
-pub fn original_destination<F: AsFd>(socket: &F, local: SocketAddr) -> io::Result<SocketAddr> {
+pub(crate) fn original_destination<F: AsFd>(socket: &F, local: SocketAddr) -> io::Result<SocketAddr> {
     let fd = socket.as_fd();
     match local {
         SocketAddr::V4(_) => {
