@@ -7,7 +7,7 @@ use std::fmt;
 
 /// What a boot stage returns: its value and a one-line detail for the boot log, or an error
 /// that carries its fix.
-pub type StageResult<T, E = Problem> = Result<(T, String), E>;
+pub(crate) type StageResult<T, E = Problem> = Result<(T, String), E>;
 
 /// An error that knows what the operator can do about it.
 pub trait Fix: std::error::Error {
@@ -58,7 +58,7 @@ impl Fix for Problem {
 }
 
 /// An error and its `source()` chain, joined by ": ", in one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -79,7 +79,7 @@ mod tests {
 
     #[test]
     fn the_chain_reads_as_one_line_from_the_operation_to_the_cause() {
-        let e = Outer(std::io::Error::from_raw_os_error(libc::EPERM));
+        let e = Outer(std::io::Error::from_raw_os_error(nix::errno::Errno::EPERM as i32));
         assert_eq!(error_chain(&e), "cannot mount tmpfs at /workspace: Operation not permitted (os error 1)");
         let p = Problem::caused_by("filesystem", &e).with_fix("add --cap-add SYS_ADMIN");
         assert_eq!(p.to_string(), "filesystem: cannot mount tmpfs at /workspace: Operation not permitted (os error 1)");

@@ -4,13 +4,13 @@
 //! is reported), `boot` (the stage script), `supervise` (the two processes) and `cli` (the
 //! subcommands). A module imports only from the layers below it.
 
-pub mod boot;
+mod boot;
 pub mod cli;
 pub mod config;
 pub mod egress;
-pub mod fix;
+mod fix;
 pub mod mounts;
-pub mod service;
+mod service;
 pub mod session;
 pub mod state;
 pub mod supervise;

@@ -234,7 +234,7 @@ mod tests {
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             if self.broken {
-                return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
+                return Err(std::io::Error::from_raw_os_error(nix::errno::Errno::EPIPE as i32));
             }
             self.written.extend_from_slice(buf);
             Ok(buf.len())

@@ -30,12 +30,12 @@ use stage::{Ended, Stages};
 
 /// Set in the supervisor's environment to the reaper's pid, so `cordon supervise` can refuse
 /// to run without a reaper above it (the sanity stage).
-pub const REAPER_ENV: &str = "CORDON_REAPER_PID";
+pub(crate) const REAPER_ENV: &str = "CORDON_REAPER_PID";
 
 /// The boot ended at a stage (the report holds which and why). Carries the supervisor
 /// settings in force: the configured ones, or the defaults when the config itself failed.
 #[derive(Debug)]
-pub struct BootFailed {
+pub(crate) struct BootFailed {
     pub supervisor: config::Supervisor,
     /// The stage did not fail: cordon was asked to stop (`command::BOOT`) while it ran.
     pub stopped: bool,
@@ -43,7 +43,7 @@ pub struct BootFailed {
 
 /// What a completed boot hands to the supervisor: the running agent and how to restart it,
 /// and the egress machinery (None when `network.enforce = false`).
-pub struct Booted {
+pub(crate) struct Booted {
     pub config: Config,
     pub agent: AgentSpec,
     pub handle: agent::AgentHandle,
@@ -55,7 +55,7 @@ pub struct Booted {
 /// block, inside the runtime (the services are tasks); the supervisor ends it early through
 /// `command::BOOT`. `live` is what the control socket answers from, filled in as stages
 /// complete; `services` receives every long-running task a stage starts.
-pub fn boot(
+pub(crate) fn boot(
     source: &ConfigSource,
     env: &BTreeMap<String, String>,
     report: &mut Report,

@@ -179,7 +179,11 @@ fn attach(config: &Config, out: &mut dyn Write) -> u8 {
     let mut cmd = if me == 0 {
         crate::session::users::unprivileged_command("tmux", &user)
     } else if me == user.uid {
-        std::process::Command::new("tmux")
+        // Already the agent user: nothing to drop, but the same PATH as everything cordon runs
+        // as the agent (and no other from the caller's environment).
+        let mut cmd = std::process::Command::new("tmux");
+        cmd.env("PATH", crate::session::users::AGENT_PATH);
+        cmd
     } else {
         let _ = writeln!(out, "cordon attach: only root or the agent user ({}) may attach", user.name);
         return 1;
@@ -189,7 +193,6 @@ fn attach(config: &Config, out: &mut dyn Write) -> u8 {
         .env("USER", &user.name)
         .env("LANG", std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()))
         .env("COLORTERM", "truecolor")
-        .env("PATH", crate::session::users::AGENT_PATH)
         .env_remove("TMUX")
         .stdin(std::process::Stdio::inherit())
         .arg("-S")

@@ -3,7 +3,7 @@
 //! with no file at all cordon runs on the built-in defaults.
 
 pub mod allowlist;
-pub mod secrets;
+pub(crate) mod secrets;
 mod units;
 
 use std::collections::BTreeMap;
@@ -38,7 +38,8 @@ pub struct Config {
 pub struct Secrets {
     /// Variables that must be present and non-empty; boot fails listing every one missing.
     pub required: Vec<String>,
-    /// Variables treated as secrets when present: never printed, scrubbed like required ones.
+    /// Variables treated as secrets when present: never printed, like required ones. (Every
+    /// variable, secret or not, is taken out of cordon's own environment at start.)
     pub optional: Vec<String>,
 }
 

@@ -28,14 +28,14 @@ impl fmt::Debug for Secret {
 
 /// Why a required secret is unusable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Problem {
+pub(crate) enum Problem {
     Missing,
     Empty,
 }
 
 /// The result of checking the environment against `secrets.required` / `secrets.optional`.
 #[derive(Debug, Default)]
-pub struct Secrets {
+pub(crate) struct Secrets {
     pub values: BTreeMap<String, Secret>,
     /// Required names that are missing or empty, in configuration order.
     pub problems: Vec<(String, Problem)>,
@@ -45,7 +45,7 @@ impl Secrets {
     /// The boot's `secrets` stage: every required secret present and non-empty, or every one
     /// that is not, named at once with the fix. Before the filesystem changes, so a missing token
     /// fails fast. The values were taken out of the process's environment before.
-    pub fn require(
+    pub(crate) fn require(
         config: &crate::config::Secrets,
         env: &BTreeMap<String, String>,
     ) -> crate::fix::StageResult<Secrets> {
@@ -57,7 +57,7 @@ impl Secrets {
         Ok((secrets, format!("{n} present")))
     }
 
-    pub fn check(required: &[String], optional: &[String], env: &BTreeMap<String, String>) -> Secrets {
+    pub(crate) fn check(required: &[String], optional: &[String], env: &BTreeMap<String, String>) -> Secrets {
         let mut s = Secrets::default();
         for name in required {
             match env.get(name) {
@@ -76,12 +76,12 @@ impl Secrets {
         s
     }
 
-    pub fn get(&self, name: &str) -> Option<&Secret> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Secret> {
         self.values.get(name)
     }
 
     /// The operator-facing explanation of every problem, with how to set the variables.
-    pub fn problem_report(&self) -> Option<String> {
+    pub(crate) fn problem_report(&self) -> Option<String> {
         if self.problems.is_empty() {
             return None;
         }
@@ -96,7 +96,7 @@ impl Secrets {
         Some(format!("required secrets missing: {}", list.join(", ")))
     }
 
-    pub fn problem_hint(&self) -> String {
+    pub(crate) fn problem_hint(&self) -> String {
         let names: Vec<&str> = self.problems.iter().map(|(n, _)| n.as_str()).collect();
         let fly: Vec<String> = names.iter().map(|n| format!("{n}=...")).collect();
         let docker: Vec<String> = names.iter().map(|n| format!("-e {n}")).collect();

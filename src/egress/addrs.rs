@@ -29,7 +29,7 @@ const NEVER_ADMIT: [(Cidr, &str); 15] = [
 
 /// Why `ip` may not be admitted, or None when it may. IPv4-mapped IPv6 addresses are judged
 /// by the IPv4 address they carry.
-pub fn refusal(ip: IpAddr, allow_cidrs: &[Cidr]) -> Option<&'static str> {
+pub(crate) fn refusal(ip: IpAddr, allow_cidrs: &[Cidr]) -> Option<&'static str> {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -56,14 +56,41 @@ pub struct AdmittedAddr {
     pub until: SystemTime,
 }
 
+/// Which allow set of a family: the default ports', a `name:port` entry's (name-checked), or a
+/// `name:port:raw` entry's (address-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SetOf {
+    Default,
+    Port(u16),
+    Raw(u16),
+}
+
+impl SetOf {
+    fn name(self, family: Family) -> String {
+        match self {
+            SetOf::Default => firewall::set_name(family, None),
+            SetOf::Port(p) => firewall::set_name(family, Some(p)),
+            SetOf::Raw(p) => firewall::raw_set_name(family, p),
+        }
+    }
+}
+
+/// One address in one allow set, named by the address's family and [`SetOf`], so the key is
+/// plain values: no set name is built or allocated for an answer whose addresses are already
+/// admitted, the common case on the DNS path.
+type Key = (IpAddr, SetOf);
+
 struct Entry {
     name: String,
     until: Instant,
 }
 
 pub struct Admitter {
+    /// The kernel; one call at a time (one socket). Never taken while `table` is held.
     sets: Mutex<Box<dyn Sets>>,
-    table: Mutex<HashMap<(IpAddr, String), Entry>>,
+    /// What the kernel sets hold and until when. Held only for lookups and inserts, never
+    /// across a kernel call, so `status` and repeated answers do not wait on netlink.
+    table: Mutex<HashMap<Key, Entry>>,
     allow_cidrs: Vec<Cidr>,
     lifetimes: Lifetimes,
 }
@@ -74,34 +101,52 @@ impl Admitter {
     }
 
     /// Admits `ip`, which `name` resolved to with `ttl`, to the sets for what `reach` allows.
+    /// When it returns Ok(Admitted) the address is in every one of those sets in the kernel.
     /// An error means the kernel refused: the caller must not release the answer.
     pub fn admit(&self, name: &str, ip: IpAddr, ttl: u32, reach: &Reach) -> io::Result<Verdict> {
         if let Some(why) = addrs::refusal(ip, &self.allow_cidrs) {
             return Ok(Verdict::Refused(why));
         }
-        let family = Family::of(ip);
         let lifetime = self.lifetimes.lifetime(ttl);
-        let now = Instant::now();
-        // An entry with at least lifetime - grace/2 left still outlives any cached copy of this
-        // answer (TTL) by grace/2, so the kernel need not hear about it again yet.
-        let enough = now + lifetime - self.lifetimes.grace / 2;
         let wanted = reach
             .default_ports
-            .then(|| firewall::set_name(family, None))
+            .then_some(SetOf::Default)
             .into_iter()
-            .chain(reach.extra_ports.iter().map(|&p| firewall::set_name(family, Some(p))))
-            .chain(reach.raw_ports.iter().map(|&p| firewall::raw_set_name(family, p)));
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        for set in wanted {
+            .chain(reach.extra_ports.iter().map(|&p| SetOf::Port(p)))
+            .chain(reach.raw_ports.iter().map(|&p| SetOf::Raw(p)));
+        // Decide under the table lock alone: a repeated answer ends here, with no kernel call.
+        let stale: Vec<SetOf> = {
+            let table = self.table();
+            let now = Instant::now();
+            wanted.filter(|&set| !self.covers(&table, (ip, set), now, lifetime)).collect()
+        };
+        if stale.is_empty() {
+            return Ok(Verdict::Admitted);
+        }
+        let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        for set in stale {
             let key = (ip, set);
-            if table.get(&key).is_some_and(|e| e.until >= enough) {
+            let now = Instant::now();
+            // Checked again now that the kernel is ours: an admission that went first may have
+            // covered this set, and adding again with a shorter lifetime would cut the kernel's
+            // timeout below what the table (and a client's cached answer) counts on.
+            if self.covers(&self.table(), key, now, lifetime) {
                 continue;
             }
-            let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
-            self.sets.lock().unwrap_or_else(|e| e.into_inner()).add(&key.1, ip, secs)?;
-            table.insert(key, Entry { name: name.to_string(), until: now + lifetime });
+            sets.add(&set.name(Family::of(ip)), ip, secs)?;
+            // Recorded only once the kernel has it: the table never claims what a set lacks.
+            self.table().insert(key, Entry { name: name.to_string(), until: now + lifetime });
         }
         Ok(Verdict::Admitted)
+    }
+
+    /// Whether the entry for `key` outlives an admission made `now` for `lifetime` closely
+    /// enough to skip the kernel: with at least lifetime - grace/2 left it still outlives any
+    /// cached copy of the answer (TTL) by grace/2.
+    fn covers(&self, table: &HashMap<Key, Entry>, key: Key, now: Instant, lifetime: Duration) -> bool {
+        let enough = now + lifetime - self.lifetimes.grace / 2;
+        table.get(&key).is_some_and(|e| e.until >= enough)
     }
 
     /// How long an address answered with `ttl` stays admitted from now: the name-bound layer
@@ -110,24 +155,28 @@ impl Admitter {
         self.lifetimes.lifetime(ttl)
     }
 
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Forgets entries whose lifetime is over (the kernel has dropped them by itself).
     pub fn prune(&self) {
         let now = Instant::now();
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, e| e.until > now);
+        self.table().retain(|_, e| e.until > now);
     }
 
     /// Every admitted address, for `status`.
     pub fn admitted(&self) -> Vec<AdmittedAddr> {
         let now = Instant::now();
         let wall = SystemTime::now();
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<AdmittedAddr> = table
+        let mut out: Vec<AdmittedAddr> = self
+            .table()
             .iter()
             .filter(|(_, e)| e.until > now)
-            .map(|((ip, set), e)| AdmittedAddr {
-                ip: *ip,
+            .map(|(&(ip, set), e)| AdmittedAddr {
+                ip,
                 name: e.name.clone(),
-                set: set.clone(),
+                set: set.name(Family::of(ip)),
                 until: wall + (e.until - now),
             })
             .collect();
@@ -215,5 +264,95 @@ mod tests {
         let listed = a.admitted();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].name, "n");
+    }
+
+    #[test]
+    fn a_shorter_ttl_never_shortens_an_admitted_entry() {
+        let rec = Recorder::default();
+        let a = admitter(&rec);
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        a.admit("n", ip, 3600, &default_reach()).unwrap();
+        a.admit("n", ip, 30, &default_reach()).unwrap();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            [("cordon4".to_string(), ip, 3900)],
+            "the second add would cut 3900 s to 360 s"
+        );
+    }
+
+    /// Fails every add.
+    struct Refusing;
+
+    impl Sets for Refusing {
+        fn add(&mut self, _: &str, _: IpAddr, _: u32) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        }
+    }
+
+    #[test]
+    fn an_address_the_kernel_refused_is_not_recorded_as_admitted() {
+        let a = Admitter::new(
+            Box::new(Refusing),
+            vec![],
+            Lifetimes { min_ttl: Duration::from_secs(60), grace: Duration::from_secs(300) },
+        );
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        assert!(a.admit("n", ip, 30, &default_reach()).is_err());
+        assert!(a.admitted().is_empty());
+        // Not recorded, so the next answer tries the kernel again rather than being released.
+        assert!(a.admit("n", ip, 30, &default_reach()).is_err());
+    }
+
+    /// Holds every add until the test lets it go, saying when one has started.
+    struct Stalling {
+        started: std::sync::mpsc::Sender<()>,
+        release: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl Sets for Stalling {
+        fn add(&mut self, _: &str, _: IpAddr, _: u32) -> io::Result<()> {
+            self.started.send(()).unwrap();
+            let _ = self.release.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn status_and_repeated_answers_do_not_wait_for_a_kernel_call_in_progress() {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let a = Arc::new(Admitter::new(
+            Box::new(Stalling { started: started_tx, release: Arc::new(Mutex::new(release_rx)) }),
+            vec![],
+            Lifetimes { min_ttl: Duration::from_secs(60), grace: Duration::from_secs(300) },
+        ));
+        let known: IpAddr = "192.0.2.10".parse().unwrap();
+        release.send(()).unwrap();
+        a.admit("known", known, 30, &default_reach()).unwrap();
+        started.recv().unwrap();
+
+        // A new address: its add stalls in the "kernel".
+        let slow = std::thread::spawn({
+            let a = a.clone();
+            move || a.admit("new", "192.0.2.20".parse().unwrap(), 30, &default_reach())
+        });
+        started.recv_timeout(Duration::from_secs(5)).expect("the new address reaches the kernel");
+
+        // Meanwhile the table answers: status lists the known address, and a repeated answer
+        // for it is admitted without a kernel call.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let a = a.clone();
+            move || {
+                let listed = a.admitted().len();
+                let again = a.admit("known", known, 30, &default_reach()).unwrap();
+                done_tx.send((listed, again)).unwrap();
+            }
+        });
+        let answered = done.recv_timeout(Duration::from_secs(5));
+        release.send(()).unwrap();
+        assert_eq!(answered.expect("the table lock was held across the kernel call"), (1, Verdict::Admitted));
+        assert_eq!(slow.join().unwrap().unwrap(), Verdict::Admitted);
+        assert_eq!(a.admitted().len(), 2);
     }
 }

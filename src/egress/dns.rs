@@ -113,7 +113,7 @@ impl DnsStats {
 }
 
 /// A resolver for the upstream servers only: no hosts file, no search list, no system config.
-pub fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
+pub(crate) fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
     let servers = upstreams
         .iter()
         .map(|u| {
@@ -142,9 +142,9 @@ pub fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
 
 /// Last good addresses (with their TTLs) of the exact allowlist names, for the refresh's
 /// fail-closed fallback.
-pub type LastGood = Arc<Mutex<BTreeMap<String, Vec<(IpAddr, u32)>>>>;
+pub(crate) type LastGood = Arc<Mutex<BTreeMap<String, Vec<(IpAddr, u32)>>>>;
 
-pub struct Handler {
+pub(crate) struct Handler {
     pub allowlist: Arc<Allowlist>,
     pub resolver: TokioResolver,
     pub admitter: Arc<Admitter>,
@@ -154,7 +154,7 @@ pub struct Handler {
 }
 
 /// What became of one upstream answer on its way to the client.
-pub struct Filtered {
+pub(crate) struct Filtered {
     pub records: Vec<Record>,
     pub addresses: Vec<(IpAddr, u32)>,
 }
@@ -162,7 +162,7 @@ pub struct Filtered {
 /// Admits every address of `records` for `name`, drops the refused ones, binds the names of
 /// the answer to the admitted ones, and strips SVCB hints and ECH. Err: the kernel refused an
 /// admission, and the answer must not be released.
-pub fn admit_answer(
+pub(crate) fn admit_answer(
     admitter: &Admitter,
     bindings: &Bindings,
     stats: &DnsStats,
@@ -337,15 +337,9 @@ impl RequestHandler for Handler {
         let result = match tokio::time::timeout(STALE_CLIENT_TIMEOUT, &mut lookup).await {
             Ok(result) => result,
             Err(_) => {
-                if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) =
-                        admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
-                {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                if let Some(records) = self.serve_stale(&qname, qtype, &reach, "upstream is slow") {
                     self.stats.upstream_failed(format!("{qname} {qtype}: no answer within {STALE_CLIENT_TIMEOUT:?}"));
-                    tracing::warn!(name = %qname, qtype = %qtype, "upstream is slow; serving the last good addresses");
-                    return send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], []))
-                        .await;
+                    return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
                 lookup.await
             }
@@ -381,14 +375,9 @@ impl RequestHandler for Handler {
                 self.stats.upstream_failed(format!("{qname} {qtype}: {e}"));
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
-                if let Some(stale) = self.stale_records(&qname, qtype)
-                    && let Ok(filtered) =
-                        admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, &stale)
+                if let Some(records) = self.serve_stale(&qname, qtype, &reach, &format!("upstream lookup failed ({e})"))
                 {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed ({e}); serving the last good addresses");
-                    return send(response_handle, request, builder.build(md, filtered.records.iter(), [], [], []))
-                        .await;
+                    return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed: {e}");
@@ -418,6 +407,24 @@ impl Handler {
             }
         }
         last.insert(key, addresses.to_vec());
+    }
+
+    /// Serve-stale (RFC 8767): the answer for `qname` and `qtype` from its last good addresses,
+    /// admitted again, when the upstream cannot answer (`why`, for the log). None when the
+    /// name has no last good addresses (it fails closed) or when their admission failed (the
+    /// answer must not be released). Counted in `stale`.
+    fn serve_stale(
+        &self,
+        qname: &str,
+        qtype: RecordType,
+        reach: &crate::config::allowlist::Reach,
+        why: &str,
+    ) -> Option<Vec<Record>> {
+        let stale = self.stale_records(qname, qtype)?;
+        let filtered = admit_answer(&self.admitter, &self.bindings, &self.stats, qname, reach, &stale).ok()?;
+        self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(name = %qname, qtype = %qtype, "{why}; serving the last good addresses");
+        Some(filtered.records)
     }
 
     /// The last good addresses of `qname` for `qtype`, as records with the stale TTL: None when
@@ -453,7 +460,7 @@ fn merge(known: &mut Vec<(IpAddr, u32)>, fresh: &[(IpAddr, u32)]) {
 /// How many UDP sockets share the listen address. hickory-server runs one receive loop per
 /// socket; with SO_REUSEPORT the kernel spreads queries over the sockets by source address, so
 /// receive loops run in parallel on the runtime's worker threads.
-pub const UDP_SOCKETS: usize = 2;
+pub(crate) const UDP_SOCKETS: usize = 2;
 
 /// A UDP socket bound to `addr` with SO_REUSEPORT set, so several can share it.
 fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
@@ -480,7 +487,7 @@ impl Sockets {
 }
 
 /// Binds TCP and [`UDP_SOCKETS`] UDP sockets on `addr`.
-pub fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
     // The TCP listener first and without SO_REUSEPORT: it fails if anyone holds the address,
     // and the UDP sockets after it cannot be joined by another process's socket either, as
     // theirs would need SO_REUSEPORT under the same uid (root). For port 0, the UDP sockets
@@ -493,7 +500,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
 }
 
 /// Serves `handler` on `sockets` until `stop` is requested, then shuts down gracefully.
-pub async fn serve(sockets: Sockets, handler: Handler, mut stop: crate::service::StopRequest) {
+pub(crate) async fn serve(sockets: Sockets, handler: Handler, mut stop: crate::service::StopRequest) {
     let mut server = Server::new(handler);
     let registered = (|| {
         for udp in sockets.udp {

@@ -5,9 +5,10 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
-const NETLINK_NETFILTER: i32 = 12;
+use crate::sys::net::NetfilterSocket;
+
 const NFNL_SUBSYS_IPSET: u16 = 6;
 const IPSET_CMD_ADD: u16 = 9;
 const IPSET_CMD_DEL: u16 = 10;
@@ -24,6 +25,9 @@ const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 const NLMSG_ERROR: u16 = 2;
+/// `nlmsghdr` flags (`linux/netlink.h`).
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
 /// ipset's own error numbers start here (`IPSET_ERR_PRIVATE`).
 const IPSET_ERR_PRIVATE: i32 = 4096;
 
@@ -60,7 +64,7 @@ pub fn request(command: u16, seq: u32, set: &str, ip: IpAddr, timeout_secs: Opti
     msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
     msg.extend_from_slice(&((NFNL_SUBSYS_IPSET << 8) | command).to_ne_bytes());
     // Without NLM_F_EXCL the kernel treats an existing entry as success and renews its timeout.
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    let flags = NLM_F_REQUEST | NLM_F_ACK;
     msg.extend_from_slice(&flags.to_ne_bytes());
     msg.extend_from_slice(&seq.to_ne_bytes());
     msg.extend_from_slice(&0u32.to_ne_bytes());
@@ -70,35 +74,15 @@ pub fn request(command: u16, seq: u32, set: &str, ip: IpAddr, timeout_secs: Opti
 
 /// A netlink socket to the kernel's ipset subsystem.
 pub struct Ipset {
-    fd: OwnedFd,
+    socket: NetfilterSocket,
     seq: u32,
 }
 
 impl Ipset {
     pub fn open() -> io::Result<Ipset> {
-        // SAFETY: plain socket(2); the result is checked before it is owned.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // An answer that never comes must not hang a DNS reply forever.
-        let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
-        // SAFETY: setsockopt with a valid timeval of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Ipset { fd, seq: 0 })
+        let socket = NetfilterSocket::open(Duration::from_secs(2))?;
+        Ok(Ipset { socket, seq: 0 })
     }
 
     /// Adds `ip` to `set`, or renews its timeout when it is already there.
@@ -113,31 +97,11 @@ impl Ipset {
     }
 
     fn exchange(&mut self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: the kernel address (nl_pid 0) in a zeroed sockaddr_nl; buffers are valid for
-        // their lengths.
-        unsafe {
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as u16;
-            let sent = libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as u32,
-            );
-            if sent < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        self.socket.send(msg)?;
         let mut buf = [0u8; 8192];
         loop {
-            // SAFETY: recv into a stack buffer of the given length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            match parse_ack(&buf[..n as usize], self.seq) {
+            let n = self.socket.recv(&mut buf)?;
+            match parse_ack(&buf[..n], self.seq) {
                 Some(result) => return result,
                 None => continue, // a stale answer to an earlier, timed-out request
             }

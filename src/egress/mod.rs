@@ -1,9 +1,9 @@
 //! Egress as a whole: the DNS server, the admission table, the refresh, and the shared state
 //! `status` reads. Built by the boot's `dns` stage, kept alive by the supervisor.
 
-pub mod addrs;
+pub(crate) mod addrs;
 pub mod admission;
-pub mod dns;
+pub(crate) mod dns;
 pub mod firewall;
 pub mod ipset;
 pub mod namebound;

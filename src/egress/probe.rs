@@ -164,12 +164,12 @@ pub fn stage(
     user: &crate::session::users::AgentUser,
 ) -> crate::fix::StageResult<()> {
     use crate::fix::Problem;
-    use crate::session::users::{AGENT_PATH, unprivileged_command};
+    use crate::session::users::unprivileged_command;
     use crate::sys::command;
     let spec = spec(egress.listen, &egress.upstreams, allowed);
     let spec_json = serde_json::to_string(&spec).expect("probe spec serialises");
     let mut cmd = unprivileged_command(crate::sys::cordon_exe(), user);
-    cmd.args(["probe", "--spec", &spec_json]).env("PATH", AGENT_PATH).current_dir("/");
+    cmd.args(["probe", "--spec", &spec_json]).current_dir("/");
     let out = command::output(cmd, command::Options::new(deadline(&spec)))
         .map_err(|e| Problem::caused_by("cannot run the readiness probes", &e))?;
     let results: Vec<ProbeResult> = serde_json::from_slice(&out.stdout).map_err(|e| {
@@ -210,6 +210,7 @@ pub fn run(spec: &Spec) -> Vec<ProbeResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::errno::Errno;
 
     #[test]
     fn query_encodes_labels_type_and_class() {
@@ -220,11 +221,13 @@ mod tests {
 
     #[test]
     fn immediate_refusals_count_and_timeouts_do_not() {
-        for errno in [libc::ECONNREFUSED, libc::EPERM, libc::ENETUNREACH, libc::EHOSTUNREACH, libc::EADDRNOTAVAIL] {
+        for errno in [Errno::ECONNREFUSED, Errno::EPERM, Errno::ENETUNREACH, Errno::EHOSTUNREACH, Errno::EADDRNOTAVAIL]
+        {
+            let errno = errno as i32;
             assert!(refused(&std::io::Error::from_raw_os_error(errno)), "errno {errno}");
         }
         assert!(!refused(&std::io::Error::from(ErrorKind::TimedOut)));
-        assert!(!refused(&std::io::Error::from_raw_os_error(libc::ETIMEDOUT)));
+        assert!(!refused(&std::io::Error::from_raw_os_error(nix::errno::Errno::ETIMEDOUT as i32)));
     }
 
     #[test]

@@ -15,7 +15,7 @@ const AGENT_ENV_SECRETS: [&str; 1] = ["CLAUDE_CODE_OAUTH_TOKEN"];
 
 /// Everything needed to start the agent.
 #[derive(Debug, Clone)]
-pub struct AgentSpec {
+pub(crate) struct AgentSpec {
     pub argv: Vec<String>,
     pub user: AgentUser,
     pub workdir: PathBuf,
@@ -25,7 +25,7 @@ pub struct AgentSpec {
 
 /// The agent's environment, built from nothing: the basics, `CLAUDE_CODE_OAUTH_TOKEN`, and the
 /// variables `passthrough` names.
-pub fn agent_env(
+pub(crate) fn agent_env(
     user: &AgentUser,
     boot_env: &BTreeMap<String, String>,
     secrets: &Secrets,
@@ -60,7 +60,7 @@ pub fn agent_env(
 /// In the agent's tmux session (then also returned, for `attach` and `status`), or headless.
 /// The first prompt (CLAUDE_PROMPT) is the last argument of the first start only: a restarted
 /// agent must not redo the task. It is never logged.
-pub fn start(
+pub(crate) fn start(
     config: &crate::config::Config,
     spec: AgentSpec,
     state_dir: &Path,
@@ -107,7 +107,7 @@ pub fn start(
 }
 
 /// Starts the agent as its own process group (so signals reach its children too).
-pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
+pub(crate) fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
     let mut cmd = unprivileged_command(&spec.argv[0], &spec.user);
     cmd.args(&spec.argv[1..]).envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(&spec.workdir).process_group(0);
     tokio::process::Command::from(cmd).spawn()
@@ -117,7 +117,7 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
 /// doubling to 30 s; more than [`RestartPolicy::LIMIT`] exits within [`RestartPolicy::WINDOW`]
 /// and it gives up.
 #[derive(Debug)]
-pub struct RestartPolicy {
+pub(crate) struct RestartPolicy {
     exits: VecDeque<Instant>,
     first: Duration,
 }
@@ -129,16 +129,16 @@ impl Default for RestartPolicy {
 }
 
 impl RestartPolicy {
-    pub const LIMIT: usize = 5;
-    pub const WINDOW: Duration = Duration::from_secs(300);
+    pub(crate) const LIMIT: usize = 5;
+    pub(crate) const WINDOW: Duration = Duration::from_secs(300);
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-    pub fn new(first: Duration) -> RestartPolicy {
+    pub(crate) fn new(first: Duration) -> RestartPolicy {
         RestartPolicy { exits: VecDeque::new(), first }
     }
 
     /// Records an exit at `now`: the delay before the next start, or None to stop restarting.
-    pub fn on_exit(&mut self, now: Instant) -> Option<Duration> {
+    pub(crate) fn on_exit(&mut self, now: Instant) -> Option<Duration> {
         while self.exits.front().is_some_and(|t| now.duration_since(*t) > Self::WINDOW) {
             self.exits.pop_front();
         }
@@ -153,7 +153,7 @@ impl RestartPolicy {
 
 /// The running agent, however it runs: a child of the supervisor (headless), or the top pane of
 /// the agent's tmux session.
-pub enum AgentHandle {
+pub(crate) enum AgentHandle {
     Direct(Option<tokio::process::Child>),
     Tmux { tmux: crate::session::tmux::Tmux, pane: String },
 }
@@ -163,13 +163,12 @@ const PANE_POLL: Duration = Duration::from_millis(250);
 
 impl AgentHandle {
     /// Waits until the agent exits; its status in shell convention. Call only while it runs.
-    pub async fn wait(&mut self) -> i32 {
-        use std::os::unix::process::ExitStatusExt;
+    pub(crate) async fn wait(&mut self) -> i32 {
         match self {
             AgentHandle::Direct(slot) => {
                 let Some(child) = slot.as_mut() else { return std::future::pending().await };
                 let code = match child.wait().await {
-                    Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                    Ok(status) => crate::sys::exit_code(status),
                     Err(e) => {
                         tracing::error!("waiting for the agent failed: {e}");
                         1
@@ -218,7 +217,7 @@ impl AgentHandle {
     }
 
     /// Starts the agent again after it exited.
-    pub fn restart(&mut self, spec: &AgentSpec) -> Result<(), String> {
+    pub(crate) fn restart(&mut self, spec: &AgentSpec) -> Result<(), String> {
         match self {
             AgentHandle::Direct(slot) => {
                 *slot = Some(spawn(spec).map_err(|e| StartError::from_exec(&spec.argv[0], &e).message)?);
@@ -230,7 +229,7 @@ impl AgentHandle {
 
     /// Why the agent's last start failed, when its pane wrapper recorded one (tmux mode; a
     /// headless start fails in `restart` itself).
-    pub fn start_error(&self) -> Option<String> {
+    pub(crate) fn start_error(&self) -> Option<String> {
         match self {
             AgentHandle::Direct(_) => None,
             AgentHandle::Tmux { tmux, .. } => crate::session::tmux::recorded_error(&tmux.state_dir),
@@ -238,7 +237,7 @@ impl AgentHandle {
     }
 
     /// The agent's pid (the leader of its process group), when it runs.
-    pub fn pid(&self) -> Option<i32> {
+    pub(crate) fn pid(&self) -> Option<i32> {
         match self {
             AgentHandle::Direct(slot) => slot.as_ref().and_then(|c| c.id()).map(|p| p as i32),
             AgentHandle::Tmux { tmux, pane } => tmux.pane(pane).ok().filter(|s| !s.dead).and_then(|s| s.pid),
@@ -246,7 +245,7 @@ impl AgentHandle {
     }
 
     /// Reaps a direct child that already exited (during the graceful stop).
-    pub fn try_reap(&mut self) {
+    pub(crate) fn try_reap(&mut self) {
         if let AgentHandle::Direct(Some(child)) = self {
             let _ = child.try_wait();
         }

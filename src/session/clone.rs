@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::sys::command::{self, CommandError, Options};
 
 /// git's argv for the clone: options, then `--`, so the URL can never be read as one.
-pub fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u32>) -> Vec<String> {
+pub(crate) fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u32>) -> Vec<String> {
     let mut args = vec!["clone".to_string(), "--progress".into()];
     if let Some(b) = branch {
         args.extend(["--branch".into(), b.into(), "--single-branch".into()]);
@@ -27,7 +27,7 @@ pub fn clone_args(url: &str, dest: &Path, branch: Option<&str>, depth: Option<u3
 /// Where `repo.dest` already holds a clone of the same remote (a workspace on a volume, after
 /// a restart), it is kept as it is, uncommitted work included, and only fetched; a clone of
 /// another remote there fails the stage.
-pub fn stage(
+pub(crate) fn stage(
     repo: &crate::config::Repo,
     url: &str,
     user: &crate::session::users::AgentUser,
@@ -63,11 +63,10 @@ pub fn stage(
 
 /// git as the agent, in `dir`, with the agent's HOME (its credential helper) and no prompt.
 fn git_command(user: &crate::session::users::AgentUser, dir: &Path) -> Command {
-    use crate::session::users::{AGENT_PATH, unprivileged_command};
+    use crate::session::users::unprivileged_command;
     let mut cmd = unprivileged_command("git", user);
     cmd.envs([
         ("HOME", user.home.display().to_string()),
-        ("PATH", AGENT_PATH.to_string()),
         ("GIT_TERMINAL_PROMPT", "0".to_string()),
         ("LANG", "C.UTF-8".to_string()),
     ])
@@ -98,7 +97,7 @@ fn git(
 
 /// Whether two repository URLs name the same remote: case of scheme and host aside, and a
 /// trailing `/` or `.git`.
-pub fn same_remote(a: &str, b: &str) -> bool {
+pub(crate) fn same_remote(a: &str, b: &str) -> bool {
     fn norm(url: &str) -> String {
         let url = url.trim().trim_end_matches('/');
         let url = url.strip_suffix(".git").unwrap_or(url);
@@ -116,7 +115,7 @@ pub fn same_remote(a: &str, b: &str) -> bool {
 /// Runs `cmd` (already set up to run as the agent) within `timeout`, as its own process group
 /// (see `command`); git's progress lines go to `progress`. On failure, the error names what
 /// happened with the last lines git wrote.
-pub fn run(cmd: Command, timeout: Duration, mut progress: impl FnMut(&str)) -> Result<(), String> {
+pub(crate) fn run(cmd: Command, timeout: Duration, mut progress: impl FnMut(&str)) -> Result<(), String> {
     let mut tail: Vec<String> = Vec::new();
     let mut last_shown = Instant::now() - Duration::from_secs(1);
     let mut last_phase = String::new();

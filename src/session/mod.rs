@@ -2,8 +2,8 @@
 //! agent process and its restart policy (`agent`), its tmux session (`tmux`), its credentials
 //! (`credentials`) and the repository it works on (`clone`).
 
-pub mod agent;
-pub mod clone;
+pub(crate) mod agent;
+pub(crate) mod clone;
 pub mod credentials;
 pub mod tmux;
-pub mod users;
+pub(crate) mod users;

@@ -46,24 +46,20 @@ pub fn status_path(state_dir: &Path) -> PathBuf {
 /// `F`, and exits with it. Signals meant for the agent reach it through the process group; the
 /// wrapper keeps them blocked, so it outlives the agent and always records the status.
 pub fn pane_run(status_file: &Path, argv: &[String]) -> i32 {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
     let _ = std::fs::remove_file(status_file);
     if let Err(e) = crate::sys::block_signals() {
         eprintln!("cordon pane-run: cannot block signals: {e}");
     }
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    // SAFETY: only sigprocmask between fork and exec.
-    unsafe {
-        cmd.pre_exec(crate::sys::unblock_all_signals);
-    }
+    crate::sys::unblock_signals_at_exec(&mut cmd);
     // std's spawn returns only once the exec succeeded (or with the exec's error), so the
     // marker written after it tells the session stage the agent really started.
     let (code, error) = match cmd.spawn() {
         Ok(mut child) => {
             record(&started_path(status_file), &format!("{}\n", child.id()));
             match child.wait() {
-                Ok(s) => (s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)), None),
+                Ok(status) => (crate::sys::exit_code(status), None),
                 Err(e) => (1, Some(format!("cannot wait for the agent `{}`: {e}", argv[0]))),
             }
         }

@@ -1,7 +1,6 @@
 //! Users and owners, resolved through the passwd and group databases (NSS), and how a command
 //! is made to run as the agent user.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{Group, User};
@@ -22,7 +21,7 @@ pub struct AgentUser {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum UserError {
+pub(crate) enum UserError {
     #[error("user `{0}` does not exist in /etc/passwd")]
     NoSuchUser(String),
     #[error("group `{0}` does not exist in /etc/group")]
@@ -46,7 +45,7 @@ fn lookup_user(name: &str) -> Result<Option<User>, UserError> {
 }
 
 /// The agent user of `agent.user` with its `agent.groups`, for the boot.
-pub fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Problem> {
+pub(crate) fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Problem> {
     resolve_agent_with_groups(&config.user, &config.groups).map_err(|e| {
         crate::fix::Problem::new(crate::fix::error_chain(&e))
             .with_fix("create the agent user in the image (useradd), or set agent.user")
@@ -54,7 +53,7 @@ pub fn agent(config: &crate::config::Agent) -> Result<AgentUser, crate::fix::Pro
 }
 
 /// The agent user with its configured supplementary groups.
-pub fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
+pub(crate) fn resolve_agent_with_groups(name: &str, groups: &[String]) -> Result<AgentUser, UserError> {
     let mut user = resolve_agent(name)?;
     for g in groups {
         user.groups.push(resolve_group(g)?);
@@ -74,7 +73,7 @@ fn resolve_group(group: &str) -> Result<u32, UserError> {
     }
 }
 
-pub fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
+pub(crate) fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
     let user = lookup_user(name)?.ok_or_else(|| UserError::NoSuchUser(name.into()))?;
     if user.uid.is_root() {
         return Err(UserError::AgentIsRoot(name.into()));
@@ -91,7 +90,7 @@ pub fn resolve_agent(name: &str) -> Result<AgentUser, UserError> {
 
 /// The uid and gid an [`Owner`] stands for. A numeric user that is not in passwd is taken as
 /// is (its group defaults to the same number), as runtimes that map arbitrary uids expect.
-pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), UserError> {
+pub(crate) fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), UserError> {
     match owner {
         Owner::Agent => Ok((agent.uid, agent.gid)),
         Owner::Root => Ok((0, 0)),
@@ -113,13 +112,13 @@ pub fn resolve_owner(owner: &Owner, agent: &AgentUser) -> Result<(u32, u32), Use
 }
 
 /// PATH for the agent: no user-writable directory first.
-pub const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub(crate) const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Where `program` is found, as a shell finds it: as given when it contains a `/`, else the
 /// first executable file of that name on [`AGENT_PATH`], else the first file of that name
 /// (whose exec then fails with "Permission denied", status 126, rather than "not found").
 /// None: nothing of that name exists (status 127).
-pub fn find_program(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if program.contains('/') {
         return Path::new(program).exists().then(|| PathBuf::from(program));
@@ -189,32 +188,37 @@ fn interpreter(path: &Path) -> Option<String> {
 }
 
 /// A command that runs `program` as `user` with an empty signal mask, every signal at its
-/// default disposition, no inherited descriptors beyond stdio, an empty environment, and every
-/// privilege dropped before exec.
-pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
+/// default disposition, no inherited descriptors beyond stdio, an environment of [`AGENT_PATH`]
+/// alone (the caller adds the rest), and every privilege dropped before exec. `program` is
+/// looked up on that PATH.
+pub(crate) fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, user: &AgentUser) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
-    cmd.env_clear().stdin(std::process::Stdio::null());
+    cmd.env_clear().env("PATH", AGENT_PATH).stdin(std::process::Stdio::null());
     let (uid, gid) = (user.uid, user.gid);
     let mut groups = vec![gid];
     groups.extend(user.groups.iter().filter(|g| **g != gid));
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // syscalls (sigprocmask, sigaction, close_range, prctl, set*id, capset); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::unblock_all_signals()?;
-            // What cordon ignores (SIGPIPE, the job-control stops) or its launcher left ignored
-            // would otherwise stay ignored across exec.
-            sys::reset_signal_dispositions(&[])?;
-            sys::cloexec_from_3()?;
-            sys::drop_privileges(uid, gid, &groups)
-        });
-    }
+    sys::drop_to_user_at_exec(&mut cmd, uid, gid, groups);
     cmd
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_run_as_the_agent_get_the_agents_path_and_nothing_else() {
+        let user = AgentUser {
+            name: "agent".into(),
+            uid: 4242,
+            gid: 4242,
+            home: "/home/agent".into(),
+            shell: "/bin/bash".into(),
+            groups: vec![],
+        };
+        let cmd = unprivileged_command("git", &user);
+        let env: Vec<_> = cmd.get_envs().filter_map(|(k, v)| Some((k.to_str()?, v?.to_str()?))).collect();
+        assert_eq!(env, [("PATH", AGENT_PATH)]);
+    }
 
     #[test]
     fn start_errors_name_the_program_the_reason_and_the_shell_status() {
@@ -224,7 +228,7 @@ mod tests {
         std::fs::write(&script, "#!/nonexistent/interp -x\n").unwrap();
         let program = script.display().to_string();
 
-        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(libc::ENOENT));
+        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32));
         assert_eq!(e.status, 127);
         assert_eq!(
             e.message,
@@ -233,7 +237,7 @@ mod tests {
                  No such file or directory (os error 2) (exit status 127)"
             )
         );
-        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(libc::EACCES));
+        let e = StartError::from_exec(&program, &std::io::Error::from_raw_os_error(nix::errno::Errno::EACCES as i32));
         assert_eq!(
             (e.status, e.message),
             (126, format!("cannot start the agent `{program}`: Permission denied (os error 13) (exit status 126)"))

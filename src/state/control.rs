@@ -35,7 +35,7 @@ impl Live {
 }
 
 /// Binds the socket (replacing a stale one), owner-only until [`grant`] widens it.
-pub fn bind(state_dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
+pub(crate) fn bind(state_dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let path = status::socket_path(state_dir);
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
@@ -45,7 +45,7 @@ pub fn bind(state_dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
 }
 
 /// Lets the agent's group query the socket.
-pub fn grant(state_dir: &Path, gid: u32) -> std::io::Result<()> {
+pub(crate) fn grant(state_dir: &Path, gid: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let path = status::socket_path(state_dir);
     std::os::unix::fs::chown(&path, Some(0), Some(gid))?;
@@ -53,7 +53,7 @@ pub fn grant(state_dir: &Path, gid: u32) -> std::io::Result<()> {
 }
 
 /// Serves requests on `listener` (bound by [`bind`]) until the service is stopped.
-pub fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) -> crate::service::Service {
+pub(crate) fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) -> crate::service::Service {
     crate::service::Service::spawn("control", move |mut stop| async move {
         loop {
             let stream = tokio::select! {
@@ -208,7 +208,7 @@ async fn egress_status(egress: &Egress) -> status::EgressStatus {
 }
 
 /// Sends one request to a running cordon and returns its JSON answer.
-pub fn request(state_dir: &Path, line: &str) -> std::io::Result<String> {
+pub(crate) fn request(state_dir: &Path, line: &str) -> std::io::Result<String> {
     let mut stream = std::os::unix::net::UnixStream::connect(status::socket_path(state_dir))?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::report::{AgentState, Phase, StageRecord, State};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusDoc {
+pub(crate) struct StatusDoc {
     pub version: u32,
     /// "live" (from the running cordon) or "state-file" (cordon did not answer).
     pub source: String,
@@ -41,14 +41,14 @@ pub struct StatusDoc {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FailedStage {
+pub(crate) struct FailedStage {
     pub stage: String,
     pub error: String,
     pub hint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DnsStatus {
+pub(crate) struct DnsStatus {
     pub listen: String,
     pub upstreams: Vec<String>,
     pub upstream_last_error: Option<TimedMessage>,
@@ -57,13 +57,13 @@ pub struct DnsStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TimedMessage {
+pub(crate) struct TimedMessage {
     pub at: String,
     pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueryCounts {
+pub(crate) struct QueryCounts {
     pub allowed: u64,
     pub denied: u64,
     pub failed: u64,
@@ -72,7 +72,7 @@ pub struct QueryCounts {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DenialStatus {
+pub(crate) struct DenialStatus {
     pub name: String,
     #[serde(rename = "type")]
     pub qtype: String,
@@ -81,7 +81,7 @@ pub struct DenialStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EgressStatus {
+pub(crate) struct EgressStatus {
     pub allowlist_entries: usize,
     pub admitted_ipv4: usize,
     pub admitted_ipv6: usize,
@@ -93,7 +93,7 @@ pub struct EgressStatus {
 
 /// The name-bound layer: the proxy's counters and its recent refusals.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NameBoundStatus {
+pub(crate) struct NameBoundStatus {
     /// `network.name_binding`.
     pub enabled: bool,
     /// The proxy is serving (false with `enabled`: the layer failed; connections on the
@@ -109,7 +109,7 @@ pub struct NameBoundStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NameBoundCounts {
+pub(crate) struct NameBoundCounts {
     /// Connections the kernel redirected to the proxy.
     pub accepted: u64,
     /// TLS connections and HTTP requests let through.
@@ -123,7 +123,7 @@ pub struct NameBoundCounts {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RefusalStatus {
+pub(crate) struct RefusalStatus {
     /// The SNI or HTTP host, or "no SNI" / "no host".
     pub name: String,
     pub address: String,
@@ -135,7 +135,7 @@ pub struct RefusalStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RefreshStatus {
+pub(crate) struct RefreshStatus {
     pub at: String,
     pub names: usize,
     pub addresses: usize,
@@ -144,14 +144,14 @@ pub struct RefreshStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionStatus {
+pub(crate) struct SessionStatus {
     pub agent: Option<AgentState>,
     /// The tmux session, when the agent runs in one (live only).
     pub tmux: Option<TmuxStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TmuxStatus {
+pub(crate) struct TmuxStatus {
     pub session: String,
     pub socket: String,
     /// The tmux server answers and the session exists.
@@ -161,14 +161,14 @@ pub struct TmuxStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FilesystemStatus {
+pub(crate) struct FilesystemStatus {
     /// Whether the read-only root was verified (None: not reached, or turned off).
     pub readonly_root: Option<bool>,
     pub tmpfs: Vec<TmpfsUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TmpfsUsage {
+pub(crate) struct TmpfsUsage {
     pub path: String,
     pub size_bytes: u64,
     pub used_bytes: u64,
@@ -179,7 +179,7 @@ pub struct TmpfsUsage {
 
 /// `cordon status why <target>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WhyDoc {
+pub(crate) struct WhyDoc {
     pub target: String,
     /// "name" or "address".
     pub kind: String,
@@ -200,19 +200,19 @@ pub struct WhyDoc {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AdmittedStatus {
+pub(crate) struct AdmittedStatus {
     pub ip: String,
     pub name: String,
     pub set: String,
     pub until: String,
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// The part of the document the state file alone gives.
-pub fn from_state(state: &State, source: &str) -> StatusDoc {
+pub(crate) fn from_state(state: &State, source: &str) -> StatusDoc {
     let uptime_s = humantime::parse_rfc3339_weak(&state.started_at)
         .ok()
         .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -252,12 +252,12 @@ pub fn from_state(state: &State, source: &str) -> StatusDoc {
 }
 
 /// Exit status for health checks: 0 ready, 1 anything else cordon reported.
-pub fn exit_code(doc: &StatusDoc) -> u8 {
+pub(crate) fn exit_code(doc: &StatusDoc) -> u8 {
     if doc.phase == Phase::Ready { 0 } else { 1 }
 }
 
 /// Usage of a mounted filesystem, from statvfs(2).
-pub fn usage(path: &std::path::Path) -> Option<TmpfsUsage> {
+pub(crate) fn usage(path: &std::path::Path) -> Option<TmpfsUsage> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
     let frag = st.fragment_size();
     let size = st.blocks() * frag;
@@ -284,10 +284,50 @@ fn bytes(n: u64) -> String {
     crate::config::ByteSize(n.max(1)).to_string()
 }
 
-/// One screen for a person; ANSI colour when `color`.
-pub fn render_human(doc: &StatusDoc, color: bool) -> String {
-    let paint = |code: &str, s: &str| if color { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() };
+/// One screen for a person; ANSI colour when `color`. One section per part of the container,
+/// in the order a person asks about them: is it up, how did the boot go, DNS, egress, the
+/// agent, the files.
+pub(crate) fn render_human(doc: &StatusDoc, color: bool) -> String {
+    let paint = Paint(color);
     let mut o = String::new();
+    render_summary(&mut o, doc, paint);
+    render_stages(&mut o, &doc.stages, paint);
+    if let Some(d) = &doc.dns {
+        render_dns(&mut o, d, paint);
+    }
+    match &doc.egress {
+        Some(e) => render_egress(&mut o, e, paint),
+        // Live and past the DNS stage without egress state: the boot turned enforcement off.
+        None if doc.source == "live" && doc.phase != Phase::Booting => {
+            let _ = writeln!(o, "egress: {}", paint.on("31", "not enforced"));
+        }
+        None => {}
+    }
+    if let Some(n) = &doc.namebound {
+        render_namebound(&mut o, n, paint);
+    }
+    render_session(&mut o, &doc.session, paint);
+    render_files(&mut o, &doc.filesystem, paint);
+    for w in &doc.warnings {
+        let _ = writeln!(o, "{} {w}", paint.on("33", "warning:"));
+    }
+    o
+}
+
+/// ANSI colour for the human rendering, or none.
+#[derive(Clone, Copy)]
+struct Paint(bool);
+
+impl Paint {
+    /// `s` in the SGR colour `code` (`"1;31"`: bold red) when colour is on.
+    fn on(self, code: &str, s: &str) -> String {
+        if self.0 { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    }
+}
+
+/// The phase, uptime and boot time; where the document comes from; the stage running, the
+/// failure and its fix, or the reason of the phase.
+fn render_summary(o: &mut String, doc: &StatusDoc, paint: Paint) {
     let (word, code) = match doc.phase {
         Phase::Ready => ("READY", "1;32"),
         Phase::Booting => ("BOOTING", "1;33"),
@@ -301,45 +341,41 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
         .map(|s| format!("up {}", humantime::format_duration(std::time::Duration::from_secs(s as u64))))
         .unwrap_or_default();
     let boot = doc.boot_ms.map(|ms| format!(", boot {ms:.0} ms")).unwrap_or_default();
-    let _ = writeln!(o, "cordon {}  {up}{boot}, {} (pid {})", paint(code, word), doc.init_mode, doc.pid);
+    let _ = writeln!(o, "cordon {}  {up}{boot}, {} (pid {})", paint.on(code, word), doc.init_mode, doc.pid);
     if doc.source != "live" {
-        let _ = writeln!(
-            o,
-            "{}",
-            paint("33", "  note: cordon is not answering on its control socket; this is its last state file")
-        );
+        let note = "  note: cordon is not answering on its control socket; this is its last state file";
+        let _ = writeln!(o, "{}", paint.on("33", note));
     }
     if let Some(stage) = &doc.current_stage {
         let _ = writeln!(o, "  booting: stage {stage} is running");
     }
     if let Some(f) = &doc.failed {
-        let _ = writeln!(o, "  failed at stage {}: {}", paint("1", &f.stage), f.error);
+        let _ = writeln!(o, "  failed at stage {}: {}", paint.on("1", &f.stage), f.error);
         if let Some(h) = &f.hint {
             let _ = writeln!(o, "  fix: {h}");
         }
     } else if let Some(r) = &doc.reason {
         let _ = writeln!(o, "  {r}");
     }
-    let stages: Vec<String> = doc
-        .stages
-        .iter()
-        .map(|s| {
-            let mark = match s.outcome {
-                crate::state::report::Outcome::Ok => paint("32", "ok"),
-                crate::state::report::Outcome::Failed => paint("31", "FAILED"),
-                crate::state::report::Outcome::Skipped => "skipped".into(),
-                crate::state::report::Outcome::Stopped => paint("33", "STOPPED"),
-                crate::state::report::Outcome::Running => paint("33", "..."),
-            };
-            match s.duration_ms {
-                Some(ms) => format!("{} {mark} {ms:.0}ms", s.name),
-                None => format!("{} {mark}", s.name),
-            }
-        })
-        .collect();
+}
+
+/// Every stage with its outcome and duration, wrapped at 78 columns.
+fn render_stages(o: &mut String, stages: &[StageRecord], paint: Paint) {
+    use crate::state::report::Outcome;
     let mut line = String::from("stages:");
     for s in stages {
-        if line.len() + s.len() > 78 {
+        let mark = match s.outcome {
+            Outcome::Ok => paint.on("32", "ok"),
+            Outcome::Failed => paint.on("31", "FAILED"),
+            Outcome::Skipped => "skipped".into(),
+            Outcome::Stopped => paint.on("33", "STOPPED"),
+            Outcome::Running => paint.on("33", "..."),
+        };
+        let s = match s.duration_ms {
+            Some(ms) => format!("{} {mark} {ms:.0}ms", s.name),
+            None => format!("{} {mark}", s.name),
+        };
+        if line.len() + 1 + s.len() > 78 {
             let _ = writeln!(o, "{line}");
             line = String::from("       ");
         }
@@ -347,96 +383,100 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
         line.push_str(&s);
     }
     let _ = writeln!(o, "{line}");
-    if let Some(d) = &doc.dns {
-        let health = match &d.upstream_last_error {
-            None => paint("32", "no upstream errors"),
-            Some(e) => paint("33", &format!("last upstream error {}: {}", ago(&e.at), e.message)),
-        };
-        let _ = writeln!(o, "dns:    {} -> {}; {health}", d.listen, d.upstreams.join(" "));
-        let q = &d.queries;
-        let _ = writeln!(
-            o,
-            "        {} allowed, {} denied, {} failed, {} stale, {} rebinding blocked",
-            q.allowed, q.denied, q.failed, q.stale, q.rebinding_blocked
-        );
-        if !d.recent_denials.is_empty() {
-            let _ = writeln!(o, "        recently denied (explain one: cordon status why NAME):");
-            for den in d.recent_denials.iter().take(8) {
-                let _ = writeln!(
-                    o,
-                    "          {:<40} {:<5} x{:<4} {}",
-                    den.name.trim_end_matches('.'),
-                    den.qtype,
-                    den.count,
-                    ago(&den.last)
-                );
-            }
-        }
-    }
-    if let Some(e) = &doc.egress {
-        let rej = |n: Option<u64>| n.map_or("?".to_string(), |n| n.to_string());
-        let _ = writeln!(
-            o,
-            "egress: {} allowlist entries; admitted {} v4, {} v6; rejected {} v4, {} v6 packets",
-            e.allowlist_entries,
-            e.admitted_ipv4,
-            e.admitted_ipv6,
-            rej(e.rejected_ipv4),
-            rej(e.rejected_ipv6)
-        );
-        match &e.last_refresh {
-            None => {
-                let _ = writeln!(o, "        no refresh yet");
-            }
-            Some(r) if r.failed.is_empty() => {
-                let _ =
-                    writeln!(o, "        last refresh {}: {} names, {} addresses", ago(&r.at), r.names, r.addresses);
-            }
-            Some(r) => {
-                let _ = writeln!(
-                    o,
-                    "        last refresh {}: {} names, {} addresses; {}",
-                    ago(&r.at),
-                    r.names,
-                    r.addresses,
-                    paint(
-                        "33",
-                        &format!("upstream failed for {} (kept last known): {}", r.failed.len(), r.failed.join(" "))
-                    )
-                );
-            }
-        }
-    } else if doc.source == "live" && doc.phase != Phase::Booting {
-        let _ = writeln!(o, "egress: {}", paint("31", "not enforced"));
-    }
-    if let Some(n) = &doc.namebound {
-        let state = match (n.enabled, n.running) {
-            (false, _) => paint("33", "name binding OFF: address-based (network.name_binding)"),
-            (true, false) => paint("31", "name binding NOT RUNNING: checked ports refused"),
-            (true, true) => paint("32", &format!("name binding on (proxy port {})", n.proxy_port.unwrap_or(0))),
-        };
-        let _ = writeln!(o, "names:  {state}; {} bindings", n.bindings);
-        let c = &n.connections;
-        if n.enabled {
-            let line = format!(
-                "        {} checked, {} allowed, {} refused ({} silent, {} overload), {} unreachable",
-                c.accepted, c.allowed, c.refused, c.hello_timeouts, c.overloaded, c.upstream_failures
+}
+
+/// The DNS server: where it listens, its upstreams and their health, the query counters, and
+/// the last 8 names denied.
+fn render_dns(o: &mut String, d: &DnsStatus, paint: Paint) {
+    let health = match &d.upstream_last_error {
+        None => paint.on("32", "no upstream errors"),
+        Some(e) => paint.on("33", &format!("last upstream error {}: {}", ago(&e.at), e.message)),
+    };
+    let _ = writeln!(o, "dns:    {} -> {}; {health}", d.listen, d.upstreams.join(" "));
+    let q = &d.queries;
+    let _ = writeln!(
+        o,
+        "        {} allowed, {} denied, {} failed, {} stale, {} rebinding blocked",
+        q.allowed, q.denied, q.failed, q.stale, q.rebinding_blocked
+    );
+    if !d.recent_denials.is_empty() {
+        let _ = writeln!(o, "        recently denied (explain one: cordon status why NAME):");
+        for den in d.recent_denials.iter().take(8) {
+            let _ = writeln!(
+                o,
+                "          {:<40} {:<5} x{:<4} {}",
+                den.name.trim_end_matches('.'),
+                den.qtype,
+                den.count,
+                ago(&den.last)
             );
-            let _ = writeln!(o, "{}", fit(&line));
-        }
-        if !n.recent_refusals.is_empty() {
-            let _ = writeln!(o, "        recently refused (explain: cordon status why NAME|ADDRESS):");
-            for r in n.recent_refusals.iter().take(8) {
-                let what =
-                    format!("          {} -> {} {}, {}", r.name, format_addr(&r.address, r.port), r.kind, ago(&r.at));
-                let _ = writeln!(o, "{}", fit(&what));
-                let _ = writeln!(o, "{}", fit(&format!("            {}", r.reason)));
-            }
         }
     }
-    match &doc.session.agent {
+}
+
+/// The allowlist's size, what is admitted and rejected, and the last refresh.
+fn render_egress(o: &mut String, e: &EgressStatus, paint: Paint) {
+    let rej = |n: Option<u64>| n.map_or("?".to_string(), |n| n.to_string());
+    let _ = writeln!(
+        o,
+        "egress: {} allowlist entries; admitted {} v4, {} v6; rejected {} v4, {} v6 packets",
+        e.allowlist_entries,
+        e.admitted_ipv4,
+        e.admitted_ipv6,
+        rej(e.rejected_ipv4),
+        rej(e.rejected_ipv6)
+    );
+    let _ = match &e.last_refresh {
+        None => writeln!(o, "        no refresh yet"),
+        Some(r) if r.failed.is_empty() => {
+            writeln!(o, "        last refresh {}: {} names, {} addresses", ago(&r.at), r.names, r.addresses)
+        }
+        Some(r) => {
+            let failed = format!("upstream failed for {} (kept last known): {}", r.failed.len(), r.failed.join(" "));
+            writeln!(
+                o,
+                "        last refresh {}: {} names, {} addresses; {}",
+                ago(&r.at),
+                r.names,
+                r.addresses,
+                paint.on("33", &failed)
+            )
+        }
+    };
+}
+
+/// The name-bound layer: whether it runs, its counters, the newest refusals.
+fn render_namebound(o: &mut String, n: &NameBoundStatus, paint: Paint) {
+    let state = match (n.enabled, n.running) {
+        (false, _) => paint.on("33", "name binding OFF: address-based (network.name_binding)"),
+        (true, false) => paint.on("31", "name binding NOT RUNNING: checked ports refused"),
+        (true, true) => paint.on("32", &format!("name binding on (proxy port {})", n.proxy_port.unwrap_or(0))),
+    };
+    let _ = writeln!(o, "names:  {state}; {} bindings", n.bindings);
+    let c = &n.connections;
+    if n.enabled {
+        let line = format!(
+            "        {} checked, {} allowed, {} refused ({} silent, {} overload), {} unreachable",
+            c.accepted, c.allowed, c.refused, c.hello_timeouts, c.overloaded, c.upstream_failures
+        );
+        let _ = writeln!(o, "{}", fit(&line));
+    }
+    if !n.recent_refusals.is_empty() {
+        let _ = writeln!(o, "        recently refused (explain: cordon status why NAME|ADDRESS):");
+        for r in n.recent_refusals.iter().take(8) {
+            let what =
+                format!("          {} -> {} {}, {}", r.name, format_addr(&r.address, r.port), r.kind, ago(&r.at));
+            let _ = writeln!(o, "{}", fit(&what));
+            let _ = writeln!(o, "{}", fit(&format!("            {}", r.reason)));
+        }
+    }
+}
+
+/// The agent (running, restarts, last exit status) and its tmux session.
+fn render_session(o: &mut String, session: &SessionStatus, paint: Paint) {
+    match &session.agent {
         Some(a) => {
-            let running = if a.running { paint("32", "running") } else { paint("31", "not running") };
+            let running = if a.running { paint.on("32", "running") } else { paint.on("31", "not running") };
             let last = a.last_exit.map_or("none".to_string(), |c| c.to_string());
             let pid = a.pid.map_or(String::new(), |p| format!(" (pid {p})"));
             let _ = writeln!(o, "agent:  {running}{pid}; {} restarts; last exit status {last}", a.restarts);
@@ -445,24 +485,25 @@ pub fn render_human(doc: &StatusDoc, color: bool) -> String {
             let _ = writeln!(o, "agent:  not started");
         }
     }
-    if let Some(t) = &doc.session.tmux {
-        let alive = if t.alive { paint("32", "up") } else { paint("31", "DOWN") };
+    if let Some(t) = &session.tmux {
+        let alive = if t.alive { paint.on("32", "up") } else { paint.on("31", "DOWN") };
         let _ = writeln!(o, "tmux:   session `{}` {alive}; {} attached (cordon attach)", t.session, t.clients.len());
     }
-    let ro = match doc.filesystem.readonly_root {
-        Some(true) => paint("32", "root read-only (verified)"),
-        Some(false) => paint("31", "root NOT read-only"),
+}
+
+/// The read-only root and how full each tmpfs is.
+fn render_files(o: &mut String, fs: &FilesystemStatus, paint: Paint) {
+    let ro = match fs.readonly_root {
+        Some(true) => paint.on("32", "root read-only (verified)"),
+        Some(false) => paint.on("31", "root NOT read-only"),
         None => "root read-only: not verified".into(),
     };
     let _ = writeln!(o, "files:  {ro}");
-    for t in &doc.filesystem.tmpfs {
+    for t in &fs.tmpfs {
         let line = format!("{} {}% of {}", t.path, t.use_pct, bytes(t.size_bytes));
-        let _ = writeln!(o, "        {}", if t.warning { paint("33", &format!("{line} (nearly full)")) } else { line });
+        let _ =
+            writeln!(o, "        {}", if t.warning { paint.on("33", &format!("{line} (nearly full)")) } else { line });
     }
-    for w in &doc.warnings {
-        let _ = writeln!(o, "{} {w}", paint("33", "warning:"));
-    }
-    o
 }
 
 /// A screen line cut to 80 columns.
@@ -478,7 +519,7 @@ fn format_addr(ip: &str, port: u16) -> String {
     if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
 }
 
-pub fn render_why(w: &WhyDoc) -> String {
+pub(crate) fn render_why(w: &WhyDoc) -> String {
     let mut o = format!("{} {}: {}\n  {}\n", w.kind, w.target, w.verdict, w.explanation);
     for d in &w.decided_by {
         let _ = writeln!(o, "  allowlist entry: {d}");
@@ -500,7 +541,7 @@ pub fn render_why(w: &WhyDoc) -> String {
 }
 
 /// Answers `why` against live egress state.
-pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
+pub(crate) fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
     let ip: Option<IpAddr> = target.trim_start_matches('[').trim_end_matches(']').parse().ok();
     let kind = if ip.is_some() { "address" } else { "name" };
     let mut doc = WhyDoc {
@@ -567,7 +608,7 @@ pub fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDoc {
 /// How the connections of a name with `reach` are judged, port by port: name-checked (TLS SNI,
 /// or the Host of every HTTP request on port 80) or address-based (`:raw` entries, or every
 /// port when name binding is off). `ports` is `network.ports`.
-pub fn port_rules(reach: &crate::config::allowlist::Reach, ports: &[u16], name_binding: bool) -> Vec<String> {
+pub(crate) fn port_rules(reach: &crate::config::allowlist::Reach, ports: &[u16], name_binding: bool) -> Vec<String> {
     let mut checked: Vec<u16> = if reach.default_ports { ports.to_vec() } else { vec![] };
     checked.extend(reach.extra_ports.iter().filter(|p| !checked.contains(p)).collect::<Vec<_>>());
     checked.sort_unstable();
@@ -601,7 +642,7 @@ pub fn port_rules(reach: &crate::config::allowlist::Reach, ports: &[u16], name_b
 }
 
 /// Where a state directory's control socket is.
-pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
+pub(crate) fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
@@ -609,6 +650,253 @@ pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
 mod tests {
     use super::*;
     use crate::config::allowlist::Reach;
+    use crate::state::report::Outcome;
+
+    fn stage(name: &str, outcome: Outcome, ms: Option<f64>) -> StageRecord {
+        StageRecord {
+            name: name.into(),
+            started_at: "then".into(),
+            duration_ms: ms,
+            outcome,
+            detail: None,
+            error: None,
+            hint: None,
+        }
+    }
+
+    /// A live, ready container with every section filled. Times are not RFC 3339, so they
+    /// render as given rather than as "N ago" (which depends on the clock).
+    fn ready_doc() -> StatusDoc {
+        StatusDoc {
+            version: 1,
+            source: "live".into(),
+            phase: Phase::Ready,
+            reason: None,
+            current_stage: None,
+            failed: None,
+            pid: 1,
+            init_mode: "pid1".into(),
+            started_at: "then".into(),
+            uptime_s: Some(3725.0),
+            boot_ms: Some(812.4),
+            stages: vec![
+                stage("sanity", Outcome::Ok, Some(0.2)),
+                stage("config", Outcome::Ok, Some(3.0)),
+                stage("readonly_root", Outcome::Skipped, None),
+            ],
+            dns: Some(DnsStatus {
+                listen: "127.0.0.53:53".into(),
+                upstreams: vec!["192.0.2.1:53".into()],
+                upstream_last_error: None,
+                queries: QueryCounts { allowed: 2, denied: 3, failed: 0, stale: 0, rebinding_blocked: 1 },
+                recent_denials: vec![DenialStatus {
+                    name: "evil.example.".into(),
+                    qtype: "A".into(),
+                    count: 3,
+                    last: "just now".into(),
+                }],
+            }),
+            namebound: None,
+            egress: Some(EgressStatus {
+                allowlist_entries: 12,
+                admitted_ipv4: 4,
+                admitted_ipv6: 1,
+                last_refresh: None,
+                rejected_ipv4: Some(7),
+                rejected_ipv6: None,
+            }),
+            session: SessionStatus {
+                agent: Some(AgentState { pid: Some(42), running: true, restarts: 0, last_exit: None }),
+                tmux: Some(TmuxStatus {
+                    session: "agent".into(),
+                    socket: "/run/cordon/tmux/sock".into(),
+                    alive: true,
+                    clients: vec!["7 /dev/pts/0 80x24".into()],
+                }),
+            },
+            filesystem: FilesystemStatus {
+                readonly_root: Some(true),
+                tmpfs: vec![TmpfsUsage {
+                    path: "/tmp".into(),
+                    size_bytes: 512 << 20,
+                    used_bytes: 460 << 20,
+                    use_pct: 89,
+                    warning: true,
+                }],
+            },
+            warnings: vec!["something to look at".into()],
+        }
+    }
+
+    #[test]
+    fn a_ready_container_renders_as_one_screen_section_by_section() {
+        assert_eq!(
+            render_human(&ready_doc(), false),
+            "\
+cordon READY  up 1h 2m 5s, boot 812 ms, pid1 (pid 1)
+stages: sanity ok 0ms config ok 3ms readonly_root skipped
+dns:    127.0.0.53:53 -> 192.0.2.1:53; no upstream errors
+        2 allowed, 3 denied, 0 failed, 0 stale, 1 rebinding blocked
+        recently denied (explain one: cordon status why NAME):
+          evil.example                             A     x3    just now
+egress: 12 allowlist entries; admitted 4 v4, 1 v6; rejected 7 v4, ? v6 packets
+        no refresh yet
+agent:  running (pid 42); 0 restarts; last exit status none
+tmux:   session `agent` up; 1 attached (cordon attach)
+files:  root read-only (verified)
+        /tmp 89% of 512M (nearly full)
+warning: something to look at
+"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_failed_boot_read_from_the_state_file_names_the_stage_and_the_fix() {
+        let mut doc = ready_doc();
+        doc.source = "state file".into();
+        doc.phase = Phase::Failed;
+        doc.uptime_s = None;
+        doc.boot_ms = None;
+        doc.reason = Some("not shown when a stage failed".into());
+        doc.failed = Some(FailedStage {
+            stage: "secrets".into(),
+            error: "GH_PAT is missing".into(),
+            hint: Some("pass -e GH_PAT".into()),
+        });
+        let mut o = String::new();
+        render_summary(&mut o, &doc, Paint(false));
+        assert_eq!(
+            o,
+            "cordon FAILED  , pid1 (pid 1)\n  note: cordon is not answering on its control socket; this is its last \
+             state file\n  failed at stage secrets: GH_PAT is missing\n  fix: pass -e GH_PAT\n"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_boot_in_progress_names_the_running_stage_and_the_reason() {
+        let mut doc = ready_doc();
+        doc.phase = Phase::Booting;
+        doc.current_stage = Some("clone".into());
+        doc.reason = Some("waiting for the clone".into());
+        let mut o = String::new();
+        render_summary(&mut o, &doc, Paint(false));
+        assert!(o.starts_with("cordon BOOTING  up 1h 2m 5s, boot 812 ms"), "{o}");
+        assert!(o.ends_with("  booting: stage clone is running\n  waiting for the clone\n"), "{o}");
+    }
+
+    #[test]
+    fn stages_wrap_at_78_columns_and_mark_every_outcome() {
+        let stages: Vec<StageRecord> = [
+            ("sanity", Outcome::Ok),
+            ("config", Outcome::Ok),
+            ("state", Outcome::Ok),
+            ("secrets", Outcome::Ok),
+            ("filesystem", Outcome::Ok),
+            ("dns", Outcome::Failed),
+            ("firewall", Outcome::Stopped),
+            ("readiness", Outcome::Running),
+        ]
+        .into_iter()
+        .map(|(name, outcome)| stage(name, outcome, Some(12.0)))
+        .collect();
+        let mut o = String::new();
+        render_stages(&mut o, &stages, Paint(false));
+        assert_eq!(
+            o,
+            "stages: sanity ok 12ms config ok 12ms state ok 12ms secrets ok 12ms\n        filesystem ok 12ms dns \
+             FAILED 12ms firewall STOPPED 12ms\n        readiness ... 12ms\n"
+        );
+        assert!(o.lines().all(|l| l.len() <= 78), "{o}");
+    }
+
+    #[test]
+    fn dns_shows_the_last_upstream_error_and_at_most_eight_denials() {
+        let mut d = ready_doc().dns.unwrap();
+        d.upstream_last_error = Some(TimedMessage { at: "a moment ago".into(), message: "timed out".into() });
+        d.recent_denials = (0..10)
+            .map(|i| DenialStatus {
+                name: format!("n{i}.example."),
+                qtype: "AAAA".into(),
+                count: 1,
+                last: "now".into(),
+            })
+            .collect();
+        let mut o = String::new();
+        render_dns(&mut o, &d, Paint(false));
+        let lines: Vec<&str> = o.lines().collect();
+        assert_eq!(lines[0], "dns:    127.0.0.53:53 -> 192.0.2.1:53; last upstream error a moment ago: timed out");
+        assert_eq!(lines.len(), 3 + 8, "{o}");
+        assert_eq!(lines[3].split_whitespace().collect::<Vec<_>>(), ["n0.example", "AAAA", "x1", "now"]);
+    }
+
+    #[test]
+    fn egress_shows_a_refresh_that_kept_the_last_known_addresses() {
+        let mut e = ready_doc().egress.unwrap();
+        e.last_refresh = Some(RefreshStatus {
+            at: "earlier".into(),
+            names: 5,
+            addresses: 9,
+            changed: 1,
+            failed: vec!["a.example".into(), "b.example".into()],
+        });
+        let mut o = String::new();
+        render_egress(&mut o, &e, Paint(false));
+        assert_eq!(
+            o.lines().nth(1),
+            Some(
+                "        last refresh earlier: 5 names, 9 addresses; upstream failed for 2 (kept last known): a.example b.example"
+            )
+        );
+    }
+
+    #[test]
+    fn egress_not_enforced_is_said_only_by_a_live_cordon_past_the_boot() {
+        let mut doc = ready_doc();
+        doc.egress = None;
+        assert!(render_human(&doc, false).contains("\negress: not enforced\n"));
+        doc.phase = Phase::Booting;
+        assert!(!render_human(&doc, false).contains("egress:"));
+        doc.phase = Phase::Ready;
+        doc.source = "state file".into();
+        assert!(!render_human(&doc, false).contains("egress:"));
+    }
+
+    #[test]
+    fn the_session_shows_an_agent_not_started_or_exited_and_a_tmux_server_down() {
+        let mut session = ready_doc().session;
+        session.agent = None;
+        session.tmux.as_mut().unwrap().alive = false;
+        let mut o = String::new();
+        render_session(&mut o, &session, Paint(false));
+        assert_eq!(o, "agent:  not started\ntmux:   session `agent` DOWN; 1 attached (cordon attach)\n");
+
+        session.agent = Some(AgentState { pid: None, running: false, restarts: 3, last_exit: Some(137) });
+        session.tmux = None;
+        let mut o = String::new();
+        render_session(&mut o, &session, Paint(false));
+        assert_eq!(o, "agent:  not running; 3 restarts; last exit status 137\n");
+    }
+
+    #[test]
+    fn files_say_whether_the_read_only_root_was_verified() {
+        let mut fs = FilesystemStatus { readonly_root: Some(false), tmpfs: vec![] };
+        let mut o = String::new();
+        render_files(&mut o, &fs, Paint(false));
+        assert_eq!(o, "files:  root NOT read-only\n");
+        fs.readonly_root = None;
+        let mut o = String::new();
+        render_files(&mut o, &fs, Paint(false));
+        assert_eq!(o, "files:  root read-only: not verified\n");
+    }
+
+    #[test]
+    fn colour_is_added_only_when_asked_for() {
+        let doc = ready_doc();
+        assert!(!render_human(&doc, false).contains('\x1b'));
+        let coloured = render_human(&doc, true);
+        assert!(coloured.starts_with("cordon \x1b[1;32mREADY\x1b[0m  up"), "{coloured}");
+        assert!(coloured.contains("\x1b[33mwarning:\x1b[0m something to look at"));
+    }
 
     #[test]
     fn a_names_ports_say_which_are_name_checked_and_which_address_based() {

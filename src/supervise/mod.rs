@@ -29,12 +29,10 @@ const KILL_SETTLE: Duration = Duration::from_secs(1);
 /// Takes the whole environment out of the process: returned as a map for config and secrets,
 /// removed from the process so no child and no library that spawns one can inherit a secret,
 /// and zeroed in the process's initial environment block so `/proc/PID/environ` shows none.
-///
-/// # Safety
-/// Must run while the process is single-threaded (before the async runtime is built).
-unsafe fn take_environment() -> BTreeMap<String, String> {
-    // SAFETY: the caller guarantees no other thread exists.
-    let (vars, scrubbed) = unsafe { sys::take_environment() };
+/// Runs while the process is single-threaded (before the async runtime is built): `sys`
+/// refuses otherwise.
+fn take_environment() -> std::io::Result<BTreeMap<String, String>> {
+    let (vars, scrubbed) = sys::take_environment()?;
     if let Err(e) = scrubbed {
         tracing::warn!(
             "cannot overwrite the environment block: {e}; /proc/{}/environ still shows it",
@@ -47,9 +45,8 @@ unsafe fn take_environment() -> BTreeMap<String, String> {
             env.insert(k, v);
         }
     }
-    // SAFETY: as above.
-    unsafe { std::env::set_var("PATH", SYSTEM_PATH) };
-    env
+    sys::set_own_path(SYSTEM_PATH)?;
+    Ok(env)
 }
 
 /// Entry point of `cordon supervise`; returns the exit code.
@@ -66,8 +63,14 @@ pub fn run(source: ConfigSource) -> i32 {
         tracing::error!("cannot reset signal dispositions: {e}");
         return 1;
     }
-    // SAFETY: nothing has started a thread yet; the runtime is built below.
-    let env = unsafe { take_environment() };
+    // Nothing has started a thread yet; the runtime is built below.
+    let env = match take_environment() {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::error!("cannot take the environment out: {e}");
+            return 1;
+        }
+    };
     if let Err(e) = sys::set_non_dumpable() {
         tracing::error!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}");
         return 1;

@@ -33,7 +33,7 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
     // Then forget whatever the launcher left ignored: an inherited SIG_IGN on SIGCHLD makes the
     // kernel reap our children itself, so the supervisor's exit status would never be seen.
     // Only SIGPIPE stays ignored (it is the one signal not blocked above).
-    if let Err(e) = sys::reset_signal_dispositions(&[libc::SIGPIPE]) {
+    if let Err(e) = sys::reset_signal_dispositions(&[Signal::SIGPIPE as i32]) {
         fatal(&format!("cannot reset signal dispositions: {e}"));
     }
     // Nothing of ours is open yet, so everything above stdio came from the launcher.
@@ -60,8 +60,9 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
     }
     // The environment holds the secrets: out of /proc/1/environ, handed to the supervisor
     // explicitly (which scrubs its own copy the same way), and no core dump of this memory.
-    // SAFETY: single-threaded: the reaper never starts a thread.
-    let (env, scrubbed) = unsafe { sys::take_environment() };
+    // The reaper never starts a thread, so this cannot fail but without /proc.
+    let (env, scrubbed) =
+        sys::take_environment().unwrap_or_else(|e| fatal(&format!("cannot take the environment out: {e}")));
     if let Err(e) = scrubbed {
         tracing::warn!(
             "cannot overwrite the environment block: {e}; /proc/{}/environ still shows it",
@@ -94,7 +95,7 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
                 continue;
             }
         };
-        if sig == libc::SIGCHLD {
+        if sig == Signal::SIGCHLD as i32 {
             if let Some(&(_, code)) = sys::reap_exited().iter().find(|(pid, _)| *pid == supervisor) {
                 break code;
             }

@@ -9,7 +9,7 @@
 //! group keeps open costs a parked thread, never the boot.
 //!
 //! Exit statuses come from std's `Child` (`waitpid` on the child's own pid), which is safe here:
-//! only the reaper process calls `waitpid(-1)` (see `reaper.rs`).
+//! only the reaper process calls `waitpid(-1)` (see `supervise::reaper`).
 
 use std::io::{Read, Write};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -35,18 +35,18 @@ const OUTPUT_LIMIT: usize = 1 << 20;
 /// A stop request for the commands that consult it: once requested, a running command is
 /// killed within [`TICK`] and no new one starts.
 #[derive(Debug, Default)]
-pub struct Interrupt(AtomicBool);
+pub(crate) struct Interrupt(AtomicBool);
 
 impl Interrupt {
-    pub const fn new() -> Interrupt {
+    pub(crate) const fn new() -> Interrupt {
         Interrupt(AtomicBool::new(false))
     }
 
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
 
-    pub fn is_requested(&self) -> bool {
+    pub(crate) fn is_requested(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
 }
@@ -55,7 +55,7 @@ impl Interrupt {
 /// its blocking thread. Process-wide because the commands it stops are run from modules that
 /// know nothing of the boot (firewall, session); nothing clears it, because after a stop
 /// request the process only stops.
-pub static BOOT: Interrupt = Interrupt::new();
+pub(crate) static BOOT: Interrupt = Interrupt::new();
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -83,7 +83,7 @@ pub enum CommandError {
 }
 
 /// How to run one command.
-pub struct Options<'a> {
+pub(crate) struct Options<'a> {
     /// Written to the command's stdin, which is then closed; without it stdin is /dev/null.
     pub stdin: Option<&'a [u8]>,
     pub deadline: Duration,
@@ -95,14 +95,19 @@ pub struct Options<'a> {
 
 impl<'a> Options<'a> {
     /// The boot's defaults: no stdin, stopped by [`BOOT`].
-    pub fn new(deadline: Duration) -> Options<'a> {
+    pub(crate) fn new(deadline: Duration) -> Options<'a> {
         Options { stdin: None, deadline, interrupt: &BOOT, on_stderr_line: None }
     }
 }
 
 /// Runs `program args` as root with `stdin`, within `deadline`: the simple form, for iptables
 /// and ipset. Any exit status is an `Ok`; the caller judges it.
-pub fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, deadline: Duration) -> Result<Output, CommandError> {
+pub(crate) fn run(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    deadline: Duration,
+) -> Result<Output, CommandError> {
     let mut cmd = Command::new(program);
     cmd.args(args);
     output(cmd, Options { stdin, ..Options::new(deadline) })
@@ -118,7 +123,7 @@ enum Chunk {
 /// Runs `cmd` (its stdio is replaced) as a new process group and collects its output. The
 /// group is SIGKILLed at the deadline, on a stop request, and when the leader exits (what it
 /// left behind in its group, such as a helper holding a pipe, is debris).
-pub fn output(mut cmd: Command, mut opts: Options<'_>) -> Result<Output, CommandError> {
+pub(crate) fn output(mut cmd: Command, mut opts: Options<'_>) -> Result<Output, CommandError> {
     use std::os::unix::process::CommandExt;
     let program = cmd.get_program().to_string_lossy().into_owned();
     if opts.interrupt.is_requested() {

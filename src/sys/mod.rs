@@ -1,9 +1,9 @@
 //! Every direct libc call cordon makes lives here, each with its reason, so the unsafe surface
 //! can be read in one sitting. Callers get `io::Result` or a typed value.
 
-pub mod command;
+pub(crate) mod command;
 pub mod effects;
-pub mod net;
+pub(crate) mod net;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -225,22 +225,49 @@ pub fn close_inherited_descriptors() -> io::Result<Vec<(i32, String)>> {
     if rc == 0 { Ok(closed) } else { Err(io::Error::last_os_error()) }
 }
 
+/// One environment variable, name and value, as the process had it.
+pub type EnvVar = (std::ffi::OsString, std::ffi::OsString);
+
 /// Takes the whole environment out of the process: returns every variable, removes them all,
 /// and overwrites the process's initial environment block with zeros, so `/proc/PID/environ`
 /// (readable by root and by anything that dumps /proc) no longer shows a secret. The block is
 /// the kernel's copy of the `envp` this process was started with; removing a variable only
 /// drops the pointer to it. The second value says how many bytes were overwritten, or why none
-/// were (the variables are taken either way).
-///
-/// # Safety
-/// Must run while the process is single-threaded (glibc's environment is not thread-safe).
-pub unsafe fn take_environment() -> (Vec<(std::ffi::OsString, std::ffi::OsString)>, io::Result<usize>) {
+/// were (the variables are taken either way). Fails, taking nothing, unless the process is
+/// single-threaded (glibc's environment is not thread-safe): the caller runs it first thing.
+pub fn take_environment() -> io::Result<(Vec<EnvVar>, io::Result<usize>)> {
+    ensure_single_threaded("take the environment out")?;
     let vars: Vec<_> = std::env::vars_os().collect();
     for (k, _) in &vars {
-        // SAFETY: the caller guarantees no other thread exists.
+        // SAFETY: the process has one thread (checked above), and only that thread, this one,
+        // could start another.
         unsafe { std::env::remove_var(k) };
     }
-    (vars, zero_environment_block())
+    Ok((vars, zero_environment_block()))
+}
+
+/// Sets the process's own `PATH`, the one `Command::new("iptables")` searches. Fails unless
+/// the process is single-threaded, like [`take_environment`].
+pub fn set_own_path(path: &str) -> io::Result<()> {
+    ensure_single_threaded("set PATH")?;
+    // SAFETY: the process has one thread (checked above), and only that thread could start
+    // another.
+    unsafe { std::env::set_var("PATH", path) };
+    Ok(())
+}
+
+/// Fails unless the calling process has exactly one thread (one entry in `/proc/self/task`).
+/// Once true it stays true until this very thread starts another, which is what makes the
+/// environment calls above sound without an `unsafe` contract on their callers.
+fn ensure_single_threaded(operation: &str) -> io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "cannot {operation}: the process has {threads} threads (the environment is only safe to change with one)"
+        )))
+    }
 }
 
 fn zero_environment_block() -> io::Result<usize> {
@@ -308,6 +335,14 @@ pub fn shell_exit_code(status: libc::c_int) -> Option<i32> {
     } else {
         None
     }
+}
+
+/// Exit status of a child that std or tokio waited for, in shell convention: the code, or
+/// 128 + signal number, decoded by [`shell_exit_code`] like the reaper's. A status `wait`
+/// returns is always an end; anything else (it cannot happen) reads as 1, a failure.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    shell_exit_code(status.into_raw()).unwrap_or(1)
 }
 
 /// Reaps every child that has exited, without blocking. The one `waitpid(-1)` of the program:
@@ -426,6 +461,37 @@ pub fn signal_all(pids: &[i32], sig: Signal) {
     }
 }
 
+/// Makes `cmd`'s child start with an empty signal mask: the caller may keep signals blocked
+/// (`pane-run` does), and std does not reset the mask for children (rust-lang/rust#101077).
+pub fn unblock_signals_at_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs between fork and exec and makes one sigprocmask call, which is
+    // async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(unblock_all_signals);
+    }
+}
+
+/// Makes `cmd`'s child start as `uid`/`gid` with exactly `groups` and no privilege, with an
+/// empty signal mask, every signal at its default disposition, and no descriptor above 2: what
+/// everything cordon runs as the agent user starts with.
+pub fn drop_to_user_at_exec(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // syscalls (sigprocmask, sigaction, close_range, prctl, set*id, capset); it allocates
+    // nothing (`groups` was built before the fork and is only read).
+    unsafe {
+        cmd.pre_exec(move || {
+            unblock_all_signals()?;
+            // What cordon ignores (SIGPIPE, the job-control stops) or its launcher left ignored
+            // would otherwise stay ignored across exec.
+            reset_signal_dispositions(&[])?;
+            cloexec_from_3()?;
+            drop_privileges(uid, gid, &groups)
+        });
+    }
+}
+
 /// Drops every privilege of the calling (forked, not yet exec'd) process and becomes
 /// `uid`/`gid` with exactly `groups`. Async-signal-safe: only raw syscalls, no allocation.
 ///
@@ -510,6 +576,18 @@ mod tests {
         assert_eq!(shell_exit_code(libc::SIGSEGV | 0x80), Some(128 + 11), "core dumped");
         assert_eq!(shell_exit_code(37), Some(128 + 37), "SIGRTMIN+3");
         assert_eq!(shell_exit_code(0x137f), None, "stopped by SIGSTOP");
+    }
+
+    #[test]
+    fn exit_code_of_a_waited_child_is_its_code_or_128_plus_its_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGTERM)), 128 + 15);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGRTMIN() + 3)), 128 + 37, "real-time signals too");
+        let real = std::process::Command::new("sh").args(["-c", "kill -KILL $$"]).status().unwrap();
+        assert_eq!(exit_code(real), 128 + 9);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! Privileged tests call [`require_root`] first: without root they fail saying so, never pass.
 
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(unreachable_pub, reason = "`pub` here is the harness's interface to the test files that include it")]
 
 pub mod docker;
 pub mod world;

@@ -74,7 +74,7 @@ pub trait OriginalDestination: Send + Sync {
     fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
 }
 
-/// The kernel's answer: `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` (see [`super::sys`]).
+/// The kernel's answer: `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` (see `sys::net::original_destination`).
 #[derive(Debug, Default)]
 pub struct KernelOriginalDestination;
 
