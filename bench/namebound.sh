@@ -263,7 +263,7 @@ echo "| CPU of cordon's supervisor per GiB | $(calc %.2f "$a_sup") s | $(calc %.
 echo "| CPU of curl per GiB | $(calc %.2f "$a_curl") s | $(calc %.2f "$r_curl") s | $(calc %.2f "$a_curl / $r_curl") | |"
 echo "| CPU of the server per GiB | $(calc %.2f "$a_srv") s | $(calc %.2f "$r_srv") s | $(calc %.2f "$a_srv / $r_srv") | |"
 echo "| CPU of all three per GiB | $(calc %.2f "$a_sup + $a_curl + $a_srv") s | $(calc %.2f "$r_sup + $r_curl + $r_srv") s | $(calc %.2f "($a_sup + $a_curl + $a_srv) / ($r_sup + $r_curl + $r_srv)") | |"
-echo "| supervisor RSS with $idle idle TLS connections open ($agent_held / $root_held held; supervisor fds +$agent_fd / +$root_fd) | +$agent_mem KiB | +$root_mem KiB | | $per_conn KiB per connection |"
+echo "| supervisor RSS with $idle idle TLS connections open ($agent_held / $root_held held; supervisor fds +$agent_fd / +$root_fd) | $(printf %+d "$agent_mem") KiB | $(printf %+d "$root_mem") KiB | | $per_conn KiB per connection |"
 echo
 echo "Supervisor RSS: $rss0 KiB before the agent's idle connections, $rss_closed KiB after they closed."
 echo
