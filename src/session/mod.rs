@@ -5,5 +5,6 @@
 pub mod agent;
 pub mod clone;
 pub mod credentials;
+pub mod devcontainer;
 pub mod tmux;
 pub mod users;
