@@ -2,6 +2,7 @@
 //! running. It owns the agent, forwards signals to it, applies `agent.on_exit`, and performs
 //! the graceful stop. Its whole lifecycle is the `supervise` function below.
 
+pub mod idle;
 pub mod reaper;
 
 use std::collections::BTreeMap;
@@ -149,6 +150,15 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
     report.set_agent(state.clone());
     report.ready();
 
+    // Idle stop (supervisor.idle_stop; see idle.rs): resolves once the agent has been idle that long.
+    let tmux = match &handle {
+        agent::AgentHandle::Tmux { tmux, .. } => Some(tmux.clone()),
+        _ => None,
+    };
+    let idle_stop = config.supervisor.idle_stop;
+    let idle = idle::until_idle(idle_stop.map(|s| s.0), spec.user.uid, nix::unistd::getppid().as_raw(), tmux);
+    tokio::pin!(idle);
+
     let mut alive = true;
     let mut policy = RestartPolicy::new(config.agent.restart_backoff.0);
     let mut restart_at: Option<tokio::time::Instant> = None;
@@ -161,6 +171,13 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
                     return 0;
                 }
                 other => forward(other, alive.then(|| handle.pid()).flatten()),
+            },
+            _ = &mut idle => {
+                let why = format!("idle for {}: stopping (supervisor.idle_stop)", idle_stop.map(|s| s.to_string()).unwrap_or_default());
+                report.set_phase(Phase::Stopping, Some(why.clone()));
+                stop_all(grace, Some(&mut handle), &mut report).await;
+                report.set_phase(Phase::Stopped, Some(why));
+                return 0;
             },
             code = handle.wait(), if alive => {
                 alive = false;
