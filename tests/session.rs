@@ -211,3 +211,25 @@ fn on_exit_shutdown_in_tmux_exits_with_the_agents_status() {
     let mut c = sb.start(&cfg, &[], Mode::Pid1);
     assert_eq!(c.wait_exit(BOOT).code(), Some(7), "{}", c.stderr());
 }
+
+#[test]
+fn an_attached_client_keeps_an_idle_agent_up_and_cordon_stops_once_it_detaches() {
+    let sb = Sandbox::new("idle-attach");
+    let text = sb.render_config(&tmux_config()).replacen("[supervisor]\n", "[supervisor]\nidle_stop = \"3s\"\n", 1);
+    sb.write_file("cordon.toml", &text);
+    let mut c = sb.launch(&sb.path("cordon.toml"), &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let mut client = attach(&c, &sb, "", false, (100, 30), "attach.out");
+    harness::wait_until("a client on the agent's session", Duration::from_secs(15), || {
+        (!clients(&c, &sb).is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(c.state().expect("still running").phase, Phase::Ready, "stopped while a client was attached");
+    let _ = client.kill();
+    let _ = client.wait();
+    let detached = std::time::Instant::now();
+    let status = c.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "an idle stop is a graceful stop");
+    assert!(detached.elapsed() >= Duration::from_secs(2), "stopped {:?} after the detach", detached.elapsed());
+    assert!(c.stderr().contains("idle for 3s: stopping"), "{}", c.stderr());
+}
