@@ -230,10 +230,12 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
             "readonly_root",
             "clone",
             "readiness",
+            "devcontainer",
             "session"
         ]
     );
-    for s in state.stages.iter().filter(|s| s.name != "clone") {
+    let skipped = ["clone", "devcontainer"];
+    for s in state.stages.iter().filter(|s| !skipped.contains(&s.name.as_str())) {
         assert_eq!(s.outcome, cordon::state::report::Outcome::Ok, "{s:?}");
         assert!(s.duration_ms.is_some_and(|d| d >= 0.0), "{s:?}");
     }
@@ -242,7 +244,11 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
     assert_eq!(state.agent.as_ref().map(|a| a.running), Some(true));
     let log = c.boot_log();
     assert!(log.contains("clone: skipped - no repo.url (REPO_URL)"), "{log}");
-    for stage in names.iter().filter(|n| **n != "clone") {
+    assert!(
+        log.contains("devcontainer: skipped - no .devcontainer/devcontainer.json or .devcontainer.json in"),
+        "{log}"
+    );
+    for stage in names.iter().filter(|n| !skipped.contains(n)) {
         assert!(log.contains(&format!("{stage}: ok")), "boot log lacks {stage}:\n{log}");
     }
     assert!(log.contains("ready in"), "{log}");
