@@ -225,6 +225,13 @@ fn an_attached_client_keeps_an_idle_agent_up_and_cordon_stops_once_it_detaches()
     });
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(c.state().expect("still running").phase, Phase::Ready, "stopped while a client was attached");
+    let cmd = format!("{} status --json --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display());
+    let v: serde_json::Value = serde_json::from_slice(&c.exec(&cmd).stdout).expect("status");
+    assert_eq!(v["session"]["agent"]["idle"], serde_json::json!({"idle_s": 0, "stop_after_s": 3}), "{v}");
+    let human =
+        c.exec(&format!("{} status --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display()));
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("idle 0s (supervisor.idle_stop 3s): stops in 3s unless it becomes active"), "{human}");
     let _ = client.kill();
     let _ = client.wait();
     let detached = std::time::Instant::now();

@@ -93,22 +93,38 @@ pub fn interval(idle_stop: Duration) -> Duration {
     (idle_stop / 10).clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
-/// Resolves once the agent has been idle for `idle_stop`, with how long it was; never when
-/// `idle_stop` is None. `uid` is the agent's, `reaper` the pid of cordon's reaper.
-pub async fn until_idle(idle_stop: Option<Duration>, uid: u32, reaper: i32, tmux: Option<Tmux>) -> Duration {
-    let Some(idle_stop) = idle_stop else { return std::future::pending().await };
-    let mut idle = Idle::new(Instant::now());
-    loop {
-        tokio::time::sleep(interval(idle_stop)).await;
-        let tmux = tmux.clone();
-        // tmux commands block (with their deadline): off the runtime's threads.
-        let Ok(obs) = tokio::task::spawn_blocking(move || sample(uid, reaper, tmux.as_ref())).await else { continue };
-        let now = Instant::now();
-        if let Some(what) = idle.observe(now, obs) {
-            tracing::debug!(what, "agent active");
-        }
-        if idle.idle_for(now) >= idle_stop {
-            return idle.idle_for(now);
+/// The supervisor's watch over the agent for the idle stop: one sample per [`interval`].
+pub struct Watch {
+    idle_stop: Option<Duration>,
+    uid: u32,
+    reaper: i32,
+    tmux: Option<Tmux>,
+    idle: Idle,
+}
+
+impl Watch {
+    /// `uid` is the agent's, `reaper` the pid of cordon's reaper. Without `idle_stop`, it never
+    /// samples.
+    pub fn new(idle_stop: Option<Duration>, uid: u32, reaper: i32, tmux: Option<Tmux>) -> Watch {
+        Watch { idle_stop, uid, reaper, tmux, idle: Idle::new(Instant::now()) }
+    }
+
+    /// Waits for the next sample and takes it: how long the agent has been idle as of it.
+    /// Never resolves without `idle_stop`. Cancel-safe: a cancelled wait only delays the sample.
+    pub async fn next(&mut self) -> Duration {
+        let Some(idle_stop) = self.idle_stop else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(interval(idle_stop)).await;
+            let (uid, reaper, tmux) = (self.uid, self.reaper, self.tmux.clone());
+            // tmux commands block (with their deadline): off the runtime's threads.
+            let Ok(obs) = tokio::task::spawn_blocking(move || sample(uid, reaper, tmux.as_ref())).await else {
+                continue;
+            };
+            let now = Instant::now();
+            if let Some(what) = self.idle.observe(now, obs) {
+                tracing::debug!(what, "agent active");
+            }
+            return self.idle.idle_for(now);
         }
     }
 }
