@@ -62,7 +62,7 @@ const PARALLEL: &str = r#"
         // Each waits for the other: they must run side by side.
         "a": "echo start-a; touch marks/a; i=0; while [ ! -e marks/b ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; test -e marks/b && echo boot >> marks/start",
         "b": ["/bin/sh", "-c", "touch marks/b; i=0; while [ ! -e marks/a ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; test -e marks/a",],
-        "net": "getent hosts api.example.com > marks/allowed && timeout 5 bash -c 'exec 3<>/dev/tcp/api.example.com/443 && head -n1 <&3' > marks/greeting; if getent hosts denied.example.net; then echo reached > marks/denied; else echo refused > marks/denied; fi",
+        "net": "getent hosts api.example.com > marks/allowed && timeout 5 bash -c 'exec 3<>/dev/tcp/api.example.com/443 && head -n1 <&3' > marks/greeting; if getent hosts denied.example.net; then echo reached > marks/denied; else echo refused > marks/denied; fi; if timeout 3 bash -c 'exec 3<>/dev/tcp/192.0.2.12/443'; then echo reached > marks/direct; else echo refused > marks/direct; fi",
     },"#;
 
 #[test]
@@ -74,6 +74,9 @@ fn lifecycle_commands_run_as_the_agent_in_the_repo_behind_the_firewall_and_creat
     dns.set("denied.example.net", vec![Rec::A("192.0.2.11".parse().unwrap())]);
     sb.net.add_world_addr("192.0.2.10");
     let _greeter = Greeter::start(&sb.net.world, "192.0.2.10:443".parse().unwrap());
+    // Up and listening, but never the answer to an allowed name.
+    sb.net.add_world_addr("192.0.2.12");
+    let _unnamed = Greeter::start(&sb.net.world, "192.0.2.12:443".parse().unwrap());
     let json = format!(
         r#"// A devcontainer.json as VS Code writes it: comments and trailing commas.
 {{
@@ -83,6 +86,7 @@ fn lifecycle_commands_run_as_the_agent_in_the_repo_behind_the_firewall_and_creat
     "containerEnv": {{ "MODE": "from-container-env", }},
     "remoteEnv": {{ "WHERE": "${{containerWorkspaceFolder}}" }},
     "onCreateCommand": "echo $(id -u) $(pwd) $MODE $WHERE >> marks/create",
+    "updateContentCommand": ["touch", "marks/no shell; $MODE",],
     "postCreateCommand": ["/bin/sh", "-c", "echo once >> marks/postcreate",],
     {PARALLEL}
 }}
@@ -109,11 +113,19 @@ fn lifecycle_commands_run_as_the_agent_in_the_repo_behind_the_firewall_and_creat
         "as the agent, in the repository, with containerEnv and remoteEnv"
     );
     assert_eq!(read(marks.join("postcreate")), "once\n");
+    assert!(marks.join("no shell; $MODE").exists(), "an array is an argv: no shell expands or splits it");
     assert_eq!(read(marks.join("start")), "boot\n", "the object form's commands ran side by side");
     assert!(read(marks.join("allowed")).contains("192.0.2.10"), "an allowlisted name resolves");
     assert_eq!(read(marks.join("greeting")), "hello from 192.0.2.10:443\n", "and is reached");
     assert_eq!(read(marks.join("denied")), "refused\n", "a name off the allowlist is not resolved");
     assert!(dns.queries().iter().all(|q| !q.contains("denied.example.net")), "nor asked upstream");
+    assert_eq!(read(marks.join("direct")), "refused\n", "an address no allowed name resolved to is refused");
+    let root = c.exec("timeout 3 bash -c 'exec 3<>/dev/tcp/192.0.2.12/443 && head -n1 <&3'");
+    assert_eq!(
+        String::from_utf8_lossy(&root.stdout),
+        "hello from 192.0.2.12:443\n",
+        "though it is up (root reaches it)"
+    );
     assert!(repo.join(".git/cordon-devcontainer-created").exists());
     assert_eq!(read(marks.join("agent-saw")), "boot\n", "the agent started after postStart");
 

@@ -35,6 +35,9 @@ const ENV_KEYS: [&str; 2] = ["containerEnv", "remoteEnv"];
 
 /// Lines of a failed command's output kept for its error.
 const TAIL: usize = 8;
+/// Lines of one command's output copied into the boot log, which lives on a small tmpfs: a
+/// chatty install must not fill it. The tail is kept regardless.
+const LOGGED_LINES: usize = 2000;
 
 /// One command: a string runs under `/bin/sh -c`, an array is an argv with no shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,6 +366,7 @@ fn run_step(step: &Step, runner: &Runner, note: &mut dyn FnMut(Note)) -> Result<
     let stop = Interrupt::new();
     let (tx, rx) = mpsc::channel();
     let mut tails: Vec<Vec<String>> = vec![Vec::new(); step.commands.len()];
+    let mut logged = vec![0usize; step.commands.len()];
     let mut failure: Option<String> = None;
     std::thread::scope(|scope| {
         for (i, (_, cmd)) in step.commands.iter().enumerate() {
@@ -391,7 +395,15 @@ fn run_step(step: &Step, runner: &Runner, note: &mut dyn FnMut(Note)) -> Result<
             }
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Msg::Line(i, line)) => {
-                    note(Note::Progress(format!("{}: {line}", step.commands[i].0)));
+                    logged[i] += 1;
+                    if logged[i] <= LOGGED_LINES {
+                        note(Note::Progress(format!("{}: {line}", step.commands[i].0)));
+                    } else if logged[i] == LOGGED_LINES + 1 {
+                        let name = &step.commands[i].0;
+                        note(Note::Progress(format!(
+                            "{name}: (more than {LOGGED_LINES} lines: the rest is not logged)"
+                        )));
+                    }
                     tails[i].push(line);
                     if tails[i].len() > TAIL {
                         tails[i].remove(0);
