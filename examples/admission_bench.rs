@@ -26,7 +26,7 @@ fn main() {
         loopback_ports: vec![],
         proxy_port: Some(cordon::config::DEFAULT_PROXY_PORT),
     };
-    firewall::apply(&plan, 360).expect("firewall in the private namespace");
+    firewall::apply(&plan, 360, &cordon::sys::effects::Host).expect("firewall in the private namespace");
     let sets = cordon::egress::ipset::Ipset::open().unwrap();
     let lifetimes = Lifetimes { min_ttl: Duration::from_secs(60), grace: Duration::from_secs(300) };
     let admitter = Admitter::new(Box::new(sets), vec![], lifetimes);

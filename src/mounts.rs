@@ -4,10 +4,11 @@
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::mount::{MsFlags, mount};
+use nix::mount::MsFlags;
+
+use crate::sys::effects::{Effects, FileKind};
 
 /// One line of `/proc/self/mountinfo` (proc(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +96,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
         .collect()
 }
 
-pub fn read_mountinfo() -> io::Result<Vec<MountInfo>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo")?))
+pub fn read_mountinfo(sys: &dyn Effects) -> io::Result<Vec<MountInfo>> {
+    Ok(parse_mountinfo(&sys.read_mountinfo()?))
 }
 
 /// The mount that `path` is on: the last (topmost) mount whose mount point is its longest
@@ -262,29 +263,22 @@ pub fn plan_tmpfs(specs: Vec<TmpfsSpec>, mounts: &[MountInfo]) -> Result<Vec<Tmp
 
 /// Applies the tmpfs plan. Returns warnings (defence-in-depth flags that could not be added to
 /// a runtime's tmpfs).
-pub fn apply_tmpfs(steps: &[TmpfsStep]) -> Result<Vec<String>, FsError> {
+pub fn apply_tmpfs(steps: &[TmpfsStep], sys: &dyn Effects) -> Result<Vec<String>, FsError> {
     let mut warnings = Vec::new();
     for step in steps {
         match step {
             TmpfsStep::Mount(s) => {
-                std::fs::create_dir_all(&s.path)
-                    .map_err(|source| FsError::CreateDir { path: s.path.clone(), source })?;
+                sys.create_dir_all(&s.path).map_err(|source| FsError::CreateDir { path: s.path.clone(), source })?;
                 let data = format!("size={},mode={:o},uid={},gid={}", s.size, s.mode, s.uid, s.gid);
-                mount(
-                    Some("tmpfs"),
-                    &s.path,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                    Some(data.as_str()),
-                )
-                .map_err(|source| FsError::MountTmpfs { path: s.path.clone(), source })?;
+                sys.mount_tmpfs(&s.path, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &data)
+                    .map_err(|source| FsError::MountTmpfs { path: s.path.clone(), source })?;
             }
             TmpfsStep::Adopt { spec: s, missing, .. } => {
                 if !missing.is_empty() {
-                    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+                    let mounts = read_mountinfo(sys).map_err(FsError::Mountinfo)?;
                     let kept = mount_at(&mounts, &s.path).map(MountInfo::kept_flags).unwrap_or(MsFlags::empty());
                     let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | kept | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-                    if let Err(e) = mount(None::<&str>, &s.path, None::<&str>, flags, None::<&str>) {
+                    if let Err(e) = sys.remount(&s.path, flags) {
                         warnings.push(format!(
                             "the runtime's tmpfs at {} lacks {} and cannot be remounted with it ({e}); \
                              add the options in the runtime (e.g. --tmpfs {}:nosuid,nodev)",
@@ -294,19 +288,19 @@ pub fn apply_tmpfs(steps: &[TmpfsStep]) -> Result<Vec<String>, FsError> {
                         ));
                     }
                 }
-                std::os::unix::fs::chown(&s.path, Some(s.uid), Some(s.gid))
-                    .and_then(|_| std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(s.mode)))
+                sys.chown(&s.path, s.uid, s.gid)
+                    .and_then(|_| sys.chmod(&s.path, s.mode))
                     .map_err(|source| FsError::Chown { path: s.path.clone(), source })?;
             }
         }
     }
-    verify_tmpfs(steps, &read_mountinfo().map_err(FsError::Mountinfo)?)?;
+    verify_tmpfs(steps, &read_mountinfo(sys).map_err(FsError::Mountinfo)?, sys)?;
     Ok(warnings)
 }
 
 /// Checks that each tmpfs is in place with the configured owner and mode (and, for those cordon
 /// mounted, size and nosuid,nodev).
-fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo]) -> Result<(), FsError> {
+fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo], sys: &dyn Effects) -> Result<(), FsError> {
     for step in steps {
         let (spec, ours) = match step {
             TmpfsStep::Mount(s) => (s, true),
@@ -320,9 +314,9 @@ fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo]) -> Result<(), FsError
         if ours && (!m.has("nosuid") || !m.has("nodev") || m.tmpfs_size() != Some(spec.size)) {
             return Err(bad(format!("options {} {}", m.options.join(","), m.super_options.join(","))));
         }
-        let meta = std::fs::metadata(&spec.path).map_err(|e| bad(e.to_string()))?;
-        if meta.uid() != spec.uid || meta.gid() != spec.gid || meta.mode() & 0o7777 != spec.mode {
-            return Err(bad(format!("owner {}:{} mode {:04o}", meta.uid(), meta.gid(), meta.mode() & 0o7777)));
+        let meta = sys.stat(&spec.path).map_err(|e| bad(e.to_string()))?;
+        if meta.uid != spec.uid || meta.gid != spec.gid || meta.mode != spec.mode {
+            return Err(bad(format!("owner {}:{} mode {:04o}", meta.uid, meta.gid, meta.mode)));
         }
     }
     Ok(())
@@ -330,29 +324,29 @@ fn verify_tmpfs(steps: &[TmpfsStep], mounts: &[MountInfo]) -> Result<(), FsError
 
 /// Creates `path -> target`, replacing an existing symlink. Missing parent directories are
 /// created owned like their nearest existing ancestor (on a tmpfs owned by the agent, the agent).
-pub fn make_link(path: &Path, target: &Path) -> Result<(), FsError> {
+pub fn make_link(path: &Path, target: &Path, sys: &dyn Effects) -> Result<(), FsError> {
     let err = |source| FsError::Symlink { path: path.into(), target: target.into(), source };
     if let Some(parent) = path.parent() {
         let mut ancestor = parent;
-        while !ancestor.exists() {
+        while sys.stat(ancestor).is_err() {
             ancestor = ancestor.parent().unwrap_or(Path::new("/"));
         }
-        let meta = std::fs::metadata(ancestor).map_err(err)?;
-        std::fs::create_dir_all(parent).map_err(err)?;
+        let meta = sys.stat(ancestor).map_err(err)?;
+        sys.create_dir_all(parent).map_err(err)?;
         let mut dir = parent;
         while dir != ancestor {
-            std::os::unix::fs::chown(dir, Some(meta.uid()), Some(meta.gid())).map_err(err)?;
+            sys.chown(dir, meta.uid, meta.gid).map_err(err)?;
             dir = dir.parent().unwrap_or(ancestor);
         }
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(path).map_err(err)?,
+    match sys.lstat(path) {
+        Ok(m) if m.kind == FileKind::Symlink => sys.remove_file(path).map_err(err)?,
         Ok(_) => return Err(FsError::LinkOccupied { path: path.into() }),
         Err(_) => {}
     }
-    std::os::unix::fs::symlink(target, path).map_err(err)?;
-    let owner = std::fs::metadata(path.parent().unwrap_or(Path::new("/"))).map_err(err)?;
-    std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).map_err(err)
+    sys.symlink(target, path).map_err(err)?;
+    let owner = sys.stat(path.parent().unwrap_or(Path::new("/"))).map_err(err)?;
+    sys.lchown(path, owner.uid, owner.gid).map_err(err)
 }
 
 /// Makes sure the state directory exists on a writable tmpfs that will survive the read-only
@@ -362,20 +356,15 @@ pub fn make_link(path: &Path, target: &Path) -> Result<(), FsError> {
 /// on a root that is still writable, the directory stays on the root filesystem and a warning
 /// is returned: the boot then fails at a later stage that needs the same right, and the state
 /// directory is what lets `cordon status` and `cordon attach` say so.
-pub fn prepare_state_dir(dir: &Path) -> Result<Option<String>, FsError> {
-    std::fs::create_dir_all(dir).map_err(|source| FsError::CreateDir { path: dir.into(), source })?;
-    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+pub fn prepare_state_dir(dir: &Path, sys: &dyn Effects) -> Result<Option<String>, FsError> {
+    sys.create_dir_all(dir).map_err(|source| FsError::CreateDir { path: dir.into(), source })?;
+    let mounts = read_mountinfo(sys).map_err(FsError::Mountinfo)?;
     let on_tmpfs = mount_of(&mounts, dir).is_some_and(|m| m.fstype == "tmpfs" && !m.read_only());
     let mut warning = None;
     if !on_tmpfs {
         // 16 MiB holds years of boot logs; the size cap keeps a runaway writer from eating RAM.
-        let mounted = mount(
-            Some("tmpfs"),
-            dir,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some("size=16m,mode=755"),
-        );
+        let mounted =
+            sys.mount_tmpfs(dir, MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, "size=16m,mode=755");
         match mounted {
             Ok(()) => {}
             Err(nix::Error::EPERM) => {
@@ -388,8 +377,8 @@ pub fn prepare_state_dir(dir: &Path) -> Result<Option<String>, FsError> {
             Err(source) => return Err(FsError::MountTmpfs { path: dir.into(), source }),
         }
     }
-    std::os::unix::fs::chown(dir, Some(0), Some(0))
-        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+    sys.chown(dir, 0, 0)
+        .and_then(|_| sys.chmod(dir, 0o755))
         .map_err(|source| FsError::Chown { path: dir.into(), source })?;
     Ok(warning)
 }
@@ -461,13 +450,13 @@ pub struct ReadonlyOutcome {
 /// `readOnlyRootFilesystem`) the runtime's own read-write file bind mounts (resolv.conf, hosts,
 /// hostname) cannot be remounted; a regular file owned by root and writable by nobody else is
 /// left as it is, with a warning, since the agent cannot write it. Anything else fails closed.
-pub fn apply_readonly(plan: &[RemountRo]) -> Result<ReadonlyOutcome, FsError> {
+pub fn apply_readonly(plan: &[RemountRo], sys: &dyn Effects) -> Result<ReadonlyOutcome, FsError> {
     let mut outcome = ReadonlyOutcome::default();
     for r in plan {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | r.keep;
-        match mount(None::<&str>, &r.path, None::<&str>, flags, None::<&str>) {
+        match sys.remount(&r.path, flags) {
             Ok(()) => outcome.remounted.push(r.clone()),
-            Err(nix::Error::EPERM) if root_only_file(&r.path) => outcome.warnings.push(format!(
+            Err(nix::Error::EPERM) if root_only_file(&r.path, sys) => outcome.warnings.push(format!(
                 "{} stays a writable bind mount of the runtime's (no CAP_SYS_ADMIN to remount it); it is a root-owned file \
                  nobody else may write",
                 r.path.display()
@@ -478,20 +467,20 @@ pub fn apply_readonly(plan: &[RemountRo]) -> Result<ReadonlyOutcome, FsError> {
     Ok(outcome)
 }
 
-fn root_only_file(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0)
+fn root_only_file(path: &Path, sys: &dyn Effects) -> bool {
+    sys.stat(path).is_ok_and(|m| m.kind == FileKind::File && m.uid == 0 && m.mode & 0o022 == 0)
 }
 
 /// Proves the root is read-only: every planned mount shows `ro`, and creating a file in `/`
 /// fails with EROFS.
-pub fn verify_readonly(plan: &[RemountRo]) -> Result<(), FsError> {
-    let mounts = read_mountinfo().map_err(FsError::Mountinfo)?;
+pub fn verify_readonly(plan: &[RemountRo], sys: &dyn Effects) -> Result<(), FsError> {
+    let mounts = read_mountinfo(sys).map_err(FsError::Mountinfo)?;
     for r in plan {
         if mount_at(&mounts, &r.path).is_none_or(|m| !m.read_only()) {
             return Err(FsError::StillWritable { path: r.path.clone() });
         }
     }
-    match crate::sys::write_probe(Path::new("/")) {
+    match sys.write_probe(Path::new("/")) {
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(()),
         Err(e) => Err(FsError::RootWritable(format!("it failed with {e} instead"))),
         Ok(()) => Err(FsError::RootWritable("it succeeded".into())),
@@ -505,6 +494,7 @@ pub fn filesystem(
     config: &crate::config::Config,
     user: &crate::session::users::AgentUser,
     warn: &mut dyn FnMut(String),
+    sys: &dyn Effects,
 ) -> crate::fix::StageResult<Vec<PathBuf>> {
     use crate::fix::Problem;
     let fs_error = |e: FsError| Problem::from_fix(&e);
@@ -516,15 +506,16 @@ pub fn filesystem(
         specs.push(TmpfsSpec { path: m.path.resolve(&user.home), size: m.size.0, mode: m.mode.0, uid, gid });
     }
     let paths = specs.iter().map(|s| s.path.clone()).collect();
-    let plan = plan_tmpfs(specs, &read_mountinfo().map_err(|e| fs_error(FsError::Mountinfo(e)))?).map_err(fs_error)?;
+    let plan =
+        plan_tmpfs(specs, &read_mountinfo(sys).map_err(|e| fs_error(FsError::Mountinfo(e)))?).map_err(fs_error)?;
     for step in &plan {
         tracing::debug!(%step, "tmpfs");
     }
-    for warning in apply_tmpfs(&plan).map_err(fs_error)? {
+    for warning in apply_tmpfs(&plan, sys).map_err(fs_error)? {
         warn(warning);
     }
     for link in &config.filesystem.links {
-        make_link(&link.path.resolve(&user.home), &link.target).map_err(fs_error)?;
+        make_link(&link.path.resolve(&user.home), &link.target, sys).map_err(fs_error)?;
     }
     let adopted = plan.iter().filter(|s| matches!(s, TmpfsStep::Adopt { .. })).count();
     let detail = format!(
@@ -539,10 +530,14 @@ pub fn filesystem(
 /// tmpfs mounts, the configured writable mounts, the state directory), per mount point, then
 /// proven with a write that must fail. After everything the boot writes outside the tmpfs
 /// mounts, before anything the agent influences runs.
-pub fn readonly_root(writable: &[PathBuf], warn: &mut dyn FnMut(String)) -> crate::fix::StageResult<(), FsError> {
-    let plan = plan_readonly(&read_mountinfo().map_err(FsError::Mountinfo)?, writable);
-    let done = apply_readonly(&plan)?;
-    verify_readonly(&done.remounted)?;
+pub fn readonly_root(
+    writable: &[PathBuf],
+    warn: &mut dyn FnMut(String),
+    sys: &dyn Effects,
+) -> crate::fix::StageResult<(), FsError> {
+    let plan = plan_readonly(&read_mountinfo(sys).map_err(FsError::Mountinfo)?, writable);
+    let done = apply_readonly(&plan, sys)?;
+    verify_readonly(&done.remounted, sys)?;
     for w in done.warnings {
         warn(w);
     }
@@ -638,5 +633,321 @@ mod tests {
         assert_eq!(plan, [RemountRo { path: "/".into(), keep: MsFlags::MS_NOEXEC }]);
         let first = &parse_mountinfo(text)[0];
         assert_eq!(first.kept_flags(), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME);
+    }
+
+    // The stages against a recorder (`sys::effects::Recorder`): the exact effects of each plan,
+    // and the error and fix of each failure, without root. tests/filesystem.rs proves them on
+    // the real kernel.
+
+    use crate::config::{ByteSize, Config, FileMode, Link, Owner, TmpfsMount};
+    use crate::fix::Fix;
+    use crate::session::users::AgentUser;
+    use crate::sys::effects::{Call, Fault, FileKind, Recorder};
+    use nix::errno::Errno;
+
+    const ROOT_AND_TMP: &str = "\
+1 0 8:1 / / rw,relatime - ext4 /dev/sda rw
+2 1 0:5 / /tmp rw,nosuid,relatime - tmpfs tmpfs rw,size=524288k
+";
+
+    /// After the filesystem stage: /tmp has nodev, /workspace is cordon's tmpfs.
+    const ROOT_TMP_AND_WORKSPACE: &str = "\
+1 0 8:1 / / rw,relatime - ext4 /dev/sda rw
+2 1 0:5 / /tmp rw,nosuid,nodev,relatime - tmpfs tmpfs rw,size=524288k
+3 1 0:6 / /workspace rw,nosuid,nodev,relatime - tmpfs tmpfs rw,size=1024k,mode=755,uid=4242,gid=4242
+";
+
+    fn agent() -> AgentUser {
+        AgentUser {
+            name: "agent".into(),
+            uid: 4242,
+            gid: 4242,
+            home: "/home/agent".into(),
+            shell: "/bin/bash".into(),
+            groups: vec![],
+        }
+    }
+
+    /// /workspace (the agent's, 1 MiB, 0755) and /tmp (root's, 1777), and one link in the home.
+    fn config() -> Config {
+        let tmpfs = |path: &str, size, mode, owner| TmpfsMount {
+            path: path.parse().unwrap(),
+            size: ByteSize(size),
+            mode: FileMode(mode),
+            owner: Some(owner),
+        };
+        let mut config = Config::default();
+        config.tmpfs.0 =
+            vec![tmpfs("/workspace", 1 << 20, 0o755, Owner::Agent), tmpfs("/tmp", 512 << 20, 0o1777, Owner::Root)];
+        config.filesystem.links =
+            vec![Link { path: "~/.config/tool".parse().unwrap(), target: "/workspace/.tool".into() }];
+        config
+    }
+
+    /// The image's files the stage touches: the root, the runtime's /tmp, the agent's home.
+    fn image() -> Recorder {
+        let rec = Recorder::new();
+        rec.file("/", FileKind::Dir, 0, 0, 0o755)
+            .file("/tmp", FileKind::Dir, 0, 0, 0o1777)
+            .file("/home", FileKind::Dir, 0, 0, 0o755)
+            .file("/home/agent", FileKind::Dir, 4242, 4242, 0o700);
+        rec
+    }
+
+    fn filesystem_stage(rec: &Recorder) -> Result<(Vec<PathBuf>, String), crate::fix::Problem> {
+        let mut warnings = Vec::new();
+        let result = filesystem(&config(), &agent(), &mut |w| warnings.push(w), rec);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        result
+    }
+
+    #[test]
+    fn filesystem_stage_mounts_a_missing_tmpfs_adopts_the_runtimes_and_links_in_that_order() {
+        let rec = image();
+        // Planned, then re-read for the remount's flags, then read to verify.
+        rec.mountinfo([ROOT_AND_TMP, ROOT_AND_TMP, ROOT_TMP_AND_WORKSPACE]);
+        let (paths, detail) = filesystem_stage(&rec).unwrap();
+        assert_eq!(paths, [PathBuf::from("/workspace"), PathBuf::from("/tmp")]);
+        assert_eq!(detail, "1 tmpfs mounted, 1 provided by the runtime, 1 links");
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/workspace".into() },
+                Call::MountTmpfs {
+                    path: "/workspace".into(),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    data: "size=1048576,mode=755,uid=4242,gid=4242".into(),
+                },
+                // The runtime's /tmp lacks nodev: added, keeping the flags it has.
+                Call::Remount {
+                    path: "/tmp".into(),
+                    flags: MsFlags::MS_REMOUNT
+                        | MsFlags::MS_BIND
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_RELATIME
+                        | MsFlags::MS_NODEV,
+                },
+                Call::Chown { path: "/tmp".into(), uid: 0, gid: 0 },
+                Call::Chmod { path: "/tmp".into(), mode: 0o1777 },
+                // The link's missing parent is created owned like the home above it.
+                Call::CreateDirAll { path: "/home/agent/.config".into() },
+                Call::Chown { path: "/home/agent/.config".into(), uid: 4242, gid: 4242 },
+                Call::Symlink { target: "/workspace/.tool".into(), path: "/home/agent/.config/tool".into() },
+                Call::Lchown { path: "/home/agent/.config/tool".into(), uid: 4242, gid: 4242 },
+            ]
+        );
+    }
+
+    #[test]
+    fn filesystem_stage_without_the_right_to_mount_fails_with_the_cap_sys_admin_fix_and_goes_no_further() {
+        let rec = image();
+        rec.mountinfo([ROOT_AND_TMP]).fail_when(|c| matches!(c, Call::MountTmpfs { .. }), Fault::Errno(Errno::EPERM));
+        let e = filesystem_stage(&rec).unwrap_err();
+        assert_eq!(e.to_string(), "failed to mount tmpfs at /workspace: EPERM: Operation not permitted");
+        assert!(e.fix().unwrap().contains("--cap-add SYS_ADMIN"), "{e:?}");
+        assert!(matches!(rec.changes().last(), Some(Call::MountTmpfs { .. })), "{:?}", rec.changes());
+    }
+
+    #[test]
+    fn filesystem_stage_refuses_a_volume_where_a_tmpfs_is_configured_before_any_effect() {
+        let rec = image();
+        rec.mountinfo(["1 0 8:1 / / rw - ext4 /dev/sda rw\n2 1 8:1 /v /workspace rw - ext4 /dev/sda rw\n"]);
+        let e = filesystem_stage(&rec).unwrap_err();
+        assert_eq!(e.to_string(), "/workspace is already a ext4 mount, not a tmpfs");
+        assert!(e.fix().unwrap().contains("filesystem.writable"), "{e:?}");
+        assert_eq!(rec.changes(), []);
+    }
+
+    #[test]
+    fn a_runtime_tmpfs_that_cannot_take_nodev_is_kept_with_a_warning() {
+        let rec = image();
+        rec.mountinfo([ROOT_AND_TMP, ROOT_AND_TMP, ROOT_TMP_AND_WORKSPACE])
+            .fail_when(|c| matches!(c, Call::Remount { .. }), Fault::Errno(Errno::EPERM));
+        let mut warnings = Vec::new();
+        filesystem(&config(), &agent(), &mut |w| warnings.push(w), &rec).unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("the runtime's tmpfs at /tmp lacks nodev"), "{warnings:?}");
+        assert!(rec.changes().contains(&Call::Chmod { path: "/tmp".into(), mode: 0o1777 }));
+    }
+
+    #[test]
+    fn filesystem_stage_fails_when_the_mounted_tmpfs_does_not_show_up() {
+        let rec = image();
+        rec.mountinfo([ROOT_AND_TMP]);
+        let e = filesystem_stage(&rec).unwrap_err();
+        assert_eq!(e.to_string(), "tmpfs at /workspace did not come up as expected: no mount there");
+    }
+
+    #[test]
+    fn a_link_replaces_an_old_symlink_but_never_a_file() {
+        let rec = image();
+        rec.file("/home/agent/.gitconfig", FileKind::Symlink, 4242, 4242, 0o777);
+        make_link(Path::new("/home/agent/.gitconfig"), Path::new("/workspace/.gitconfig"), &rec).unwrap();
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/home/agent".into() },
+                Call::RemoveFile { path: "/home/agent/.gitconfig".into() },
+                Call::Symlink { target: "/workspace/.gitconfig".into(), path: "/home/agent/.gitconfig".into() },
+                Call::Lchown { path: "/home/agent/.gitconfig".into(), uid: 4242, gid: 4242 },
+            ]
+        );
+        let rec = image();
+        rec.file("/home/agent/.bashrc", FileKind::File, 4242, 4242, 0o644);
+        let e = make_link(Path::new("/home/agent/.bashrc"), Path::new("/x"), &rec).unwrap_err();
+        assert!(matches!(e, FsError::LinkOccupied { .. }), "{e}");
+        assert_eq!(rec.changes(), [Call::CreateDirAll { path: "/home/agent".into() }]);
+    }
+
+    #[test]
+    fn the_state_dir_on_a_runtime_tmpfs_is_used_as_it_is() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]);
+        assert_eq!(prepare_state_dir(Path::new("/tmp/cordon"), &rec).unwrap(), None);
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/tmp/cordon".into() },
+                Call::Chown { path: "/tmp/cordon".into(), uid: 0, gid: 0 },
+                Call::Chmod { path: "/tmp/cordon".into(), mode: 0o755 },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_state_dir_on_the_root_gets_a_small_tmpfs_of_its_own() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]);
+        assert_eq!(prepare_state_dir(Path::new("/run/cordon"), &rec).unwrap(), None);
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::CreateDirAll { path: "/run/cordon".into() },
+                Call::MountTmpfs {
+                    path: "/run/cordon".into(),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    data: "size=16m,mode=755".into(),
+                },
+                Call::Chown { path: "/run/cordon".into(), uid: 0, gid: 0 },
+                Call::Chmod { path: "/run/cordon".into(), mode: 0o755 },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_state_dir_without_the_right_to_mount_stays_on_the_root_with_a_warning() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]).fail_when(|c| matches!(c, Call::MountTmpfs { .. }), Fault::Errno(Errno::EPERM));
+        let warning = prepare_state_dir(Path::new("/run/cordon"), &rec).unwrap().unwrap();
+        assert!(warning.starts_with("no permission to mount a tmpfs at /run/cordon"), "{warning}");
+        assert_eq!(rec.changes().last(), Some(&Call::Chmod { path: "/run/cordon".into(), mode: 0o755 }));
+        // Any other mount failure is an error.
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_AND_TMP]).fail_when(|c| matches!(c, Call::MountTmpfs { .. }), Fault::Errno(Errno::ENODEV));
+        let e = prepare_state_dir(Path::new("/run/cordon"), &rec).unwrap_err();
+        assert!(matches!(e, FsError::MountTmpfs { source: Errno::ENODEV, .. }), "{e}");
+    }
+
+    const ROOT_WITH_BINDS: &str = "\
+1 0 8:1 / / rw,relatime - ext4 /dev/sda rw
+2 1 0:5 / /proc rw,nosuid,nodev,noexec - proc proc rw
+3 1 8:1 /c/resolv.conf /etc/resolv.conf rw,nosuid - ext4 /dev/sda rw
+4 1 0:6 / /workspace rw,nosuid,nodev - tmpfs tmpfs rw,size=1024k
+5 1 8:1 /vol /data rw,noatime - ext4 /dev/sda rw
+";
+
+    fn readonly_after() -> String {
+        ROOT_WITH_BINDS.replace(" / / rw,", " / / ro,").replace("/etc/resolv.conf rw,", "/etc/resolv.conf ro,")
+    }
+
+    fn readonly_stage(rec: &Recorder) -> (Result<(), FsError>, Vec<String>) {
+        let mut warnings = Vec::new();
+        let writable = [PathBuf::from("/workspace"), PathBuf::from("/data")];
+        let result = readonly_root(&writable, &mut |w| warnings.push(w), rec).map(|((), detail)| {
+            assert!(detail.ends_with("mounts read-only, write to / fails with EROFS"), "{detail}");
+        });
+        (result, warnings)
+    }
+
+    fn write_fails_with(rec: &Recorder, errno: Errno) {
+        rec.fail_when(|c| matches!(c, Call::WriteProbe { .. }), Fault::Errno(errno));
+    }
+
+    #[test]
+    fn readonly_root_remounts_each_mount_of_the_root_keeping_its_flags_then_proves_it_with_a_write() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS, &readonly_after()]);
+        write_fails_with(&rec, Errno::EROFS);
+        let (result, warnings) = readonly_stage(&rec);
+        result.unwrap();
+        assert!(warnings.is_empty());
+        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        assert_eq!(
+            rec.changes(),
+            [
+                Call::Remount { path: "/".into(), flags: ro | MsFlags::MS_RELATIME },
+                Call::Remount { path: "/etc/resolv.conf".into(), flags: ro | MsFlags::MS_NOSUID },
+                Call::WriteProbe { dir: "/".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn readonly_root_without_cap_sys_admin_fails_with_the_fix() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS]).fail_when(|c| matches!(c, Call::Remount { .. }), Fault::Errno(Errno::EPERM));
+        rec.file("/", FileKind::Dir, 0, 0, 0o755);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert_eq!(e.to_string(), "failed to remount / read-only");
+        assert!(e.fix().unwrap().contains("--cap-add SYS_ADMIN"), "{e:?}");
+        assert_eq!(rec.changes().len(), 1, "nothing after the failed remount: {:?}", rec.changes());
+    }
+
+    #[test]
+    fn a_runtime_file_bind_that_cannot_be_remounted_stays_with_a_warning_only_when_nobody_else_may_write_it() {
+        let eperm_on_resolv_conf = |mode| {
+            let rec = Recorder::new();
+            rec.mountinfo(
+                [ROOT_WITH_BINDS.to_string(), ROOT_WITH_BINDS.replace(" / / rw,", " / / ro,")]
+                    .iter()
+                    .map(String::as_str),
+            )
+            .file("/etc/resolv.conf", FileKind::File, 0, 0, mode)
+            .fail_when(
+                |c| matches!(c, Call::Remount { path, .. } if path == Path::new("/etc/resolv.conf")),
+                Fault::Errno(Errno::EPERM),
+            );
+            write_fails_with(&rec, Errno::EROFS);
+            readonly_stage(&rec)
+        };
+        let (result, warnings) = eperm_on_resolv_conf(0o644);
+        result.unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("/etc/resolv.conf stays a writable bind mount"), "{warnings:?}");
+        let (result, _) = eperm_on_resolv_conf(0o666);
+        assert!(matches!(result, Err(FsError::Remount { source: Errno::EPERM, .. })), "{result:?}");
+    }
+
+    #[test]
+    fn readonly_root_fails_when_a_write_to_the_root_does_not_fail_with_erofs() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS, &readonly_after()]);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert_eq!(e.to_string(), "a write to / did not fail with EROFS: it succeeded");
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS, &readonly_after()]);
+        write_fails_with(&rec, Errno::EACCES);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert!(e.to_string().contains("it failed with Permission denied"), "{e}");
+    }
+
+    #[test]
+    fn readonly_root_fails_when_a_mount_still_shows_rw_after_its_remount() {
+        let rec = Recorder::new();
+        rec.mountinfo([ROOT_WITH_BINDS]);
+        write_fails_with(&rec, Errno::EROFS);
+        let e = readonly_stage(&rec).0.unwrap_err();
+        assert_eq!(e.to_string(), "/ is still writable after the read-only remount");
+        assert!(!rec.changes().contains(&Call::WriteProbe { dir: "/".into() }));
     }
 }

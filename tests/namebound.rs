@@ -20,6 +20,8 @@ const SHARED: &str = "192.0.2.90";
 const SHARED_V6: &str = "2001:db8::90";
 /// Where only `other.example.com` lives.
 const OTHER: &str = "192.0.2.91";
+/// other.example.com's IPv6 address, where nothing listens.
+const OTHER_V6_DEAD: &str = "2001:db8::91";
 /// A plain-TCP service that speaks first, as ssh does: `ssh.example.com:2222:raw`.
 const SSH: &str = "192.0.2.92";
 
@@ -228,12 +230,14 @@ fn world(sb: &Sandbox) -> World {
     );
     let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
     dns.set("api.example.com", vec![Rec::A(SHARED.parse().unwrap()), Rec::A(SHARED_V6.parse().unwrap())]);
-    dns.set("other.example.com", vec![Rec::A(OTHER.parse().unwrap())]);
+    // Also an IPv6 address where nothing listens: a client that picks it must still get
+    // through (the proxy tries the name's other addresses), as it would without the proxy.
+    dns.set("other.example.com", vec![Rec::A(OTHER.parse().unwrap()), Rec::A(OTHER_V6_DEAD.parse().unwrap())]);
     dns.set("www.example.com", vec![Rec::Cname("edge.example.net".into())]);
     dns.set("edge.example.net", vec![Rec::A(SHARED.parse().unwrap())]);
     dns.set("evil.example.net", vec![Rec::A(SHARED.parse().unwrap())]);
     dns.set("ssh.example.com", vec![Rec::A(SSH.parse().unwrap())]);
-    for ip in [SHARED, SHARED_V6, OTHER, SSH] {
+    for ip in [SHARED, SHARED_V6, OTHER, OTHER_V6_DEAD, SSH] {
         sb.net.add_world_addr(ip);
     }
     let (cert, key) = (sb.path("cert.pem"), sb.path("key.pem"));
@@ -378,6 +382,10 @@ fn tls_connections_pass_only_with_an_allowlisted_sni_that_cordons_dns_answered_w
     assert!(c.agent_exec("getent hosts other.example.com").status.success());
     let out = curl(&c, true, "-k https://other.example.com/");
     assert_eq!(stdout(&out), "hello other.example.com", "at its own address: {}", text(&out));
+    // curl prefers the IPv6 address, where nothing listens: the proxy reached the IPv4 one.
+    let out = curl(&c, true, "-k -6 https://other.example.com/");
+    assert_eq!(stdout(&out), "hello other.example.com", "a dead address of an allowed name: {}", text(&out));
+    assert!(c.stderr().contains("reached another address of the name"), "{}", c.stderr());
     let (out, log) =
         w.during(|| curl(&c, true, &format!("-k --resolve other.example.com:443:{SHARED} https://other.example.com/")));
     assert!(!out.status.success() && log.is_empty(), "{} {log:?}", text(&out));

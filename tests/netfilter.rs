@@ -8,6 +8,7 @@ use std::process::Command;
 
 use cordon::egress::firewall::{self, Family, Plan};
 use cordon::egress::ipset::Ipset;
+use cordon::sys::effects::Host;
 
 /// Runs `f` on a thread inside a new, empty network namespace.
 fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -41,8 +42,8 @@ fn plan() -> Plan {
 #[test]
 fn firewall_applies_atomically_and_twice_without_duplicating_the_jump() {
     in_fresh_netns(|| {
-        firewall::apply(&plan(), 300).expect("apply");
-        firewall::apply(&plan(), 300).expect("apply again");
+        firewall::apply(&plan(), 300, &Host).expect("apply");
+        firewall::apply(&plan(), 300, &Host).expect("apply again");
         for (tool, family) in [("iptables", Family::V4), ("ip6tables", Family::V6)] {
             let output = sh(&format!("{tool} -S OUTPUT"));
             assert_eq!(
@@ -69,7 +70,7 @@ fn firewall_applies_atomically_and_twice_without_duplicating_the_jump() {
                     "{listed}"
                 );
             }
-            assert!(firewall::counters(family).unwrap().len() > 5);
+            assert!(firewall::counters(family, &Host).unwrap().len() > 5);
         }
         let sets = sh("ipset list -n");
         for name in ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p8443", "cordon4-r22", "cordon6-r22"] {
@@ -81,7 +82,7 @@ fn firewall_applies_atomically_and_twice_without_duplicating_the_jump() {
 #[test]
 fn ipset_netlink_adds_renews_and_deletes_entries_with_timeouts() {
     in_fresh_netns(|| {
-        firewall::apply(&plan(), 300).expect("apply");
+        firewall::apply(&plan(), 300, &Host).expect("apply");
         let mut set = Ipset::open().unwrap();
         set.add("cordon4", "192.0.2.10".parse().unwrap(), 120).unwrap();
         set.add("cordon6", "2001:db8::10".parse().unwrap(), 90).unwrap();
@@ -119,7 +120,7 @@ fn leave_an_old_firewall() {
 fn applying_over_an_earlier_run_replaces_its_sets_chains_and_jumps_whatever_their_parameters() {
     in_fresh_netns(|| {
         leave_an_old_firewall();
-        firewall::apply(&plan(), 300).expect("apply over the old firewall");
+        firewall::apply(&plan(), 300, &Host).expect("apply over the old firewall");
         for tool in ["iptables", "ip6tables"] {
             let output = sh(&format!("{tool} -S OUTPUT"));
             let ours: Vec<&str> = output.lines().filter(|l| l.contains("CORDON")).collect();
@@ -141,7 +142,7 @@ fn applying_over_an_earlier_run_replaces_its_sets_chains_and_jumps_whatever_thei
         // Once more with other parameters, as a restart after a config change does.
         let mut changed = plan();
         changed.extra_ports = vec![2222];
-        firewall::apply(&changed, 60).expect("apply with changed parameters");
+        firewall::apply(&changed, 60, &Host).expect("apply with changed parameters");
         let sets = sh("ipset list -n");
         assert!(!sets.contains("cordon4-p8443") && sets.contains("cordon6-p2222"), "{sets}");
         assert!(sh("ipset list cordon6").contains("timeout 60"));
@@ -151,7 +152,7 @@ fn applying_over_an_earlier_run_replaces_its_sets_chains_and_jumps_whatever_thei
         // And with name binding turned off: the nat chain stays, empty, and the ports are
         // accepted by address again.
         let off = Plan { proxy_port: None, ..plan() };
-        firewall::apply(&off, 60).expect("apply without name binding");
+        firewall::apply(&off, 60, &Host).expect("apply without name binding");
         for tool in ["iptables", "ip6tables"] {
             let nat = sh(&format!("{tool} -t nat -S"));
             assert!(!nat.contains("REDIRECT"), "{nat}");
@@ -169,7 +170,7 @@ fn a_failed_apply_leaves_no_cordon_chain_jump_or_set() {
         // were made. (The IPv6 side failing after IPv4 succeeded is tests/egress.rs's
         // `a_runtime_without_ip6tables_fails_the_firewall_stage_and_leaves_no_partial_policy`.)
         bad.ports = vec![];
-        let e = firewall::apply(&bad, 300).expect_err("a plan the kernel refuses");
+        let e = firewall::apply(&bad, 300, &Host).expect_err("a plan the kernel refuses");
         assert!(
             matches!(e, firewall::FirewallError::Failed { .. } | firewall::FirewallError::NoNetfilter { .. }),
             "{e}"

@@ -25,6 +25,7 @@ use crate::session::agent::{self, AgentSpec};
 use crate::session::{clone, credentials, devcontainer, users};
 use crate::state::control::Live;
 use crate::state::report::Report;
+use crate::sys::effects::Host;
 use stage::{Ended, Stages};
 
 /// Set in the supervisor's environment to the reaper's pid, so `cordon supervise` can refuse
@@ -75,6 +76,10 @@ fn run(
     services: &Services,
     supervisor: &mut config::Supervisor,
 ) -> Result<Booted, Ended> {
+    // Mounts, file changes and the firewall's commands go through this seam; unit tests pass a
+    // recorder instead (`sys::effects`).
+    let sys = &Host;
+
     // 1. Sanity. First, because every later stage needs root, and the supervisor must sit
     //    under a reaper (PID 1 or subreaper) or exit statuses and orphans would go astray.
     s.run("sanity", |_| sanity(env))?;
@@ -87,7 +92,7 @@ fn run(
 
     // 3. State directory. Next, so every failure from here on (and the one above) is visible in
     //    the boot log, the state file and the control socket to an operator who attaches.
-    s.run("state", |report| crate::state::open(&state_dir, report, live, services))?;
+    s.run("state", |report| crate::state::open(&state_dir, report, live, services, sys))?;
     let (config, entries) = loaded?;
     *supervisor = config.supervisor.clone();
     let network = &config.network;
@@ -100,7 +105,7 @@ fn run(
     //    (credentials, the clone), while the root can still take new mount points.
     let user = s.run("filesystem", |report| {
         let user = users::agent(&config.agent)?;
-        let (tmpfs, detail) = mounts::filesystem(&config, &user, &mut |w| report.warn(w))?;
+        let (tmpfs, detail) = mounts::filesystem(&config, &user, &mut |w| report.warn(w), sys)?;
         crate::state::admit_agent(&state_dir, user.gid, tmpfs, live)?;
         Ok::<_, Problem>((user, detail))
     })?;
@@ -139,7 +144,7 @@ fn run(
                     None
                 };
                 let ((), detail) =
-                    egress::firewall::stage(network, egress, &resolv_conf).map_err(|e| Problem::from_fix(&e))?;
+                    egress::firewall::stage(network, egress, &resolv_conf, sys).map_err(|e| Problem::from_fix(&e))?;
                 Ok::<_, Problem>((proxy, detail))
             })?;
             if let Some(proxy) = proxy {
@@ -158,7 +163,7 @@ fn run(
     //    anything the agent influences runs.
     if config.filesystem.readonly_root {
         let writable = writable_paths(&config, &user, &state_dir);
-        s.run("readonly_root", |report| mounts::readonly_root(&writable, &mut |w| report.warn(w)))?;
+        s.run("readonly_root", |report| mounts::readonly_root(&writable, &mut |w| report.warn(w), sys))?;
     } else {
         s.skip("readonly_root", "filesystem.readonly_root = false");
     }

@@ -41,6 +41,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::PortRange;
+use crate::sys::effects::Effects;
 
 pub const CHAIN: &str = "CORDON_AGENT";
 /// Entered by every locally generated packet, from the one jump in `OUTPUT`.
@@ -507,9 +508,9 @@ impl FirewallError {
 /// xtables lock themselves).
 const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 
-fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    use crate::sys::command::{self, CommandError};
-    let out = command::run(program, args, stdin.map(str::as_bytes), COMMAND_DEADLINE).map_err(|e| match e {
+fn run(sys: &dyn Effects, program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    use crate::sys::command::CommandError;
+    let out = sys.run(program, args, stdin.map(str::as_bytes), COMMAND_DEADLINE).map_err(|e| match e {
         CommandError::Spawn { source, .. } => FirewallError::Spawn { program, source },
         other => FirewallError::Command(other),
     })?;
@@ -530,8 +531,8 @@ fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<Stri
     })
 }
 
-fn list_sets() -> Result<Vec<String>, FirewallError> {
-    Ok(run("ipset", &["list", "-n"], None)?.lines().map(str::to_string).collect())
+fn list_sets(sys: &dyn Effects) -> Result<Vec<String>, FirewallError> {
+    Ok(run(sys, "ipset", &["list", "-n"], None)?.lines().map(str::to_string).collect())
 }
 
 /// The boot's `firewall` stage: default-deny for every uid but root, IPv4 and IPv6, before the
@@ -541,6 +542,7 @@ pub fn stage(
     network: &crate::config::Network,
     egress: &crate::egress::Egress,
     resolv_conf: &str,
+    sys: &dyn Effects,
 ) -> crate::fix::StageResult<(), FirewallError> {
     let plan = Plan {
         listen: network.listen,
@@ -552,7 +554,7 @@ pub fn stage(
         proxy_port: network.name_binding.then_some(network.proxy_port),
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
-    apply(&plan, default_timeout)?;
+    apply(&plan, default_timeout, sys)?;
     let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
     let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
     let checked = match plan.proxy_port {
@@ -577,10 +579,10 @@ pub fn stage(
 /// Installs the firewall, replacing whatever a previous run in this network namespace left
 /// (its sets, chains and jumps, whatever their parameters), or, if any step fails, removes
 /// every cordon set, chain and jump so that no partial policy is left, and returns the error.
-pub fn apply(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
-    let result = apply_steps(plan, default_timeout);
+pub fn apply(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(), FirewallError> {
+    let result = apply_steps(plan, default_timeout, sys);
     if result.is_err() {
-        for problem in remove() {
+        for problem in remove(sys) {
             tracing::error!("rolling back the firewall: {problem}");
         }
     }
@@ -589,39 +591,39 @@ pub fn apply(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
 
 /// The sets first, because the rules reference them; then per family the chains and the jump
 /// in one transaction, read back; then the sets the new rules no longer reference go.
-fn apply_steps(plan: &Plan, default_timeout: u32) -> Result<(), FirewallError> {
-    let existing = list_sets()?;
-    run("ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
+fn apply_steps(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(), FirewallError> {
+    let existing = list_sets(sys)?;
+    run(sys, "ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
     for family in [Family::V4, Family::V6] {
-        let nat = run(family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
-        let output = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
+        let nat = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
+        let output = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
         let rules = render_rules(plan, family, &nat, &output);
-        run(family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
-        verify(&rules, family)?;
+        run(sys, family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
+        verify(&rules, family, sys)?;
     }
-    for name in stale_sets(plan, &list_sets()?) {
-        run("ipset", &["destroy", &name], None)?;
+    for name in stale_sets(plan, &list_sets(sys)?) {
+        run(sys, "ipset", &["destroy", &name], None)?;
     }
     Ok(())
 }
 
 /// Reads the chains and both `OUTPUT`s back: every chain has as many rules as written, and
 /// each jump is there once.
-fn verify(rules: &str, family: Family) -> Result<(), FirewallError> {
-    let nat = run(family.iptables(), &["-w", "10", "-t", "nat", "-S", NAT_CHAIN], None)?;
+fn verify(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), FirewallError> {
+    let nat = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", NAT_CHAIN], None)?;
     let prefix = format!("-A {NAT_CHAIN} ");
     let found = nat.lines().filter(|l| l.starts_with(&prefix)).count();
     let expected = rules.lines().filter(|l| l.starts_with(&prefix)).count();
     if found != expected {
         return Err(FirewallError::Verify { family, chain: NAT_CHAIN, found, expected });
     }
-    let nat_output = run(family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
+    let nat_output = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
     let found = nat_output.lines().filter(|l| *l == format!("-A OUTPUT -j {NAT_CHAIN}")).count();
     if found != 1 {
         return Err(FirewallError::VerifyJump { family, chain: NAT_CHAIN, found });
     }
     for chain in CHAINS {
-        let listed = run(family.iptables(), &["-w", "10", "-S", chain], None)?;
+        let listed = run(sys, family.iptables(), &["-w", "10", "-S", chain], None)?;
         let prefix = format!("-A {chain} ");
         let found = listed.lines().filter(|l| l.starts_with(&prefix)).count();
         let expected = rules.lines().filter(|l| l.starts_with(&prefix)).count();
@@ -629,7 +631,7 @@ fn verify(rules: &str, family: Family) -> Result<(), FirewallError> {
             return Err(FirewallError::Verify { family, chain, found, expected });
         }
     }
-    let output = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
+    let output = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
     let found = output.lines().filter(|l| *l == format!("-A OUTPUT -j {OUTPUT_CHAIN}")).count();
     if found != 1 {
         return Err(FirewallError::VerifyJump { family, chain: OUTPUT_CHAIN, found });
@@ -640,32 +642,32 @@ fn verify(rules: &str, family: Family) -> Result<(), FirewallError> {
 /// Removes every jump to cordon's chains, the chains and cordon's sets, both families, each
 /// step on its own so one failure does not stop the rest. Returns what could not be removed
 /// (nothing of a kind that does not exist counts).
-pub fn remove() -> Vec<String> {
+pub fn remove(sys: &dyn Effects) -> Vec<String> {
     let mut problems = Vec::new();
     for family in [Family::V4, Family::V6] {
-        remove_nat(family, &mut problems);
-        let Ok(output) = run(family.iptables(), &["-w", "10", "-S", "OUTPUT"], None) else { continue };
+        remove_nat(family, &mut problems, sys);
+        let Ok(output) = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None) else { continue };
         let tool = family.iptables();
         for line in render_output_jump(&output).lines().filter(|l| l.starts_with("-D ")) {
             let args: Vec<&str> = ["-w", "10"].into_iter().chain(split_spec(line)).collect();
-            if let Err(e) = run(tool, &args, None) {
+            if let Err(e) = run(sys, tool, &args, None) {
                 problems.push(format!("{tool} {line}: {e}"));
             }
         }
-        let chains = run(tool, &["-w", "10", "-S"], None).unwrap_or_default();
+        let chains = run(sys, tool, &["-w", "10", "-S"], None).unwrap_or_default();
         let present: Vec<&str> =
             CHAINS.into_iter().filter(|c| chains.lines().any(|l| l == format!("-N {c}"))).collect();
         for flag in ["-F", "-X"] {
             for chain in &present {
-                if let Err(e) = run(tool, &["-w", "10", flag, chain], None) {
+                if let Err(e) = run(sys, tool, &["-w", "10", flag, chain], None) {
                     problems.push(format!("{tool} {flag} {chain}: {e}"));
                 }
             }
         }
     }
-    if let Ok(sets) = list_sets() {
+    if let Ok(sets) = list_sets(sys) {
         for name in sets.iter().filter(|n| is_cordon_set(n)) {
-            if let Err(e) = run("ipset", &["destroy", name], None) {
+            if let Err(e) = run(sys, "ipset", &["destroy", name], None) {
                 problems.push(format!("ipset destroy {name}: {e}"));
             }
         }
@@ -675,19 +677,19 @@ pub fn remove() -> Vec<String> {
 
 /// The nat half of [`remove`]: the jumps to `CORDON_NAT`, then the chain. A kernel without the
 /// nat table has nothing to remove.
-fn remove_nat(family: Family, problems: &mut Vec<String>) {
+fn remove_nat(family: Family, problems: &mut Vec<String>, sys: &dyn Effects) {
     let tool = family.iptables();
-    let Ok(output) = run(tool, &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None) else { return };
+    let Ok(output) = run(sys, tool, &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None) else { return };
     for line in render_jump(&output, NAT_CHAIN).lines().filter(|l| l.starts_with("-D ")) {
         let args: Vec<&str> = ["-w", "10", "-t", "nat"].into_iter().chain(split_spec(line)).collect();
-        if let Err(e) = run(tool, &args, None) {
+        if let Err(e) = run(sys, tool, &args, None) {
             problems.push(format!("{tool} -t nat {line}: {e}"));
         }
     }
-    let chains = run(tool, &["-w", "10", "-t", "nat", "-S"], None).unwrap_or_default();
+    let chains = run(sys, tool, &["-w", "10", "-t", "nat", "-S"], None).unwrap_or_default();
     if chains.lines().any(|l| l == format!("-N {NAT_CHAIN}")) {
         for flag in ["-F", "-X"] {
-            if let Err(e) = run(tool, &["-w", "10", "-t", "nat", flag, NAT_CHAIN], None) {
+            if let Err(e) = run(sys, tool, &["-w", "10", "-t", "nat", flag, NAT_CHAIN], None) {
                 problems.push(format!("{tool} -t nat {flag} {NAT_CHAIN}: {e}"));
             }
         }
@@ -714,8 +716,8 @@ fn split_spec(line: &str) -> Vec<&str> {
 }
 
 /// Per-rule packet counters of the chain, in rule order (for `status`).
-pub fn counters(family: Family) -> Result<Vec<(u64, String)>, FirewallError> {
-    let out = run(family.iptables(), &["-w", "10", "-L", CHAIN, "-n", "-v", "-x"], None)?;
+pub fn counters(family: Family, sys: &dyn Effects) -> Result<Vec<(u64, String)>, FirewallError> {
+    let out = run(sys, family.iptables(), &["-w", "10", "-L", CHAIN, "-n", "-v", "-x"], None)?;
     Ok(out
         .lines()
         .skip(2)
@@ -1041,5 +1043,236 @@ rename cordon6-r22.new cordon6-r22
         sources[59] = 1;
         assert!(!passes(&sources), "a record with a source");
         assert!(chain.contains("-A CORDON_MLD -j DROP"), "{chain}");
+    }
+}
+
+/// `apply`, `remove` and `counters` against a recorder (`sys::effects::Recorder`): the exact
+/// commands and their input, and the error and fix of each failure, without root.
+/// tests/netfilter.rs proves them on the real kernel.
+#[cfg(test)]
+mod apply_tests {
+    use super::*;
+    use crate::fix::Fix;
+    use crate::sys::effects::{Call, Fault, Recorder};
+
+    fn plan() -> Plan {
+        Plan {
+            listen: "127.0.0.53:53".parse().unwrap(),
+            resolvers: vec!["127.0.0.11".parse().unwrap()],
+            ports: vec![443],
+            extra_ports: vec![8443],
+            raw_ports: vec![],
+            loopback_ports: vec![],
+            proxy_port: Some(15001),
+        }
+    }
+
+    /// `OUTPUT` of either table before cordon's jump, and after.
+    const BEFORE: &str = "-P OUTPUT ACCEPT\n";
+    fn after(chain: &str) -> String {
+        format!("-P OUTPUT ACCEPT\n-A OUTPUT -j {chain}\n")
+    }
+
+    /// The rules of `chain` in `rules`, as `iptables -S chain` lists them.
+    fn listing(rules: &str, chain: &str) -> Vec<String> {
+        rules.lines().filter(|l| l.starts_with(&format!("-A {chain} "))).map(|l| format!("{l}\n")).collect()
+    }
+
+    /// A kernel that takes the rules: `ipset list -n` shows a set of an earlier run and a
+    /// stale one, then every set; each `OUTPUT` shows no jump, then one; each chain reads back
+    /// as written.
+    fn kernel() -> Recorder {
+        kernel_where(true, None)
+    }
+
+    /// `kernel()`, but IPv6's `OUTPUT`s never get the jumps unless `v6_applies`, and the IPv4
+    /// filter chain `lost` reads back without its last rule.
+    fn kernel_where(v6_applies: bool, lost: Option<&str>) -> Recorder {
+        let rec = Recorder::new();
+        rec.output("ipset list -n", "cordon4\ncordon4-p22\n")
+            .output("ipset list -n", "cordon4\ncordon4-p22\ncordon4-p8443\ncordon6\ncordon6-p8443\n");
+        for family in [Family::V4, Family::V6] {
+            let tool = family.iptables();
+            rec.output(&format!("{tool} -w 10 -t nat -S OUTPUT"), BEFORE)
+                .output(&format!("{tool} -w 10 -S OUTPUT"), BEFORE);
+            if family == Family::V4 || v6_applies {
+                rec.output(&format!("{tool} -w 10 -t nat -S OUTPUT"), &after(NAT_CHAIN))
+                    .output(&format!("{tool} -w 10 -S OUTPUT"), &after(OUTPUT_CHAIN));
+            }
+            let rules = render_rules(&plan(), family, BEFORE, BEFORE);
+            let nat = listing(&rules, NAT_CHAIN).concat();
+            rec.output(&format!("{tool} -w 10 -t nat -S {NAT_CHAIN}"), &format!("-N {NAT_CHAIN}\n{nat}"));
+            for chain in CHAINS {
+                let mut listed = listing(&rules, chain);
+                if family == Family::V4 && lost == Some(chain) {
+                    listed.pop();
+                }
+                rec.output(&format!("{tool} -w 10 -S {chain}"), &format!("-N {chain}\n{}", listed.concat()));
+            }
+        }
+        rec
+    }
+
+    fn read_back(tool: &str) -> Vec<String> {
+        let mut commands =
+            vec![format!("{tool} -w 10 -t nat -S {NAT_CHAIN}"), format!("{tool} -w 10 -t nat -S OUTPUT")];
+        commands.extend(CHAINS.map(|c| format!("{tool} -w 10 -S {c}")));
+        commands.push(format!("{tool} -w 10 -S OUTPUT"));
+        commands
+    }
+
+    fn stdin_of(rec: &Recorder, program: &str) -> String {
+        rec.calls()
+            .into_iter()
+            .find_map(|c| match c {
+                Call::Run { program: p, stdin, .. } if p == program => stdin,
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{program} was not run with input"))
+    }
+
+    #[test]
+    fn apply_swaps_the_sets_then_restores_and_reads_back_each_family_then_drops_stale_sets() {
+        let rec = kernel();
+        apply(&plan(), 300, &rec).unwrap();
+        let mut expected = vec!["ipset list -n".to_string(), "ipset restore".into()];
+        for (tool, restore) in [("iptables", "iptables-restore"), ("ip6tables", "ip6tables-restore")] {
+            expected.push(format!("{tool} -w 10 -t nat -S OUTPUT"));
+            expected.push(format!("{tool} -w 10 -S OUTPUT"));
+            expected.push(format!("{restore} --noflush --wait 10"));
+            expected.extend(read_back(tool));
+        }
+        expected.extend(["ipset list -n".into(), "ipset destroy cordon4-p22".into()]);
+        assert_eq!(rec.commands(), expected);
+
+        let sets = stdin_of(&rec, "ipset");
+        assert_eq!(sets, render_sets(&plan(), 300, &["cordon4".into(), "cordon4-p22".into()]));
+        assert!(
+            sets.contains(
+                "create cordon4.new hash:ip family inet timeout 300 maxelem 1048576\nswap cordon4.new cordon4\ndestroy cordon4.new\n"
+            ),
+            "{sets}"
+        );
+        assert!(sets.contains("rename cordon6.new cordon6\n"), "{sets}");
+        assert_eq!(stdin_of(&rec, "iptables-restore"), render_rules(&plan(), Family::V4, BEFORE, BEFORE));
+        assert_eq!(stdin_of(&rec, "ip6tables-restore"), render_rules(&plan(), Family::V6, BEFORE, BEFORE));
+    }
+
+    /// The commands `remove` runs when the IPv4 firewall is in place and the IPv6 one is not:
+    /// the IPv4 jumps and chains go (nat, then filter), IPv6 has nothing to remove, every
+    /// cordon set goes.
+    fn rollback() -> Vec<String> {
+        let mut expected: Vec<String> = [
+            "iptables -w 10 -t nat -S OUTPUT",
+            "iptables -w 10 -t nat -D OUTPUT -j CORDON_NAT",
+            "iptables -w 10 -t nat -S",
+            "iptables -w 10 -t nat -F CORDON_NAT",
+            "iptables -w 10 -t nat -X CORDON_NAT",
+            "iptables -w 10 -S OUTPUT",
+            "iptables -w 10 -D OUTPUT -j CORDON_OUTPUT",
+            "iptables -w 10 -S",
+        ]
+        .map(String::from)
+        .into();
+        for flag in ["-F", "-X"] {
+            expected.extend(CHAINS.map(|c| format!("iptables -w 10 {flag} {c}")));
+        }
+        expected.extend(
+            [
+                "ip6tables -w 10 -t nat -S OUTPUT",
+                "ip6tables -w 10 -t nat -S",
+                "ip6tables -w 10 -S OUTPUT",
+                "ip6tables -w 10 -S",
+                "ipset list -n",
+            ]
+            .map(String::from),
+        );
+        expected.extend(
+            ["cordon4", "cordon4-p22", "cordon4-p8443", "cordon6", "cordon6-p8443"]
+                .map(|s| format!("ipset destroy {s}")),
+        );
+        expected
+    }
+
+    /// A kernel where IPv4's firewall goes in (`iptables -S` of each table lists its chains)
+    /// and IPv6's does not, with the IPv4 filter chain `lost` reading back short.
+    fn kernel_with_ipv4_chains(lost: Option<&str>) -> Recorder {
+        let rec = kernel_where(false, lost);
+        rec.output("iptables -w 10 -t nat -S", &format!("-P OUTPUT ACCEPT\n-N {NAT_CHAIN}\n")).output(
+            "iptables -w 10 -S",
+            &format!("-P OUTPUT ACCEPT\n{}", CHAINS.map(|c| format!("-N {c}\n")).concat()),
+        );
+        rec
+    }
+
+    #[test]
+    fn a_runtime_without_ip6tables_gets_the_no_netfilter_fix_and_everything_applied_is_rolled_back() {
+        let rec = kernel_with_ipv4_chains(None);
+        let stderr = "ip6tables-restore v1.8.9 (legacy): can't initialize ip6tables table `filter': Table does not exist (do you need to insmod?)";
+        rec.fail_run("ip6tables-restore", stderr);
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(matches!(e, FirewallError::NoNetfilter { program: "ip6tables-restore", .. }), "{e:?}");
+        assert!(e.fix().unwrap().contains("lacks netfilter"), "{e:?}");
+        let commands = rec.commands();
+        let failed = commands.iter().position(|c| c == "ip6tables-restore --noflush --wait 10").unwrap();
+        assert_eq!(commands[failed + 1..], rollback());
+    }
+
+    #[test]
+    fn a_missing_net_admin_gets_the_capability_fix_and_a_rollback() {
+        let rec = kernel_with_ipv4_chains(None);
+        rec.fail_run("ip6tables-restore", "ip6tables-restore v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)");
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(matches!(e, FirewallError::Failed { program: "ip6tables-restore", .. }), "{e:?}");
+        assert!(e.fix().unwrap().contains("--cap-add NET_ADMIN"), "{e:?}");
+        assert!(rec.commands().ends_with(&rollback()), "{:#?}", rec.commands());
+    }
+
+    #[test]
+    fn a_chain_that_reads_back_short_is_a_verify_error_and_a_rollback() {
+        let rec = kernel_with_ipv4_chains(Some(ALLOW_CHAIN));
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(
+            matches!(e, FirewallError::Verify { family: Family::V4, chain: ALLOW_CHAIN, found: 1, expected: 2 }),
+            "{e:?}"
+        );
+        assert_eq!(e.fix().unwrap(), "another process changed the firewall during boot");
+        let commands = rec.commands();
+        let failed = commands.iter().position(|c| c == "iptables -w 10 -S CORDON_ALLOW").unwrap();
+        assert_eq!(commands[failed + 1..], rollback());
+    }
+
+    #[test]
+    fn a_missing_ipset_binary_gets_the_install_fix_and_nothing_else_runs_but_the_rollback() {
+        let rec = Recorder::new();
+        rec.fail_when(
+            |c| c.command_line().is_some_and(|l| l.starts_with("ipset ")),
+            Fault::Errno(nix::errno::Errno::ENOENT),
+        );
+        let e = apply(&plan(), 300, &rec).unwrap_err();
+        assert!(matches!(e, FirewallError::Spawn { program: "ipset", .. }), "{e:?}");
+        assert!(e.fix().unwrap().contains("apt-get install iptables ipset"), "{e:?}");
+        let mut expected = vec!["ipset list -n".to_string()];
+        for tool in ["iptables", "ip6tables"] {
+            expected.extend(["-t nat -S OUTPUT", "-t nat -S", "-S OUTPUT", "-S"].map(|a| format!("{tool} -w 10 {a}")));
+        }
+        expected.push("ipset list -n".into());
+        assert_eq!(rec.commands(), expected);
+    }
+
+    #[test]
+    fn counters_are_read_per_rule_in_order_for_status() {
+        let rec = Recorder::new();
+        rec.output(
+            "iptables -w 10 -L CORDON_AGENT -n -v -x",
+            "Chain CORDON_AGENT (1 references)\n    pkts      bytes target     prot opt in     out     source               destination\n\
+                   12     3400 ACCEPT     all  --  *      *       0.0.0.0/0            0.0.0.0/0            ctstate RELATED,ESTABLISHED\n\
+                    3      180 REJECT     tcp  --  *      *       0.0.0.0/0            0.0.0.0/0            reject-with tcp-reset\n",
+        );
+        let rules = counters(Family::V4, &rec).unwrap();
+        assert_eq!(rules.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [12, 3]);
+        assert!(rules[1].1.starts_with("REJECT tcp -- * * 0.0.0.0/0"), "{rules:?}");
+        rec.fail_run("iptables -w 10 -L", "iptables: No chain/target/match by that name.");
+        assert!(matches!(counters(Family::V4, &rec), Err(FirewallError::Failed { program: "iptables", .. })));
     }
 }

@@ -19,8 +19,9 @@ pub fn open(
     report: &mut report::Report,
     live: &Arc<control::Live>,
     services: &crate::service::Services,
+    sys: &dyn crate::sys::effects::Effects,
 ) -> crate::fix::StageResult<()> {
-    let warning = crate::mounts::prepare_state_dir(state_dir).map_err(|e| Problem::from_fix(&e))?;
+    let warning = crate::mounts::prepare_state_dir(state_dir, sys).map_err(|e| Problem::from_fix(&e))?;
     report.attach_dir(state_dir);
     if let Some(w) = warning {
         report.warn(w);

@@ -2,6 +2,7 @@
 //! can be read in one sitting. Callers get `io::Result` or a typed value.
 
 pub mod command;
+pub mod effects;
 pub mod net;
 
 use std::collections::{HashMap, HashSet};

@@ -104,6 +104,15 @@ impl Bindings {
         inner.by_name.get(name).is_some_and(|slots| slots.iter().any(|slot| slot.ip == ip && now < slot.until))
     }
 
+    /// The addresses bound to `name` at `now`, in the order they were first answered.
+    pub fn addresses_for(&self, name: &str, now: Instant) -> Vec<IpAddr> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .by_name
+            .get(name)
+            .map_or_else(Vec::new, |slots| slots.iter().filter(|s| now < s.until).map(|s| s.ip).collect())
+    }
+
     /// The names bound to `ip` at `now`, sorted (for `status why ADDRESS`). A scan of every
     /// binding: for a person's question, never on a connection's path.
     pub fn names_for(&self, ip: IpAddr, now: Instant) -> Vec<String> {

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -60,6 +60,13 @@ impl Refusal {
 /// no trailing dot); `None` is a ClientHello without SNI. With `ech`, `name` is the outer name.
 pub trait Policy: Send + Sync {
     fn decide(&self, name: Option<&str>, ech: bool, dst: SocketAddr, kind: Kind) -> Result<(), Refusal>;
+
+    /// Where else `name` may be reached on `dst`'s port when `dst` does not answer: the other
+    /// addresses cordon's DNS answered for it, the other family first. The client's own
+    /// fallback (happy eyeballs) cannot work through the proxy, whose accept always succeeds.
+    fn alternatives(&self, _name: &str, _dst: SocketAddr) -> Vec<SocketAddr> {
+        Vec::new()
+    }
 }
 
 /// Where an accepted connection was going before the kernel redirected it.
@@ -110,7 +117,19 @@ impl Policy for BoundNamePolicy {
         }
         Ok(())
     }
+
+    fn alternatives(&self, name: &str, dst: SocketAddr) -> Vec<SocketAddr> {
+        let original = dst.ip().to_canonical();
+        let mut others: Vec<IpAddr> =
+            self.bindings.addresses_for(name, Instant::now()).into_iter().filter(|ip| *ip != original).collect();
+        // The other family first: the usual failure is a server reachable over one only.
+        others.sort_by_key(|ip| ip.is_ipv4() == original.is_ipv4());
+        others.into_iter().take(MAX_ALTERNATIVES).map(|ip| SocketAddr::new(ip, dst.port())).collect()
+    }
 }
+
+/// How many other addresses of a name the proxy tries when the one the client chose fails.
+const MAX_ALTERNATIVES: usize = 3;
 
 /// Bounds on what a connection may hold while it is judged and relayed.
 #[derive(Debug, Clone)]
@@ -319,7 +338,7 @@ async fn tls(ctx: Arc<Ctx>, mut client: TcpStream, dst: SocketAddr, permit: Owne
         return refuse(&ctx, client, hello.sni, dst, Kind::Tls, refusal.reason);
     }
     ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
-    let Some(mut upstream) = connect(&ctx, dst).await else {
+    let Some((mut upstream, _)) = connect(&ctx, hello.sni.as_deref(), hello.ech, dst, Kind::Tls).await else {
         return reset(client);
     };
     if upstream.write_all(&buf).await.is_err() {
@@ -372,7 +391,8 @@ async fn plain_http(ctx: Arc<Ctx>, mut client: TcpStream, dst: SocketAddr, permi
         return refuse(&ctx, client, Some(host), dst, Kind::Http, refusal.reason);
     }
     ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
-    let Some(mut upstream) = connect(&ctx, dst).await else {
+    // Later requests are judged against the address actually connected to.
+    let Some((mut upstream, dst)) = connect(&ctx, Some(&host), false, dst, Kind::Http).await else {
         return reset(client);
     };
     if upstream.write_all(&pending[..len]).await.is_err() {
@@ -455,7 +475,32 @@ async fn first_head(
     }
 }
 
-async fn connect(ctx: &Ctx, dst: SocketAddr) -> Option<TcpStream> {
+/// Connects to `dst`, or, when it does not answer, to another address the policy allows for
+/// `name` on the same port (see [`Policy::alternatives`]): the stream and the address it reached.
+async fn connect(
+    ctx: &Ctx,
+    name: Option<&str>,
+    ech: bool,
+    dst: SocketAddr,
+    kind: Kind,
+) -> Option<(TcpStream, SocketAddr)> {
+    if let Some(upstream) = connect_one(ctx, dst).await {
+        return Some((upstream, dst));
+    }
+    let name = name?;
+    for other in ctx.policy.alternatives(name, dst) {
+        if ctx.policy.decide(Some(name), ech, other, kind).is_err() {
+            continue;
+        }
+        if let Some(upstream) = connect_one(ctx, other).await {
+            tracing::info!(%dst, %other, name, "the destination did not answer; reached another address of the name");
+            return Some((upstream, other));
+        }
+    }
+    None
+}
+
+async fn connect_one(ctx: &Ctx, dst: SocketAddr) -> Option<TcpStream> {
     match timeout(ctx.limits.connect_timeout, TcpStream::connect(dst)).await {
         Ok(Ok(upstream)) => {
             let _ = upstream.set_nodelay(true);
