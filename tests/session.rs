@@ -211,3 +211,32 @@ fn on_exit_shutdown_in_tmux_exits_with_the_agents_status() {
     let mut c = sb.start(&cfg, &[], Mode::Pid1);
     assert_eq!(c.wait_exit(BOOT).code(), Some(7), "{}", c.stderr());
 }
+
+#[test]
+fn an_attached_client_keeps_an_idle_agent_up_and_cordon_stops_once_it_detaches() {
+    let sb = Sandbox::new("idle-attach");
+    let text = sb.render_config(&tmux_config()).replacen("[supervisor]\n", "[supervisor]\nidle_stop = \"3s\"\n", 1);
+    sb.write_file("cordon.toml", &text);
+    let mut c = sb.launch(&sb.path("cordon.toml"), &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let mut client = attach(&c, &sb, "", false, (100, 30), "attach.out");
+    harness::wait_until("a client on the agent's session", Duration::from_secs(15), || {
+        (!clients(&c, &sb).is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(c.state().expect("still running").phase, Phase::Ready, "stopped while a client was attached");
+    let cmd = format!("{} status --json --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display());
+    let v: serde_json::Value = serde_json::from_slice(&c.exec(&cmd).stdout).expect("status");
+    assert_eq!(v["session"]["agent"]["idle"], serde_json::json!({"idle_s": 0, "stop_after_s": 3}), "{v}");
+    let human =
+        c.exec(&format!("{} status --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display()));
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("idle 0s (supervisor.idle_stop 3s): stops in 3s unless it becomes active"), "{human}");
+    let _ = client.kill();
+    let _ = client.wait();
+    let detached = std::time::Instant::now();
+    let status = c.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "an idle stop is a graceful stop");
+    assert!(detached.elapsed() >= Duration::from_secs(2), "stopped {:?} after the detach", detached.elapsed());
+    assert!(c.stderr().contains("idle for 3s: stopping"), "{}", c.stderr());
+}

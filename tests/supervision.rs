@@ -230,10 +230,12 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
             "readonly_root",
             "clone",
             "readiness",
+            "devcontainer",
             "session"
         ]
     );
-    for s in state.stages.iter().filter(|s| s.name != "clone") {
+    let skipped = ["clone", "devcontainer"];
+    for s in state.stages.iter().filter(|s| !skipped.contains(&s.name.as_str())) {
         assert_eq!(s.outcome, cordon::state::report::Outcome::Ok, "{s:?}");
         assert!(s.duration_ms.is_some_and(|d| d >= 0.0), "{s:?}");
     }
@@ -242,7 +244,11 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
     assert_eq!(state.agent.as_ref().map(|a| a.running), Some(true));
     let log = c.boot_log();
     assert!(log.contains("clone: skipped - no repo.url (REPO_URL)"), "{log}");
-    for stage in names.iter().filter(|n| **n != "clone") {
+    assert!(
+        log.contains("devcontainer: skipped - no .devcontainer/devcontainer.json or .devcontainer.json in"),
+        "{log}"
+    );
+    for stage in names.iter().filter(|n| !skipped.contains(n)) {
         assert!(log.contains(&format!("{stage}: ok")), "boot log lacks {stage}:\n{log}");
     }
     assert!(log.contains("ready in"), "{log}");
@@ -730,4 +736,62 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The test config with `[supervisor] idle_stop` set, written as the sandbox's cordon.toml.
+fn with_idle_stop(sb: &Sandbox, cfg: &TestConfig, idle_stop: &str) -> std::path::PathBuf {
+    let text =
+        sb.render_config(cfg).replacen("[supervisor]\n", &format!("[supervisor]\nidle_stop = \"{idle_stop}\"\n"), 1);
+    sb.write_file("cordon.toml", &text)
+}
+
+#[test]
+fn a_quiet_headless_agent_makes_cordon_stop_with_status_0_after_idle_stop() {
+    let sb = Sandbox::new("idle-headless");
+    let cfg =
+        with_idle_stop(&sb, &TestConfig { agent_command: "exec sleep 1000".into(), ..TestConfig::default() }, "3s");
+    let mut c = sb.launch(&cfg, &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let ready = std::time::Instant::now();
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0, "an idle stop is a graceful stop");
+    let after = ready.elapsed();
+    assert!(after >= Duration::from_secs(2), "stopped after {after:?}, before idle_stop");
+    assert!(after < Duration::from_secs(12), "stopped only after {after:?}");
+    let log = c.stderr();
+    assert!(log.contains("idle for 3s: stopping"), "{log}");
+}
+
+#[test]
+fn an_established_connection_keeps_an_otherwise_quiet_agent_up() {
+    use harness::WORLD_V4;
+    use harness::world::{FakeDns, Rec, TcpService};
+    use std::io::Read;
+    let sb = Sandbox::new("idle-conn");
+    sb.write_file("domains.conf", "api.example.com\n");
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("api.example.com", vec![Rec::A("192.0.2.10".parse().unwrap())]);
+    sb.net.add_world_addr("192.0.2.10");
+    // A model call in flight: the server holds the connection 9 s without a byte either way.
+    let _api = TcpService::start(&sb.net.world, "192.0.2.10:443".parse().unwrap(), |mut conn| {
+        conn.set_read_timeout(Some(Duration::from_secs(9))).unwrap();
+        let _ = conn.read(&mut [0u8; 1]);
+    });
+    let agent = TestConfig {
+        agent_command: "exec 3<>/dev/tcp/api.example.com/443; cat <&3; exec sleep 1000".into(),
+        network: "name_binding = false".into(),
+        ..TestConfig::default()
+    };
+    // /dev/tcp is bash's.
+    let text = fs::read_to_string(with_idle_stop(&sb, &agent, "3s")).unwrap();
+    let cfg = sb.write_file("cordon.toml", &text.replace("[\"/bin/sh\", \"-c\"", "[\"/bin/bash\", \"-c\""));
+    let mut c = sb.launch(&cfg, &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let ready = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(c.state().expect("still running").phase, Phase::Ready, "stopped during the call");
+    // The call ends: the agent is quiet from then on, and cordon stops.
+    assert_eq!(exit_code(&mut c, Mode::Pid1), 0);
+    let after = ready.elapsed();
+    assert!(after >= Duration::from_secs(9) + Duration::from_secs(2), "stopped after {after:?}");
+    assert!(c.stderr().contains("idle for 3s: stopping"));
 }

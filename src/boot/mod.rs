@@ -22,7 +22,7 @@ use crate::fix::Problem;
 use crate::mounts;
 use crate::service::Services;
 use crate::session::agent::{self, AgentSpec};
-use crate::session::{clone, credentials, users};
+use crate::session::{clone, credentials, devcontainer, users};
 use crate::state::control::Live;
 use crate::state::report::Report;
 use crate::sys::effects::Host;
@@ -187,7 +187,28 @@ fn run(
         None => s.skip("readiness", "network.enforce = false"),
     }
 
-    // 12. Session. Last: the agent starts only on a fully locked-down container.
+    // 12. Devcontainer. The repository's own lifecycle commands: after the clone (they run in
+    //     it) and the readiness probes (so behind the proven firewall, like the agent), before
+    //     the agent, which may need what they set up.
+    let devcontainer = if config.devcontainer.enabled { devcontainer::find(&workdir) } else { None };
+    match devcontainer {
+        Some(file) => s.run("devcontainer", |report| {
+            let runner = devcontainer::Runner {
+                user: &user,
+                workdir: &workdir,
+                env: agent::agent_env(&user, env, &secrets, &config.agent.env),
+                timeout: config.devcontainer.timeout.0,
+            };
+            devcontainer::stage(&file, &runner, &devcontainer::marker(&workdir), &mut |note| match note {
+                devcontainer::Note::Progress(line) => report.progress(&format!("devcontainer: {line}")),
+                devcontainer::Note::Warn(w) => report.warn(w),
+            })
+        })?,
+        None if !config.devcontainer.enabled => s.skip("devcontainer", "devcontainer.enabled = false"),
+        None => s.skip("devcontainer", &format!("no {} in {}", devcontainer::FILES.join(" or "), workdir.display())),
+    }
+
+    // 13. Session. Last: the agent starts only on a fully locked-down container.
     let spec = AgentSpec {
         argv: config.agent.command.clone(),
         env: agent::agent_env(&user, env, &secrets, &config.agent.env),

@@ -31,6 +31,7 @@ pub struct Config {
     pub git: Git,
     pub agent: Agent,
     pub supervisor: Supervisor,
+    pub devcontainer: Devcontainer,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -372,6 +373,10 @@ pub struct Supervisor {
     pub on_boot_failure: OnBootFailure,
     /// Boot log, state file, boot lock, control socket.
     pub state_dir: PathBuf,
+    /// Stop cordon (exit 0) once the agent has been idle this long: no client attached, no
+    /// output, no CPU to speak of, no established connection. None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_stop: Option<Span>,
 }
 
 impl Default for Supervisor {
@@ -380,7 +385,25 @@ impl Default for Supervisor {
             stop_grace: Span(Duration::from_secs(10)),
             on_boot_failure: OnBootFailure::Hold,
             state_dir: DEFAULT_STATE_DIR.into(),
+            idle_stop: None,
         }
+    }
+}
+
+/// The repository's own `devcontainer.json` lifecycle commands (see `session::devcontainer`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Devcontainer {
+    /// Run them; false skips the `devcontainer` stage.
+    pub enabled: bool,
+    /// Each lifecycle command (all the commands of its object form together) is killed, with
+    /// its whole process group, and fails the boot when it takes longer.
+    pub timeout: Span,
+}
+
+impl Default for Devcontainer {
+    fn default() -> Self {
+        Devcontainer { enabled: true, timeout: Span(Duration::from_secs(600)) }
     }
 }
 
@@ -695,6 +718,12 @@ impl Config {
         }
         if !self.agent.workdir.is_absolute() {
             return Err(err("agent.workdir", "must be an absolute path".into()));
+        }
+        if self.devcontainer.timeout.0 < Duration::from_secs(1) {
+            return Err(err("devcontainer.timeout", "must be at least 1s".into()));
+        }
+        if self.supervisor.idle_stop.is_some_and(|s| s.0 < Duration::from_secs(1)) {
+            return Err(err("supervisor.idle_stop", "must be at least 1s (or unset: never)".into()));
         }
         Ok(())
     }

@@ -5,5 +5,6 @@
 pub(crate) mod agent;
 pub(crate) mod clone;
 pub mod credentials;
+pub mod devcontainer;
 pub mod tmux;
 pub(crate) mod users;

@@ -272,6 +272,13 @@ impl Tmux {
         self.run(&["has-session", "-t", &self.session]).is_ok()
     }
 
+    /// When the agent's session last had output in any of its windows (tmux's
+    /// `#{window_activity}`, seconds since the epoch), for the idle stop.
+    pub fn window_activity(&self) -> Option<u64> {
+        let out = self.run(&["list-windows", "-t", &self.session, "-F", "#{window_activity}"]).ok()?;
+        out.lines().filter_map(|l| l.trim().parse().ok()).max()
+    }
+
     /// The uids of the attached clients' processes (for `status`), by client pid.
     pub fn clients(&self) -> Vec<String> {
         self.run(&["list-clients", "-F", "#{client_pid} #{client_tty} #{client_width}x#{client_height}"])

@@ -59,6 +59,18 @@ pub struct AgentState {
     pub restarts: u32,
     /// Shell convention: the exit code, or 128 + signal.
     pub last_exit: Option<i32>,
+    /// With `supervisor.idle_stop`: how long the agent has been idle, as of the last sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleState>,
+}
+
+/// The idle stop's view of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleState {
+    /// Seconds the agent has been idle.
+    pub idle_s: u64,
+    /// `supervisor.idle_stop`, in seconds: cordon stops when `idle_s` reaches it.
+    pub stop_after_s: u64,
 }
 
 /// The machine-readable state: the schema of `state.json`.

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -480,6 +480,17 @@ fn render_session(o: &mut String, session: &SessionStatus, paint: Paint) {
             let last = a.last_exit.map_or("none".to_string(), |c| c.to_string());
             let pid = a.pid.map_or(String::new(), |p| format!(" (pid {p})"));
             let _ = writeln!(o, "agent:  {running}{pid}; {} restarts; last exit status {last}", a.restarts);
+            if let Some(i) = &a.idle {
+                let span = |s: u64| humantime::format_duration(Duration::from_secs(s)).to_string();
+                let left = i.stop_after_s.saturating_sub(i.idle_s);
+                let _ = writeln!(
+                    o,
+                    "        idle {} (supervisor.idle_stop {}): stops in {} unless it becomes active",
+                    span(i.idle_s),
+                    span(i.stop_after_s),
+                    span(left)
+                );
+            }
         }
         None => {
             let _ = writeln!(o, "agent:  not started");

@@ -2,6 +2,7 @@
 //! running. It owns the agent, forwards signals to it, applies `agent.on_exit`, and performs
 //! the graceful stop. Its whole lifecycle is the `supervise` function below.
 
+pub mod idle;
 pub mod reaper;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use crate::boot::{self, BootFailed, Booted};
 use crate::config::{self, ConfigSource, OnBootFailure, OnExit, Supervisor};
 use crate::service::Services;
 use crate::session::agent::{self, RestartPolicy};
-use crate::state::report::{AgentState, Phase, Report};
+use crate::state::report::{AgentState, IdleState, Phase, Report};
 use crate::sys;
 
 /// PATH for the helper programs cordon runs as root (iptables, git, tmux): system directories
@@ -148,9 +149,18 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
     }
     // The services (DNS server, refresh) are `services`'; egress is what they share.
     let _egress = egress;
-    let mut state = AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None };
+    let mut state =
+        AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None, idle: None };
     report.set_agent(state.clone());
     report.ready();
+
+    // Idle stop (supervisor.idle_stop; see idle.rs): a sample now and then, shown in `status`.
+    let tmux = match &handle {
+        agent::AgentHandle::Tmux { tmux, .. } => Some(tmux.clone()),
+        _ => None,
+    };
+    let idle_stop = config.supervisor.idle_stop.map(|s| s.0);
+    let mut idle = idle::Watch::new(idle_stop, spec.user.uid, nix::unistd::getppid().as_raw(), tmux);
 
     let mut alive = true;
     let mut policy = RestartPolicy::new(config.agent.restart_backoff.0);
@@ -164,6 +174,18 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
                     return 0;
                 }
                 other => forward(other, alive.then(|| handle.pid()).flatten()),
+            },
+            idle_for = idle.next() => {
+                let stop_after = idle_stop.unwrap_or_default();
+                state.idle = Some(IdleState { idle_s: idle_for.as_secs(), stop_after_s: stop_after.as_secs() });
+                report.set_agent(state.clone());
+                if idle_for >= stop_after {
+                    let why = format!("idle for {}: stopping (supervisor.idle_stop)", humantime::format_duration(stop_after));
+                    report.set_phase(Phase::Stopping, Some(why.clone()));
+                    stop_all(grace, Some(&mut handle), &mut report).await;
+                    report.set_phase(Phase::Stopped, Some(why));
+                    return 0;
+                }
             },
             code = handle.wait(), if alive => {
                 alive = false;

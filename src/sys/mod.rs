@@ -195,6 +195,14 @@ pub fn cloexec_from_3() -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Points stdout at stderr (`2>&1` the other way round), between fork and exec: for a command
+/// whose two streams are read as one, in order, through its stderr pipe.
+pub fn stdout_to_stderr() -> io::Result<()> {
+    // SAFETY: dup2 on two descriptors the process owns; async-signal-safe, touches no memory.
+    let rc = unsafe { libc::dup2(2, 1) };
+    if rc == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// Where cordon's own binary is: what the reaper re-executes as the supervisor, what the agent's
 /// git runs as its credential helper, what the probes and the tmux pane run. The image's path
 /// when `/proc/self/exe` cannot be read (no /proc).
