@@ -717,7 +717,7 @@ mod tests {
                 rejected_ipv6: None,
             }),
             session: SessionStatus {
-                agent: Some(AgentState { pid: Some(42), running: true, restarts: 0, last_exit: None }),
+                agent: Some(AgentState { pid: Some(42), running: true, restarts: 0, last_exit: None, idle: None }),
                 tmux: Some(TmuxStatus {
                     session: "agent".into(),
                     socket: "/run/cordon/tmux/sock".into(),
@@ -881,7 +881,7 @@ warning: something to look at
         render_session(&mut o, &session, Paint(false));
         assert_eq!(o, "agent:  not started\ntmux:   session `agent` DOWN; 1 attached (cordon attach)\n");
 
-        session.agent = Some(AgentState { pid: None, running: false, restarts: 3, last_exit: Some(137) });
+        session.agent = Some(AgentState { pid: None, running: false, restarts: 3, last_exit: Some(137), idle: None });
         session.tmux = None;
         let mut o = String::new();
         render_session(&mut o, &session, Paint(false));
