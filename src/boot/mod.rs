@@ -132,24 +132,9 @@ fn run(
     //    it the moment they exist.
     match &egress {
         Some(egress) => {
-            let proxy = s.run("firewall", |report| {
-                let proxy = if network.name_binding {
-                    Some(egress::namebound::start(network, egress)?)
-                } else {
-                    report.warn(
-                        "name binding is OFF (network.name_binding = false): connections to admitted addresses are \
-                         address-based, any name sharing an address is reachable"
-                            .into(),
-                    );
-                    None
-                };
-                let ((), detail) =
-                    egress::firewall::stage(network, egress, &resolv_conf, sys).map_err(|e| Problem::from_fix(&e))?;
-                Ok::<_, Problem>((proxy, detail))
-            })?;
-            if let Some(proxy) = proxy {
-                services.add(proxy);
-            }
+            let proxy =
+                s.run("firewall", |r| egress::lock_down(network, egress, &resolv_conf, sys, &mut |w| r.warn(w)))?;
+            proxy.into_iter().for_each(|p| services.add(p));
         }
         None => s.skip("firewall", "network.enforce = false"),
     }
@@ -190,13 +175,13 @@ fn run(
     // 12. Devcontainer. The repository's own lifecycle commands: after the clone (they run in
     //     it) and the readiness probes (so behind the proven firewall, like the agent), before
     //     the agent, which may need what they set up.
-    let devcontainer = if config.devcontainer.enabled { devcontainer::find(&workdir) } else { None };
-    match devcontainer {
-        Some(file) => s.run("devcontainer", |report| {
+    let agent_env = agent::agent_env(&user, env, &secrets, &config.agent.env);
+    match devcontainer::applies(&config.devcontainer, &workdir) {
+        Ok(file) => s.run("devcontainer", |report| {
             let runner = devcontainer::Runner {
                 user: &user,
                 workdir: &workdir,
-                env: agent::agent_env(&user, env, &secrets, &config.agent.env),
+                env: agent_env.clone(),
                 timeout: config.devcontainer.timeout.0,
             };
             devcontainer::stage(&file, &runner, &devcontainer::marker(&workdir), &mut |note| match note {
@@ -204,17 +189,11 @@ fn run(
                 devcontainer::Note::Warn(w) => report.warn(w),
             })
         })?,
-        None if !config.devcontainer.enabled => s.skip("devcontainer", "devcontainer.enabled = false"),
-        None => s.skip("devcontainer", &format!("no {} in {}", devcontainer::FILES.join(" or "), workdir.display())),
+        Err(why) => s.skip("devcontainer", &why),
     }
 
     // 13. Session. Last: the agent starts only on a fully locked-down container.
-    let spec = AgentSpec {
-        argv: config.agent.command.clone(),
-        env: agent::agent_env(&user, env, &secrets, &config.agent.env),
-        user: user.clone(),
-        workdir,
-    };
+    let spec = AgentSpec { argv: config.agent.command.clone(), env: agent_env, user: user.clone(), workdir };
     let (agent, handle, tmux) = s.run("session", |_| agent::start(&config, spec, &state_dir))?;
     if let Some(tmux) = tmux {
         let _ = live.tmux.set(tmux);

@@ -203,6 +203,31 @@ pub fn start(
     Ok(((egress, server), detail))
 }
 
+/// The boot's `firewall` stage with the name-bound layer: the name-checking proxy listens
+/// first (unless `network.name_binding = false`, which `warn` reports), so the rules that
+/// redirect the agent's connections on the name-checked ports to it work the moment they
+/// exist; then the rules ([`firewall::stage`]). The proxy service, if any, is the caller's.
+pub fn lock_down(
+    network: &Network,
+    egress: &Egress,
+    resolv_conf: &str,
+    sys: &dyn crate::sys::effects::Effects,
+    warn: &mut dyn FnMut(String),
+) -> crate::fix::StageResult<Option<Service>> {
+    let proxy = if network.name_binding {
+        Some(namebound::start(network, egress)?)
+    } else {
+        warn(
+            "name binding is OFF (network.name_binding = false): connections to admitted addresses are \
+              address-based, any name sharing an address is reachable"
+                .into(),
+        );
+        None
+    };
+    let ((), detail) = firewall::stage(network, egress, resolv_conf, sys).map_err(|e| Problem::from_fix(&e))?;
+    Ok((proxy, detail))
+}
+
 /// Rewrites a file's content in place (truncate and write), because /etc/resolv.conf is often a
 /// bind mount (Docker, Kubernetes) that a rename cannot replace.
 fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {

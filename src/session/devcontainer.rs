@@ -250,6 +250,14 @@ pub enum Note {
     Warn(String),
 }
 
+/// Whether the `devcontainer` stage applies: the file to run, or why the stage is skipped.
+pub fn applies(config: &crate::config::Devcontainer, workdir: &Path) -> Result<PathBuf, String> {
+    if !config.enabled {
+        return Err("devcontainer.enabled = false".into());
+    }
+    find(workdir).ok_or_else(|| format!("no {} in {}", FILES.join(" or "), workdir.display()))
+}
+
 /// How the commands run: as whom, where, with what, for how long at most.
 pub struct Runner<'a> {
     pub user: &'a AgentUser,
