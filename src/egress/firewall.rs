@@ -362,12 +362,16 @@ pub fn render_output_jump(output_listing: &str) -> String {
 /// are `iptables -t nat -S OUTPUT` and `iptables -S OUTPUT`.
 pub fn render_rules(plan: &Plan, family: Family, nat_listing: &str, output_listing: &str) -> String {
     format!(
-        "*nat\n{}{}COMMIT\n*filter\n{}{}COMMIT\n",
+        "*nat\n{}{}COMMIT\n{}",
         render_nat_chain(plan, family),
         render_jump(nat_listing, NAT_CHAIN),
-        render_chains(plan, family),
-        render_output_jump(output_listing)
+        render_filter(plan, family, output_listing)
     )
+}
+
+/// The filter half of [`render_rules`] alone, for a family whose kernel has no nat table.
+pub fn render_filter(plan: &Plan, family: Family, output_listing: &str) -> String {
+    format!("*filter\n{}{}COMMIT\n", render_chains(plan, family), render_output_jump(output_listing))
 }
 
 /// The `ipset restore` input that gives every set of the plan fresh, with the plan's timeout,
@@ -554,10 +558,14 @@ pub fn stage(
         proxy_port: network.name_binding.then_some(network.proxy_port),
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
-    apply(&plan, default_timeout, sys)?;
+    let applied = apply(&plan, default_timeout, sys)?;
     let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
     let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
     let checked = match plan.proxy_port {
+        Some(p) if applied.without_nat.contains(&Family::V6) => format!(
+            " name-checked by the proxy on port {p} (IPv4 only: the kernel has no IPv6 nat table, so the agent's \
+             IPv6 connections on them are refused)"
+        ),
         Some(p) => format!(" name-checked by the proxy on port {p}"),
         None => String::new(),
     };
@@ -579,7 +587,7 @@ pub fn stage(
 /// Installs the firewall, replacing whatever a previous run in this network namespace left
 /// (its sets, chains and jumps, whatever their parameters), or, if any step fails, removes
 /// every cordon set, chain and jump so that no partial policy is left, and returns the error.
-pub fn apply(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(), FirewallError> {
+pub fn apply(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<Applied, FirewallError> {
     let result = apply_steps(plan, default_timeout, sys);
     if result.is_err() {
         for problem in remove(sys) {
@@ -591,36 +599,50 @@ pub fn apply(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(),
 
 /// The sets first, because the rules reference them; then per family the chains and the jump
 /// in one transaction, read back; then the sets the new rules no longer reference go.
-fn apply_steps(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<(), FirewallError> {
+fn apply_steps(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<Applied, FirewallError> {
     let existing = list_sets(sys)?;
     run(sys, "ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
+    let mut applied = Applied::default();
     for family in [Family::V4, Family::V6] {
-        let nat = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
+        let nat = match run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None) {
+            Ok(listing) => Some(listing),
+            // A host that never loaded ip6table_nat (an IPv4-only node), which a container
+            // cannot load itself: without the table nothing of the agent's IPv6 is redirected
+            // to the proxy, and the filter chain, which accepts the name-checked ports only as
+            // redirected connections, refuses them. Fail closed for that family only.
+            Err(FirewallError::NoNetfilter { .. }) if family == Family::V6 => None,
+            Err(e) => return Err(e),
+        };
         let output = run(sys, family.iptables(), &["-w", "10", "-S", "OUTPUT"], None)?;
-        let rules = render_rules(plan, family, &nat, &output);
+        let rules = match &nat {
+            Some(nat) => render_rules(plan, family, nat, &output),
+            None => render_filter(plan, family, &output),
+        };
         run(sys, family.restore(), &["--noflush", "--wait", "10"], Some(&rules))?;
-        verify(&rules, family, sys)?;
+        verify(&rules, family, nat.is_some(), sys)?;
+        if nat.is_none() {
+            applied.without_nat.push(family);
+        }
     }
     for name in stale_sets(plan, &list_sets(sys)?) {
         run(sys, "ipset", &["destroy", &name], None)?;
     }
-    Ok(())
+    Ok(applied)
+}
+
+/// What [`apply`] could not do and worked around, failing closed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Families whose kernel has no nat table: none of their connections is redirected to the
+    /// name-checking proxy, so the agent's connections on the name-checked ports are refused.
+    pub without_nat: Vec<Family>,
 }
 
 /// Reads the chains and both `OUTPUT`s back: every chain has as many rules as written, and
 /// each jump is there once.
-fn verify(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), FirewallError> {
-    let nat = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", NAT_CHAIN], None)?;
-    let prefix = format!("-A {NAT_CHAIN} ");
-    let found = nat.lines().filter(|l| l.starts_with(&prefix)).count();
-    let expected = rules.lines().filter(|l| l.starts_with(&prefix)).count();
-    if found != expected {
-        return Err(FirewallError::Verify { family, chain: NAT_CHAIN, found, expected });
-    }
-    let nat_output = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
-    let found = nat_output.lines().filter(|l| *l == format!("-A OUTPUT -j {NAT_CHAIN}")).count();
-    if found != 1 {
-        return Err(FirewallError::VerifyJump { family, chain: NAT_CHAIN, found });
+fn verify(rules: &str, family: Family, with_nat: bool, sys: &dyn Effects) -> Result<(), FirewallError> {
+    if with_nat {
+        verify_nat(rules, family, sys)?;
     }
     for chain in CHAINS {
         let listed = run(sys, family.iptables(), &["-w", "10", "-S", chain], None)?;
@@ -635,6 +657,23 @@ fn verify(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), Firewall
     let found = output.lines().filter(|l| *l == format!("-A OUTPUT -j {OUTPUT_CHAIN}")).count();
     if found != 1 {
         return Err(FirewallError::VerifyJump { family, chain: OUTPUT_CHAIN, found });
+    }
+    Ok(())
+}
+
+/// The nat half of [`verify`]: `CORDON_NAT` as written, and its jump there once.
+fn verify_nat(rules: &str, family: Family, sys: &dyn Effects) -> Result<(), FirewallError> {
+    let nat = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", NAT_CHAIN], None)?;
+    let prefix = format!("-A {NAT_CHAIN} ");
+    let found = nat.lines().filter(|l| l.starts_with(&prefix)).count();
+    let expected = rules.lines().filter(|l| l.starts_with(&prefix)).count();
+    if found != expected {
+        return Err(FirewallError::Verify { family, chain: NAT_CHAIN, found, expected });
+    }
+    let nat_output = run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None)?;
+    let found = nat_output.lines().filter(|l| *l == format!("-A OUTPUT -j {NAT_CHAIN}")).count();
+    if found != 1 {
+        return Err(FirewallError::VerifyJump { family, chain: NAT_CHAIN, found });
     }
     Ok(())
 }
@@ -1216,6 +1255,33 @@ mod apply_tests {
         let commands = rec.commands();
         let failed = commands.iter().position(|c| c == "ip6tables-restore --noflush --wait 10").unwrap();
         assert_eq!(commands[failed + 1..], rollback());
+    }
+
+    #[test]
+    fn without_an_ipv6_nat_table_ipv6_gets_the_filter_alone_and_its_checked_ports_are_refused() {
+        let rec = kernel();
+        let missing = "ip6tables v1.8.9 (legacy): can't initialize ip6tables table `nat': Table does not exist (do you need to insmod?)";
+        rec.fail_run("ip6tables -w 10 -t nat", missing);
+        let applied = apply(&plan(), 300, &rec).expect("IPv4 and the IPv6 filter still apply");
+        assert_eq!(applied.without_nat, [Family::V6]);
+        let v6 = rec
+            .calls()
+            .into_iter()
+            .find_map(|c| match c {
+                Call::Run { program, stdin, .. } if program == "ip6tables-restore" => stdin,
+                _ => None,
+            })
+            .unwrap();
+        assert!(!v6.contains("*nat"), "no nat table for IPv6:\n{v6}");
+        // Nothing of IPv6 is redirected, and the checked ports are accepted only as redirects.
+        assert!(v6.contains("--ctstate DNAT -j CORDON_ALLOW"), "{v6}");
+        assert!(!v6.contains("--match-set cordon6 dst"), "the checked ports are not accepted by address: {v6}");
+        assert!(!v6.contains("--match-set cordon6-p8443 dst"), "{v6}");
+        assert!(!rec.commands().iter().any(|c| c == "ip6tables -w 10 -t nat -S CORDON_NAT"), "no nat read-back");
+        // IPv4's nat table missing is no such fallback: it fails, and everything is rolled back.
+        let rec = kernel();
+        rec.fail_run("iptables -w 10 -t nat", &missing.replace("ip6tables", "iptables"));
+        assert!(matches!(apply(&plan(), 300, &rec).unwrap_err(), FirewallError::NoNetfilter { .. }));
     }
 
     #[test]
