@@ -26,20 +26,11 @@ tag=$$; world=nw-$tag; inner=nc-$tag
 dir=$(mktemp -d /var/tmp/cordon-nbench.XXXXXX)
 chmod 755 "$dir"   # the agent's uid reads the client script here
 pids=()
-cleanup() {
-  # unshare's forked child (cordon, PID 1 of its namespace) outlives a killed unshare: kill
-  # the namespace's init first, which takes the namespace down.
-  for p in "${pids[@]}"; do
-    for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do kill -KILL "$c" 2>/dev/null || true; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  ip netns del "$inner" 2>/dev/null || true; ip netns del "$world" 2>/dev/null || true
-  rm -rf "$dir"
-}
+source scripts/netns-pair.sh
+cleanup() { netns_teardown "$world" "$inner" "$dir" "${pids[@]}"; }
 trap cleanup EXIT
 
 # Network: world 192.0.2.1 (DNS) and 198.51.100.1 (the TLS server), cordon's side 192.0.2.2.
-source scripts/netns-pair.sh
 netns_pair "$world" "$inner" "$tag"
 ip -n "$world" addr add 198.51.100.1/24 dev "vw$tag"
 server=198.51.100.1; name=tls.bench.test   # bench_upstream answers tls.bench.test A 198.51.100.1

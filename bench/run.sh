@@ -16,20 +16,11 @@ bin=$PWD/target/release
 tag=$$; world=bw-$tag; inner=bc-$tag
 dir=$(mktemp -d /var/tmp/cordon-bench.XXXXXX)
 pids=()
-cleanup() {
-  # unshare's forked child (cordon, PID 1 of its namespace) outlives a killed unshare: kill
-  # the namespace's init first, which takes the namespace down.
-  for p in "${pids[@]}"; do
-    for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do kill -KILL "$c" 2>/dev/null || true; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  ip netns del "$inner" 2>/dev/null || true; ip netns del "$world" 2>/dev/null || true
-  rm -rf "$dir"
-}
+source scripts/netns-pair.sh
+cleanup() { netns_teardown "$world" "$inner" "$dir" "${pids[@]}"; }
 trap cleanup EXIT
 
 # Network: world 192.0.2.1 (the upstream), cordon's namespace 192.0.2.2.
-source scripts/netns-pair.sh
 netns_pair "$world" "$inner" "$tag"
 ip netns exec "$world" "$bin/examples/bench_upstream" 192.0.2.1:53 >/dev/null 2>&1 & pids+=($!)
 
