@@ -29,9 +29,9 @@ use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 
-use crate::config::allowlist::Allowlist;
 use crate::egress::admission::{Admitter, Verdict};
 use crate::egress::namebound::bindings::Bindings;
+use crate::egress::policy::Policy;
 
 /// RFC 8914 §4.16: "Blocked" — the resolver blocked the name by policy.
 const EDE_BLOCKED: u16 = 15;
@@ -145,7 +145,7 @@ pub(crate) fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
 pub(crate) type LastGood = Arc<Mutex<BTreeMap<String, Vec<(IpAddr, u32)>>>>;
 
 pub(crate) struct Handler {
-    pub allowlist: Arc<Allowlist>,
+    pub policy: Arc<Policy>,
     pub resolver: TokioResolver,
     pub admitter: Arc<Admitter>,
     pub stats: Arc<DnsStats>,
@@ -316,7 +316,7 @@ impl RequestHandler for Handler {
         let mut md = Metadata::response_from_request(&request.metadata);
         md.recursion_available = true;
 
-        let Some(reach) = self.allowlist.lookup(&qname) else {
+        let Some(reach) = self.policy.allowlist().lookup(&qname) else {
             let count = self.stats.deny(&qname, qtype);
             if count.is_power_of_two() {
                 tracing::info!(name = %qname, qtype = %qtype, count, "denied: not in the allowlist");
@@ -398,7 +398,8 @@ impl Handler {
             return;
         }
         if last.len() >= LAST_GOOD_NAMES {
-            let evict = last.keys().find(|k| !self.allowlist.is_exact(k)).cloned();
+            let allowlist = self.policy.allowlist();
+            let evict = last.keys().find(|k| !allowlist.is_exact(k)).cloned();
             match evict {
                 Some(k) => {
                     last.remove(&k);

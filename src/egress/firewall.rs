@@ -552,8 +552,8 @@ pub fn stage(
         listen: network.listen,
         resolvers: crate::egress::resolver_addresses(resolv_conf, &egress.upstreams, network.listen),
         ports: network.ports.clone(),
-        extra_ports: egress.allowlist.extra_ports().into_iter().collect(),
-        raw_ports: egress.allowlist.raw_ports().into_iter().collect(),
+        extra_ports: egress.policy.allowlist().extra_ports().into_iter().collect(),
+        raw_ports: egress.policy.allowlist().raw_ports().into_iter().collect(),
         loopback_ports: network.loopback_ports.clone(),
         proxy_port: network.name_binding.then_some(network.proxy_port),
     };

@@ -7,6 +7,7 @@ pub(crate) mod dns;
 pub mod firewall;
 pub mod ipset;
 pub mod namebound;
+pub mod policy;
 pub mod probe;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,7 @@ use crate::config::Network;
 use crate::config::allowlist::{Allowlist, Entry};
 use crate::egress::admission::{Admitter, Lifetimes, Sets};
 use crate::egress::namebound::bindings::{self, Bindings};
+use crate::egress::policy::Policy;
 use crate::fix::Problem;
 use crate::service::Service;
 
@@ -131,7 +133,8 @@ pub struct RefreshReport {
 
 /// Everything egress shares with the supervisor and `status`.
 pub struct Egress {
-    pub allowlist: Arc<Allowlist>,
+    /// The allowlist in force; reload, allow and deny replace it.
+    pub policy: Arc<Policy>,
     pub admitter: Arc<Admitter>,
     pub stats: Arc<DnsStats>,
     pub resolver: TokioResolver,
@@ -197,7 +200,7 @@ pub fn start(
     let detail = format!(
         "listening on {}, {} allowlist entries, upstream {}",
         network.listen,
-        egress.allowlist.len(),
+        egress.policy.allowlist().len(),
         ups.join(" ")
     );
     Ok(((egress, server), detail))
@@ -246,7 +249,7 @@ impl Egress {
         sets: Box<dyn Sets>,
         sockets: dns::Sockets,
     ) -> (Arc<Egress>, Service) {
-        let allowlist = Arc::new(Allowlist::new(entries));
+        let policy = Arc::new(Policy::new(Allowlist::new(entries)));
         let lifetimes = Lifetimes { min_ttl: network.min_ttl.0, grace: network.grace.0 };
         let admitter = Arc::new(Admitter::new(sets, network.allow_cidrs.clone(), lifetimes));
         let stats = Arc::new(DnsStats::default());
@@ -255,7 +258,7 @@ impl Egress {
         let bindings = Arc::new(Bindings::new(bindings::DEFAULT_CAPACITY));
         let handler = Handler {
             bindings: bindings.clone(),
-            allowlist: allowlist.clone(),
+            policy: policy.clone(),
             resolver: resolver.clone(),
             admitter: admitter.clone(),
             stats: stats.clone(),
@@ -264,7 +267,7 @@ impl Egress {
         let listen = sockets.local_addr().unwrap_or(network.listen);
         let server = Service::spawn("dns", move |stop| dns::serve(sockets, handler, stop));
         let egress = Arc::new(Egress {
-            allowlist,
+            policy,
             admitter,
             stats,
             resolver,
@@ -290,13 +293,14 @@ impl Egress {
     pub async fn refresh(self: &Arc<Self>) -> RefreshReport {
         // A name refreshed now must stay admitted until the next refresh, whatever its TTL.
         let floor = u32::try_from(self.refresh_interval.as_secs()).unwrap_or(u32::MAX);
-        let names: Vec<String> = self.allowlist.exact_names().map(String::from).collect();
+        let allowlist = self.policy.allowlist();
+        let names: Vec<String> = allowlist.exact_names().map(String::from).collect();
         let known: Vec<(String, Vec<(IpAddr, u32)>)> = {
             let last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
             names.iter().filter_map(|n| last.get(n).map(|a| (n.clone(), a.clone()))).collect()
         };
         for (name, addresses) in &known {
-            let Some(reach) = self.allowlist.lookup(name) else { continue };
+            let Some(reach) = allowlist.lookup(name) else { continue };
             for &(ip, ttl) in addresses {
                 match self.admitter.admit(name, ip, ttl.max(floor), &reach) {
                     Ok(admission::Verdict::Admitted) => {
@@ -352,7 +356,7 @@ impl Egress {
     /// Resolves `name` (A and AAAA) and admits what it finds for at least `floor` seconds.
     /// Err when upstream failed (as opposed to answering that there is nothing).
     async fn resolve(&self, name: &str, floor: u32) -> Result<Vec<(IpAddr, u32)>, ()> {
-        let Some(reach) = self.allowlist.lookup(name) else { return Ok(vec![]) };
+        let Some(reach) = self.policy.allowlist().lookup(name) else { return Ok(vec![]) };
         let Ok(qname) = Name::from_ascii(format!("{name}.")) else { return Ok(vec![]) };
         // Bounded, so that a refresh against a dead upstream still finishes and reports.
         let bounded = |qtype| tokio::time::timeout(REFRESH_LOOKUP_TIMEOUT, self.resolver.lookup(qname.clone(), qtype));

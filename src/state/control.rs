@@ -192,7 +192,7 @@ async fn egress_status(egress: &Egress) -> status::EgressStatus {
         tokio::task::spawn_blocking(move || (rejected(Family::V4), rejected(Family::V6))).await.unwrap_or((None, None));
     let last = egress.last_refresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
     status::EgressStatus {
-        allowlist_entries: egress.allowlist.len(),
+        allowlist_entries: egress.policy.allowlist().len(),
         admitted_ipv4: v4.len(),
         admitted_ipv6: v6.len(),
         last_refresh: last.map(|r| status::RefreshStatus {

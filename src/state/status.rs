@@ -598,11 +598,11 @@ pub(crate) fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDo
         }
         None => {
             let name = crate::config::allowlist::canonical(target);
-            match egress.allowlist.lookup(&name) {
+            match egress.policy.allowlist().lookup(&name) {
                 Some(reach) => {
                     doc.verdict = "allowed".into();
                     doc.explanation = "the name is answered and its addresses admitted".into();
-                    doc.decided_by = egress.allowlist.explain(&name);
+                    doc.decided_by = egress.policy.allowlist().explain(&name);
                     doc.ports = port_rules(&reach, &egress.ports, egress.name_binding);
                 }
                 None => {

@@ -48,18 +48,18 @@ pub fn start(network: &Network, egress: &Egress) -> Result<Service, Problem> {
                 .with_fix(fix()));
         }
     };
-    let allowlist = egress.allowlist.clone();
+    let policy = egress.policy.clone();
     let ports = network.ports.clone();
     let allowlisted = move |name: &str, dst_port: u16| {
-        allowlist.lookup(name).is_some_and(|r| {
+        policy.allowlist().lookup(name).is_some_and(|r| {
             (r.default_ports && ports.contains(&dst_port))
                 || r.extra_ports.contains(&dst_port)
                 || r.raw_ports.contains(&dst_port)
         })
     };
-    let policy = proxy::BoundNamePolicy::new(Box::new(allowlisted), egress.bindings.clone());
+    let names = proxy::BoundNamePolicy::new(Box::new(allowlisted), egress.bindings.clone());
     let ctx = Arc::new(proxy::Ctx::new(
-        Box::new(policy),
+        Box::new(names),
         Box::new(proxy::KernelOriginalDestination),
         vec![80],
         proxy::Limits::default(),
