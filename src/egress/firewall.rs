@@ -193,6 +193,9 @@ pub struct Plan {
     /// Name binding: the proxy's loopback port, where `ports` and `extra_ports` are redirected.
     /// None: those ports are address-based like `raw_ports` (`network.name_binding = false`).
     pub proxy_port: Option<u16>,
+    /// `metrics.listen`'s port: refused to the agent on every local address, whatever
+    /// address the listener is bound to (loopback, or every address for a platform's scraper).
+    pub metrics_port: Option<u16>,
 }
 
 impl Plan {
@@ -274,6 +277,12 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
             family.loopback(),
             family.prefix()
         ));
+    }
+    // The metrics listener, before any loopback accept: the config keeps its port out of
+    // loopback_ports, and this keeps it closed should that ever change. `-o lo` is every
+    // local address (a packet to the container's own address leaves through lo too).
+    if let Some(port) = plan.metrics_port {
+        rule(&format!("-o lo -p tcp -m tcp --dport {port} -j REJECT --reject-with tcp-reset"));
     }
     // Loopback by port: the owner match cannot see who owns the destination socket, so a
     // root-owned service on 127.0.0.1 and the agent's own test server look alike.
@@ -546,6 +555,7 @@ pub fn stage(
     network: &crate::config::Network,
     egress: &crate::egress::Egress,
     resolv_conf: &str,
+    metrics_port: Option<u16>,
     sys: &dyn Effects,
 ) -> crate::fix::StageResult<(), FirewallError> {
     let plan = Plan {
@@ -556,6 +566,7 @@ pub fn stage(
         raw_ports: egress.policy.allowlist().raw_ports().into_iter().collect(),
         loopback_ports: network.loopback_ports.clone(),
         proxy_port: network.name_binding.then_some(network.proxy_port),
+        metrics_port,
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
     let applied = apply(&plan, default_timeout, sys)?;
@@ -572,11 +583,12 @@ pub fn stage(
     let raw: Vec<String> = plan.raw_ports.iter().map(u16::to_string).collect();
     let raw = if raw.is_empty() { String::new() } else { format!(", {} address-based", raw.join(",")) };
     let loopback = plan.loopback_ports.iter().map(ToString::to_string).collect();
+    let metrics = plan.metrics_port.map(|p| format!("; metrics port {p} refused")).unwrap_or_default();
     Ok((
         (),
         format!(
             "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {}{checked}{raw} to admitted addresses; \
-             {} resolver addresses refused; loopback ports: {}",
+             {} resolver addresses refused; loopback ports: {}{metrics}",
             join(ports),
             plan.resolvers.len(),
             join(loopback)
@@ -782,6 +794,7 @@ mod tests {
             raw_ports: vec![22],
             loopback_ports: vec![PortRange { first: 3000, last: 3000 }, PortRange { first: 8000, last: 8099 }],
             proxy_port: Some(15443),
+            metrics_port: Some(9464),
         }
     }
 
@@ -810,6 +823,7 @@ COMMIT
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp-port-unreachable
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -d 127.0.0.1/32 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
@@ -857,6 +871,7 @@ COMMIT
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp6-port-unreachable
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -d ::1/128 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j REJECT --reject-with tcp-reset
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
@@ -1103,6 +1118,7 @@ mod apply_tests {
             raw_ports: vec![],
             loopback_ports: vec![],
             proxy_port: Some(15001),
+            metrics_port: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! (`status`), and the control socket that answers from the live state (`control`).
 
 pub(crate) mod control;
+pub(crate) mod metrics;
 pub mod report;
 pub(crate) mod status;
 
