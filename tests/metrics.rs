@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use harness::world::{FakeDns, Rec};
-use harness::{CORDON_V4, Cordon, Mode, Phase, Sandbox, TestConfig, WORLD_V4, wait_until};
+use harness::{CORDON_V4, CORDON_V6, Cordon, Mode, Phase, Sandbox, TestConfig, WORLD_V4, wait_until};
 
 const BOOT: Duration = Duration::from_secs(30);
 
@@ -29,7 +29,7 @@ fn boot(sb: &Sandbox, listen: &str) -> (Cordon, FakeDns) {
 /// `curl` of `url` inside cordon's namespaces, as the agent or as root: the headers and body,
 /// or the error text with curl's exit code.
 fn curl(c: &Cordon, url: &str, as_agent: bool) -> Result<String, String> {
-    let script = format!("curl -sS --max-time 5 -D - {url}");
+    let script = format!("curl -gsS --max-time 5 -D - {url}");
     let out = if as_agent { c.agent_exec(&script) } else { c.exec(&script) };
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -151,9 +151,10 @@ fn the_endpoint_parses_as_openmetrics_and_its_counters_move_with_traffic() {
 #[test]
 fn the_agent_cannot_reach_the_metrics_listener_on_any_local_address_but_root_can() {
     let sb = Sandbox::new("metrics-fence");
-    // Every address, as for a platform that scrapes the container from outside.
-    let (c, _dns) = boot(&sb, "0.0.0.0:9464");
-    for host in ["127.0.0.1", CORDON_V4] {
+    // Every address, IPv4 and IPv6, as for a platform that scrapes the container from outside
+    // (Fly's scraper comes over IPv6).
+    let (c, _dns) = boot(&sb, "[::]:9464");
+    for host in ["127.0.0.1", CORDON_V4, "[::1]", &format!("[{CORDON_V6}]")] {
         let url = format!("http://{host}:9464/metrics");
         // Positive control: root (and so the platform) reaches it on this address.
         let body = scrape(&c, &url);
