@@ -21,8 +21,8 @@
 //!   2. DNS to cordon's listener: accept.
 //!   3. Anything to a resolver (resolv.conf's, the upstreams, Docker's 127.0.0.11), and DNS
 //!      (port 53, before NAT) anywhere else: reject.
-//!   4. Loopback (also the container's own addresses): accept on `network.loopback_ports`,
-//!      reject the rest.
+//!   4. Loopback (also the container's own addresses): reject cordon's metrics port
+//!      (`[metrics] listen`), accept on `network.loopback_ports`, reject the rest.
 //!   5. New TCP to an admitted address on an allowed port: mark the connection, accept.
 //!   6. Everything else: reject at once (TCP reset, ICMP otherwise), counted.
 //!
