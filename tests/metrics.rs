@@ -142,6 +142,13 @@ fn the_endpoint_parses_as_openmetrics_and_its_counters_move_with_traffic() {
         (reaped(&scrape(&c, url)) > was).then_some(())
     });
     assert_parses_as_openmetrics(&scrape(&c, url));
+    // The count's descriptor stays with cordon: the agent never inherits it.
+    let agent_fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", c.agent()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.display().to_string())
+        .collect();
+    assert!(!agent_fds.iter().any(|t| t.contains("cordon-reaped")), "{agent_fds:?}");
 
     // Anything but GET /metrics is refused.
     let other = curl(&c, "http://127.0.0.1:9464/", false).unwrap();
