@@ -181,3 +181,30 @@ fn the_agent_cannot_reach_the_metrics_listener_on_any_local_address_but_root_can
     assert!(String::from_utf8_lossy(&world.stdout).contains("cordon_dns_queries_total"), "{world:?}");
     assert!(c.boot_log().contains("metrics port 9464 refused"), "{}", c.boot_log());
 }
+
+#[test]
+fn agent_restarts_and_state_follow_the_supervisor() {
+    let sb = Sandbox::new("metrics-agent");
+    sb.write_file("domains.conf", "api.example.com\n");
+    let _dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse::<SocketAddr>().unwrap());
+    let cfg = TestConfig {
+        agent_command: "sleep 0.3; exit 3".into(),
+        on_exit: "restart",
+        extra: "\n[metrics]\nlisten = \"127.0.0.1:9464\"\n".into(),
+        ..TestConfig::default()
+    };
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let url = "http://127.0.0.1:9464/metrics";
+    // Each exit is followed by a restart after the backoff (1 s, doubling).
+    let text = wait_until("two agent restarts in the metrics", Duration::from_secs(15), || {
+        let text = scrape(&c, url);
+        (value(&text, "cordon_agent_restarts_total")? >= 2.0).then_some(text)
+    });
+    assert_parses_as_openmetrics(&text);
+    let running = |t: &str| value(t, "cordon_agent_running");
+    wait_until("the agent seen both running and not", Duration::from_secs(10), || {
+        let seen: Vec<f64> = (0..40).filter_map(|_| running(&scrape(&c, url))).collect();
+        (seen.contains(&0.0) && seen.contains(&1.0)).then_some(())
+    });
+}
