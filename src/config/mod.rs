@@ -132,6 +132,9 @@ pub struct Network {
     /// Turn the DNS server and the egress firewall off (for debugging only: the agent's
     /// network is then unrestricted, and the state says so).
     pub enforce: bool,
+    /// `enforce` refuses names outside the allowlist; `observe` resolves and admits them (on the
+    /// default ports) and records each would-be refusal, for `cordon policy suggest`.
+    pub mode: Mode,
     /// The allowlist file: one domain pattern per line, `#` comments.
     pub allowlist: PathBuf,
     /// Patterns allowed in addition to the file's.
@@ -170,6 +173,7 @@ impl Default for Network {
     fn default() -> Self {
         Network {
             enforce: true,
+            mode: Mode::Enforce,
             allowlist: DEFAULT_ALLOWLIST_PATH.into(),
             allow: vec![],
             listen: SocketAddr::from(([127, 0, 0, 53], 53)),
@@ -296,6 +300,18 @@ impl Default for Git {
             npm_scopes: vec![],
         }
     }
+}
+
+/// `network.mode`: whether names outside the allowlist are refused or only recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Names outside the allowlist are refused.
+    #[default]
+    Enforce,
+    /// Names outside the allowlist are resolved and admitted (default ports) and recorded:
+    /// egress is NOT enforced.
+    Observe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

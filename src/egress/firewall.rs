@@ -559,6 +559,8 @@ pub fn stage(
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
     let applied = apply(&plan, default_timeout, sys)?;
+    *egress.firewall_ports.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((plan.extra_ports.iter().copied().collect(), plan.raw_ports.iter().copied().collect()));
     let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
     let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
     let checked = match plan.proxy_port {
