@@ -1,6 +1,7 @@
 //! What cordon reports: the boot log and state file (`report`), the status document and `why`
 //! (`status`), and the control socket that answers from the live state (`control`).
 
+pub mod admin;
 pub(crate) mod control;
 pub mod report;
 pub(crate) mod status;
@@ -30,7 +31,11 @@ pub fn open(
         Problem::caused_by(format_args!("cannot bind the control socket in {}", state_dir.display()), &e)
     })?;
     services.add(control::serve(listener, live.clone()));
-    Ok(((), format!("{}, control socket ready", state_dir.display())))
+    let admin = admin::bind(state_dir).map_err(|e| {
+        Problem::caused_by(format_args!("cannot bind the admin socket in {}", state_dir.display()), &e)
+    })?;
+    services.add(admin::serve(admin, live.clone()));
+    Ok(((), format!("{}, control and admin sockets ready", state_dir.display())))
 }
 
 /// Part of the `filesystem` stage: the agent's group may query the control socket, and `status`
