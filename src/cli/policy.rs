@@ -41,7 +41,10 @@ pub fn client(state_dir: &Path, line: &str) -> (String, String, u8) {
         ),
         Err(e) => (
             String::new(),
-            format!("cordon: no answer on {} ({e}); is cordon running here, with the same supervisor.state_dir?\n", socket.display()),
+            format!(
+                "cordon: no answer on {} ({e}); is cordon running here, with the same supervisor.state_dir?\n",
+                socket.display()
+            ),
             EXIT_UNREACHABLE,
         ),
     }

@@ -193,7 +193,8 @@ impl Admitter {
             self.table().remove(&(ip, set));
         }
         let table = self.table();
-        let mut ips: Vec<IpAddr> = gone.iter().map(|(ip, _)| *ip).filter(|ip| !table.keys().any(|(k, _)| k == ip)).collect();
+        let mut ips: Vec<IpAddr> =
+            gone.iter().map(|(ip, _)| *ip).filter(|ip| !table.keys().any(|(k, _)| k == ip)).collect();
         ips.sort();
         ips.dedup();
         Ok(ips)

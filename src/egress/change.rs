@@ -68,7 +68,13 @@ pub fn plan(
             next.grants.retain(|g| g.entry != *entry);
             next.next_id += 1;
             let until = for_.map(|d| (Instant::now() + d, SystemTime::now() + d));
-            next.grants.push(Grant { id: next.next_id, entry: entry.clone(), at: SystemTime::now(), until, by: who.into() });
+            next.grants.push(Grant {
+                id: next.next_id,
+                entry: entry.clone(),
+                at: SystemTime::now(),
+                until,
+                by: who.into(),
+            });
             next.denied.remove(&entry.pattern);
         }
         Op::Deny { pattern } => {
@@ -171,8 +177,9 @@ impl Egress {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     tokio::time::sleep(d).await;
-                    let _ = tokio::task::spawn_blocking(move || egress.change(Op::Expire { id }, "timer (grant expired)"))
-                        .await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || egress.change(Op::Expire { id }, "timer (grant expired)"))
+                            .await;
                 });
             }
         }
@@ -317,8 +324,11 @@ mod tests {
     #[test]
     fn a_change_needing_a_port_without_firewall_rules_is_named() {
         let list = Allowlist::new(
-            crate::config::allowlist::parse_file("a.example.com:8443\nb.example.com:22:raw\nc.example.com:9000\n", "d".as_ref())
-                .unwrap(),
+            crate::config::allowlist::parse_file(
+                "a.example.com:8443\nb.example.com:22:raw\nc.example.com:9000\n",
+                "d".as_ref(),
+            )
+            .unwrap(),
         );
         let fw = (BTreeSet::from([8443]), BTreeSet::new());
         assert_eq!(missing_ports(&list, &fw), ["9000", "22:raw"]);

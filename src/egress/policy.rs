@@ -170,6 +170,11 @@ impl Policy {
             return None;
         }
         let name = crate::config::allowlist::canonical(name);
+        // `.invalid` never resolves (RFC 6761): nothing to allow. The readiness probe's
+        // negative lookup is one.
+        if name == "invalid" || name.ends_with(".invalid") {
+            return Some(Reach { default_ports: true, ..Reach::default() });
+        }
         let now = SystemTime::now();
         let mut observed = self.observed.lock().unwrap_or_else(|e| e.into_inner());
         let full = observed.names.len() >= OBSERVED_NAMES;
@@ -248,6 +253,7 @@ mod tests {
         let reach = observe.observe("X.Example.com.", "dns").unwrap();
         assert!(reach.default_ports && reach.extra_ports.is_empty() && reach.raw_ports.is_empty());
         observe.observe("x.example.com", "tls");
+        observe.observe("cordon-readiness-probe.invalid", "dns");
         let (seen, dropped) = observe.observed();
         assert_eq!(dropped, 0);
         assert_eq!(seen.len(), 1);

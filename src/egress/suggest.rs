@@ -142,7 +142,9 @@ mod tests {
         assert!(text.contains("api.example.com  # already present (d:1)\n"), "{text}");
         assert!(text.contains("api.example.com  # already present; seen 1 time(s)"), "{text}");
         assert!(
-            text.contains("*.cdn.example.com  # seen 3 time(s), first 1970-01-01T00:00:00Z (x.cdn.example.com, y.cdn.example.com)"),
+            text.contains(
+                "*.cdn.example.com  # seen 3 time(s), first 1970-01-01T00:00:00Z (x.cdn.example.com, y.cdn.example.com)"
+            ),
             "{text}"
         );
         assert!(text.contains("new.example.net  # seen 7 time(s)"), "{text}");

@@ -11,7 +11,8 @@ use crate::session::users::AgentUser;
 use crate::session::users::unprivileged_command;
 
 /// The status line's right in observe mode (`network.mode = "observe"`).
-pub const OBSERVE_STATUS: &str = "#[bg=colour160,fg=colour231,bold] cordon: egress NOT enforced (observe mode) #[default]";
+pub const OBSERVE_STATUS: &str =
+    "#[bg=colour160,fg=colour231,bold] cordon: egress NOT enforced (observe mode) #[default]";
 
 /// The built-in configuration, used when /etc/cordon/tmux.conf does not exist.
 pub const DEFAULT_CONF: &str = include_str!("../../config/tmux.conf");

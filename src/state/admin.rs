@@ -82,7 +82,10 @@ pub fn parse(line: &str) -> Result<Request, String> {
             Ok(Request::Change(Op::Allow { entry, for_ }))
         }
         ["deny", pattern] => Ok(Request::Change(Op::Deny { pattern: DomainPattern::parse(pattern)? })),
-        _ => Err("unknown request; this socket answers `reload`, `allow ENTRY [SECONDS]`, `deny PATTERN`, `suggest`".into()),
+        _ => {
+            Err("unknown request; this socket answers `reload`, `allow ENTRY [SECONDS]`, `deny PATTERN`, `suggest`"
+                .into())
+        }
     }
 }
 
@@ -104,7 +107,9 @@ async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Res
         serde_json::json!({ "ok": false, "permission_denied": true, "message": message })
     } else {
         match (egress, parse(&request)) {
-            (None, _) => serde_json::json!({ "ok": false, "message": "egress is not enforced here (network.enforce = false): there is no policy to change" }),
+            (None, _) => {
+                serde_json::json!({ "ok": false, "message": "egress is not enforced here (network.enforce = false): there is no policy to change" })
+            }
             (_, Err(e)) => serde_json::json!({ "ok": false, "message": e }),
             (Some(egress), Ok(Request::Suggest)) => {
                 let text = suggest(&egress);
@@ -129,8 +134,7 @@ async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Res
 fn suggest(egress: &crate::egress::Egress) -> String {
     use crate::egress::suggest::{Seen, collapse, render};
     let (observed, dropped) = egress.policy.observed();
-    let seen: Vec<Seen> =
-        observed.into_iter().map(|(name, o)| Seen { name, count: o.count, first: o.first }).collect();
+    let seen: Vec<Seen> = observed.into_iter().map(|(name, o)| Seen { name, count: o.count, first: o.first }).collect();
     let in_force = egress.policy.entries().compose();
     let mut text = render(&in_force, &collapse(&seen), dropped);
     if egress.policy.mode() != crate::config::Mode::Observe {

@@ -31,9 +31,8 @@ pub fn open(
         Problem::caused_by(format_args!("cannot bind the control socket in {}", state_dir.display()), &e)
     })?;
     services.add(control::serve(listener, live.clone()));
-    let admin = admin::bind(state_dir).map_err(|e| {
-        Problem::caused_by(format_args!("cannot bind the admin socket in {}", state_dir.display()), &e)
-    })?;
+    let admin = admin::bind(state_dir)
+        .map_err(|e| Problem::caused_by(format_args!("cannot bind the admin socket in {}", state_dir.display()), &e))?;
     services.add(admin::serve(admin, live.clone()));
     Ok(((), format!("{}, control and admin sockets ready", state_dir.display())))
 }

@@ -526,7 +526,8 @@ fn render_policy(o: &mut String, p: &PolicyStatus, paint: Paint) {
         }
     }
     if p.mode == "observe" {
-        let _ = writeln!(o, "        {} name(s) observed (cordon policy suggest prints an allowlist):", p.observed_names);
+        let _ =
+            writeln!(o, "        {} name(s) observed (cordon policy suggest prints an allowlist):", p.observed_names);
         for n in p.observed.iter().take(8) {
             let _ = writeln!(o, "          {:<40} x{:<4} {}", n.name, n.count, ago(&n.last));
         }
