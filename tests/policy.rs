@@ -350,3 +350,83 @@ fn observe_mode_resolves_names_outside_the_list_and_its_suggestion_enforced_refu
     // Negative control: the suggestion is no open door.
     assert_eq!(dig(&c, "elsewhere.example.net"), "NXDOMAIN");
 }
+
+/// Name binding on (the default): an agent's TLS connection through the name-checking proxy,
+/// with `name` as SNI, held open waiting for a byte the server never sends; prints the epoch
+/// when it ended (killed, or after 14 s).
+fn tls_held_open(c: &Cordon, name: &str) -> std::thread::JoinHandle<String> {
+    let script = format!(
+        "python3 -c '\nimport socket, ssl, time\nctx = ssl.create_default_context()\nctx.check_hostname = False\n\
+         ctx.verify_mode = ssl.CERT_NONE\ns = ctx.wrap_socket(socket.create_connection((\"{name}\", 443), timeout=14), \
+         server_hostname=\"{name}\")\ntry:\n    s.recv(1)\nexcept Exception as e:\n    pass\nprint(\"ended\", time.time())\n'"
+    );
+    let ns = c.ns_init();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &ns.to_string(), "-p", "-m", "-u", "-n", "-S", "4242", "-G", "4242", "--", "/bin/bash", "-c"])
+            .arg(&script)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .expect("nsenter");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// Established TCP sockets to `addr` inside cordon's namespaces (the agent's and the proxy's).
+fn established_to(c: &Cordon, addr: &str) -> usize {
+    let out = c.exec(&format!("ss -tnH state established dst {addr}"));
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// A TLS handshake from the agent with `name` as SNI: whether it got through the proxy.
+fn tls_ok(c: &Cordon, name: &str) -> bool {
+    let out = c.agent_exec(&format!(
+        "echo | timeout 5 openssl s_client -connect {name}:443 -servername {name} 2>&1 | grep -q 'BEGIN CERTIFICATE'"
+    ));
+    out.status.success()
+}
+
+#[test]
+fn with_name_binding_deny_kills_the_proxied_connection_and_a_shared_address_refuses_only_the_denied_name() {
+    let sb = Sandbox::new("denynames");
+    sb.write_file("domains.conf", "api.example.com\nshared.example.com\nkeep.example.com\n");
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    // api.example.com alone on its address; shared and keep on one address.
+    dns.set("api.example.com", vec![ip("192.0.2.93")]);
+    dns.set("shared.example.com", vec![ip("192.0.2.94")]);
+    dns.set("keep.example.com", vec![ip("192.0.2.94")]);
+    sb.net.add_world_addr("192.0.2.93");
+    sb.net.add_world_addr("192.0.2.94");
+    let _https = harness::world::HttpsServer::start(&sb.net.world, &["192.0.2.93:443", "192.0.2.94:443"], &sb.dir);
+    let cfg = TestConfig::default();
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    for name in ["api.example.com", "shared.example.com", "keep.example.com"] {
+        assert!(tls_ok(&c, name), "{name} before any change");
+    }
+
+    let held = tls_held_open(&c, "api.example.com");
+    harness::wait_until("the proxied connection to be up", Duration::from_secs(10), || {
+        (established_to(&c, "192.0.2.93") >= 2).then_some(())
+    });
+    let (code, _, err) = cordon(&sb, &c, "deny api.example.com", false);
+    let denied_at = epoch_now();
+    assert_eq!(code, 0, "{err}");
+    let held = held.join().unwrap();
+    let ended: f64 =
+        held.trim().strip_prefix("ended ").unwrap_or_else(|| panic!("the client: {held}")).parse().unwrap();
+    assert!(ended <= denied_at + 1.0, "the proxied connection lived {:.2} s past the deny", ended - denied_at);
+    assert!(!tls_ok(&c, "api.example.com"));
+
+    // The shared address stays admitted for keep.example.com; shared.example.com's binding is
+    // forgotten, so the name-bound layer refuses it on that very address.
+    let (code, _, err) = cordon(&sb, &c, "deny shared.example.com", false);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("192.0.2.94"), "the address another name justifies was removed: {err}");
+    assert!(tls_ok(&c, "keep.example.com"), "positive control: the other name on the shared address");
+    let out = c.agent_exec(
+        "echo | timeout 5 openssl s_client -connect 192.0.2.94:443 -servername shared.example.com 2>&1 | grep -c 'BEGIN CERTIFICATE'",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "the denied name passed on a shared address");
+}
