@@ -45,14 +45,12 @@ impl std::fmt::Display for Op {
     }
 }
 
+/// What a reload read: the entries with their origins, or every problem (file and line).
+pub type Loaded = Result<Vec<(Entry, String)>, Vec<String>>;
+
 /// The entries after `op`, or why it is refused. Pure: the caller puts them in force.
 /// `loaded` is what a reload read (only `Reload` uses it).
-pub fn plan(
-    current: &Entries,
-    op: &Op,
-    who: &str,
-    loaded: Option<Result<Vec<(Entry, String)>, Vec<String>>>,
-) -> Result<Entries, String> {
+pub fn plan(current: &Entries, op: &Op, who: &str, loaded: Option<Loaded>) -> Result<Entries, String> {
     let mut next = current.clone();
     match op {
         Op::Reload => match loaded {

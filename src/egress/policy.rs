@@ -21,7 +21,7 @@ pub const OBSERVED_NAMES: usize = 4096;
 
 /// Where `reload` gets the entries from: the allowlist file and `network.allow`, read again.
 /// Err: every problem, each naming its file and line.
-pub type Source = Box<dyn Fn() -> Result<Vec<(Entry, String)>, Vec<String>> + Send + Sync>;
+pub type Source = Box<dyn Fn() -> crate::egress::change::Loaded + Send + Sync>;
 
 /// An entry added at run time by `cordon allow`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +135,7 @@ impl Policy {
     }
 
     /// Reads the entries again; Err when there is no source or it has problems.
-    pub fn load(&self) -> Result<Vec<(Entry, String)>, Vec<String>> {
+    pub fn load(&self) -> crate::egress::change::Loaded {
         match self.source.get() {
             Some(source) => source(),
             None => Err(vec!["this cordon has no allowlist source to reload from".into()]),

@@ -42,7 +42,7 @@ pub fn collapse(seen: &[Seen]) -> Vec<Suggestion> {
             _ => alone.push(s),
         }
     }
-    let mut out: Vec<Suggestion> = alone.into_iter().map(|s| single(s)).collect();
+    let mut out: Vec<Suggestion> = alone.into_iter().map(single).collect();
     for (parent, group) in by_parent {
         let distinct: std::collections::BTreeSet<&str> = group.iter().map(|s| s.name.as_str()).collect();
         if distinct.len() < 2 {
