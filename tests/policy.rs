@@ -430,3 +430,16 @@ fn with_name_binding_deny_kills_the_proxied_connection_and_a_shared_address_refu
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "the denied name passed on a shared address");
 }
+
+#[test]
+fn observe_mode_says_egress_is_not_enforced_in_the_tmux_status_line() {
+    let sb = Sandbox::new("observetmux");
+    let _dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    let cfg = TestConfig { tmux: true, network: "mode = \"observe\"\n".into(), ..TestConfig::default() };
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    let socket = sb.path("state/tmux/agent.sock").display().to_string();
+    let out = c.agent_exec(&format!("tmux -S {socket} show-options -gv status-right"));
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("egress NOT enforced (observe mode)"), "status-right: {line:?} {out:?}");
+}

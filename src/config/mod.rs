@@ -794,6 +794,14 @@ mod tests {
     }
 
     #[test]
+    fn network_mode_is_enforce_unless_observe_is_asked_and_nothing_else_is_taken() {
+        assert_eq!(parse("").unwrap().network.mode, Mode::Enforce);
+        assert_eq!(parse("[network]\nmode = \"observe\"\n").unwrap().network.mode, Mode::Observe);
+        let e = parse("[network]\nmode = \"audit\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
     fn urls_with_credentials_options_or_odd_schemes_are_refused() {
         for ok in [
             "https://github.com/o/r.git",
