@@ -17,8 +17,12 @@ const BOOT: Duration = Duration::from_secs(30);
 /// A TCP server on `addr` that answers every line with `echo LINE`, one thread per connection,
 /// for connections that stay open across a policy change.
 fn echo(sb: &Sandbox, addr: &str) -> TcpService {
+    echo_on(sb, addr, 443)
+}
+
+fn echo_on(sb: &Sandbox, addr: &str, port: u16) -> TcpService {
     sb.net.add_world_addr(addr);
-    let sock: SocketAddr = format!("{addr}:443").parse().unwrap();
+    let sock: SocketAddr = format!("{addr}:{port}").parse().unwrap();
     TcpService::start(&sb.net.world, sock, |conn| {
         std::thread::spawn(move || {
             let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
@@ -442,4 +446,33 @@ fn observe_mode_says_egress_is_not_enforced_in_the_tmux_status_line() {
     let out = c.agent_exec(&format!("tmux -S {socket} show-options -gv status-right"));
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(line.contains("egress NOT enforced (observe mode)"), "status-right: {line:?} {out:?}");
+}
+
+#[test]
+fn allow_of_a_name_port_entry_adds_the_ports_firewall_rules_live_and_keeps_what_was_admitted() {
+    let sb = Sandbox::new("allowport");
+    sb.write_file("domains.conf", "api.example.com\n");
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("api.example.com", vec![ip("192.0.2.10")]);
+    dns.set("port.example.com", vec![ip("192.0.2.40")]);
+    let _a = echo(&sb, "192.0.2.10");
+    let _p = echo_on(&sb, "192.0.2.40", 8443);
+    let c = boot(&sb, "");
+    assert_eq!(one_echo(&c, "api.example.com").unwrap(), "echo hi");
+    let on_8443 = || {
+        let out = c.agent_exec(
+            "getent hosts port.example.com >/dev/null; timeout 5 bash -c 'exec 3<>/dev/tcp/192.0.2.40/8443 && echo hi >&3 && head -n1 <&3'",
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(on_8443(), "", "port 8443 before the allow");
+
+    let (code, _, err) = cordon(&sb, &c, "allow port.example.com:8443", false);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("firewall rules added for port(s) 8443"), "{err}");
+    assert_eq!(on_8443(), "echo hi");
+    // The rules were replaced, the sets kept: the address admitted before is still admitted.
+    assert_eq!(one_echo(&c, "192.0.2.10").unwrap(), "echo hi", "an admitted address was lost");
+    let rules = c.exec("iptables -S CORDON_AGENT");
+    assert!(String::from_utf8_lossy(&rules.stdout).contains("--dport 8443"), "{rules:?}");
 }

@@ -104,12 +104,11 @@ pub fn plan(current: &Entries, op: &Op, who: &str, loaded: Option<Loaded>) -> Re
     Ok(next)
 }
 
-/// The per-entry ports `allowlist` needs that the firewall has no rules for (`firewall`:
-/// `name:port`, `name:port:raw` sets and rules are made at boot).
-pub fn missing_ports(allowlist: &Allowlist, firewall: &(BTreeSet<u16>, BTreeSet<u16>)) -> Vec<String> {
-    let extra = allowlist.extra_ports().into_iter().filter(|p| !firewall.0.contains(p)).map(|p| p.to_string());
-    let raw = allowlist.raw_ports().into_iter().filter(|p| !firewall.1.contains(p)).map(|p| format!("{p}:raw"));
-    extra.chain(raw).collect()
+/// The ports of `have` and `need`, sorted, each once: a live change only ever adds port rules.
+pub fn union(have: &[u16], need: BTreeSet<u16>) -> Vec<u16> {
+    let mut all: BTreeSet<u16> = need;
+    all.extend(have);
+    all.into_iter().collect()
 }
 
 /// Whether `reach` lets an address into `set`.
@@ -153,16 +152,27 @@ impl Egress {
         let loaded = matches!(op, Op::Reload).then(|| self.policy.load());
         let next = plan(&entries, op, who, loaded)?;
         let allowlist = Allowlist::new(next.compose());
-        if let Some(fw) = self.firewall_ports.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let missing = missing_ports(&allowlist, fw);
-            if !missing.is_empty() {
-                return Err(format!(
-                    "port(s) {} have no firewall rules in this running cordon (per-entry ports are set up at boot); \
-                     restart the container to add them",
-                    missing.join(", ")
-                ));
+        // Per-entry ports the rules lack: their sets and rules first, so the new entries work the
+        // moment they are in force. Ports no longer needed keep their (then empty) rules.
+        let mut widened = String::new();
+        let mut firewall = self.firewall.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((plan, timeout)) = firewall.as_mut() {
+            let mut wider = plan.clone();
+            wider.extra_ports = union(&plan.extra_ports, allowlist.extra_ports());
+            wider.raw_ports = union(&plan.raw_ports, allowlist.raw_ports());
+            if wider != *plan {
+                crate::egress::firewall::widen(&wider, *timeout, &crate::sys::effects::Host)
+                    .map_err(|e| format!("cannot add the firewall rules for the new per-entry ports: {e}"))?;
+                let ports = |v: &[u16], old: &[u16], raw: &str| {
+                    v.iter().filter(|p| !old.contains(p)).map(|p| format!("{p}{raw}")).collect::<Vec<_>>()
+                };
+                let mut added = ports(&wider.extra_ports, &plan.extra_ports, "");
+                added.extend(ports(&wider.raw_ports, &plan.raw_ports, ":raw"));
+                widened = format!("; firewall rules added for port(s) {}", added.join(", "));
+                *plan = wider;
             }
         }
+        drop(firewall);
         let size = allowlist.len();
         let old = self.policy.replace(allowlist);
         let new = self.policy.allowlist();
@@ -182,7 +192,7 @@ impl Egress {
             }
         }
         *entries = next;
-        Ok(format!("{size} entries in force{narrowed}"))
+        Ok(format!("{size} entries in force{widened}{narrowed}"))
     }
 
     /// Takes away what `old` allowed and `new` does not; returns a note for the record.
@@ -320,15 +330,8 @@ mod tests {
     }
 
     #[test]
-    fn a_change_needing_a_port_without_firewall_rules_is_named() {
-        let list = Allowlist::new(
-            crate::config::allowlist::parse_file(
-                "a.example.com:8443\nb.example.com:22:raw\nc.example.com:9000\n",
-                "d".as_ref(),
-            )
-            .unwrap(),
-        );
-        let fw = (BTreeSet::from([8443]), BTreeSet::new());
-        assert_eq!(missing_ports(&list, &fw), ["9000", "22:raw"]);
+    fn port_rules_are_only_ever_added() {
+        assert_eq!(union(&[8443, 22], BTreeSet::from([9000, 8443])), [22, 8443, 9000]);
+        assert_eq!(union(&[8443], BTreeSet::new()), [8443], "a port no longer needed keeps its rules");
     }
 }

@@ -13,7 +13,7 @@ pub mod policy;
 pub mod probe;
 pub mod suggest;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -160,9 +160,9 @@ pub struct Egress {
     /// Whether its service still serves: false once it stopped or failed (name-checked
     /// connections are then refused, never let through).
     pub proxy_serving: Arc<AtomicBool>,
-    /// The per-entry ports the firewall has rules and sets for (`name:port`, `name:port:raw`),
-    /// once its stage has run: a live change may not need others (see `change`).
-    pub firewall_ports: Mutex<Option<(BTreeSet<u16>, BTreeSet<u16>)>>,
+    /// The firewall's plan in force and its sets' default timeout, once its stage has run: a live
+    /// change that needs per-entry ports the plan lacks widens it (see `change`).
+    pub firewall: Mutex<Option<(firewall::Plan, u32)>>,
 }
 
 /// Where the resolver configuration lives; the `dns` stage points it at cordon.
@@ -288,7 +288,7 @@ impl Egress {
             proxy_port: network.name_binding.then_some(network.proxy_port),
             proxy: OnceLock::new(),
             proxy_serving: Arc::new(AtomicBool::new(false)),
-            firewall_ports: Mutex::new(None),
+            firewall: Mutex::new(None),
         });
         (egress, server)
     }
