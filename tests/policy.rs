@@ -476,3 +476,29 @@ fn allow_of_a_name_port_entry_adds_the_ports_firewall_rules_live_and_keeps_what_
     let rules = c.exec("iptables -S CORDON_AGENT");
     assert!(String::from_utf8_lossy(&rules.stdout).contains("--dport 8443"), "{rules:?}");
 }
+
+#[test]
+fn observe_mode_lets_an_unlisted_name_through_the_name_bound_layer_and_records_it() {
+    let sb = Sandbox::new("observetls");
+    sb.write_file("domains.conf", "api.example.com\n");
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("api.example.com", vec![ip("192.0.2.95")]);
+    dns.set("outside.example.net", vec![ip("192.0.2.96")]);
+    sb.net.add_world_addr("192.0.2.95");
+    sb.net.add_world_addr("192.0.2.96");
+    let _https = harness::world::HttpsServer::start(&sb.net.world, &["192.0.2.95:443", "192.0.2.96:443"], &sb.dir);
+    let cfg = TestConfig { network: "mode = \"observe\"\n".into(), ..TestConfig::default() };
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, "");
+    c.wait_phase(Phase::Ready, BOOT);
+    assert!(tls_ok(&c, "api.example.com"), "positive control: the listed name");
+    assert!(tls_ok(&c, "outside.example.net"), "observe mode refused an unlisted name");
+    let doc = status_json(&sb, &c);
+    let seen = doc["policy"]["observed"].as_array().unwrap();
+    let outside = seen.iter().find(|o| o["name"] == "outside.example.net").unwrap_or_else(|| panic!("{seen:?}"));
+    assert_eq!(outside["via"], serde_json::json!(["dns", "proxy"]), "{outside}");
+    // Still a name-bound check: a name cordon's DNS never answered with this address is refused.
+    let out = c.agent_exec(
+        "echo | timeout 5 openssl s_client -connect 192.0.2.96:443 -servername never.example.org 2>&1 | grep -c 'BEGIN CERTIFICATE'",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "an unbound name passed in observe mode");
+}
