@@ -185,9 +185,13 @@ impl Egress {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     tokio::time::sleep(d).await;
-                    let _ =
-                        tokio::task::spawn_blocking(move || egress.change(Op::Expire { id }, "timer (grant expired)"))
-                            .await;
+                    // A grant denied or replaced meanwhile is gone already: nothing to record.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if egress.policy.entries().grants.iter().any(|g| g.id == id) {
+                            let _ = egress.change(Op::Expire { id }, "timer (grant expired)");
+                        }
+                    })
+                    .await;
                 });
             }
         }
