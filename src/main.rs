@@ -51,6 +51,31 @@ enum Command {
         #[command(subcommand)]
         what: Option<StatusWhat>,
     },
+    /// Root only: read the allowlist file and network.allow again and put them in force (as
+    /// SIGHUP to cordon does). A bad file is refused with its file and line, and the policy in
+    /// force stays. Exit 0 done, 1 refused, 2 cordon not reachable, 77 not root
+    Reload,
+    /// Root only: allow NAME[:port[:raw]] now, for a while with --for; the grant is lost on a
+    /// container restart. Exit 0 done, 1 refused, 2 cordon not reachable, 77 not root
+    Allow {
+        /// An allowlist entry: name, *.name, name:port or name:port:raw
+        entry: String,
+        /// Take the grant away by itself after this long (e.g. 30s, 10m, 2h)
+        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        for_: Option<std::time::Duration>,
+    },
+    /// Root only: remove every entry with this pattern (file entries until the next reload, and
+    /// runtime grants), every port; its addresses leave the firewall and its open connections
+    /// are killed. Exit 0 done, 1 refused, 2 cordon not reachable, 77 not root
+    Deny {
+        /// The pattern of the entry, as written: name or *.name
+        name: String,
+    },
+    /// Root only: the policy's other tools
+    Policy {
+        #[command(subcommand)]
+        what: PolicyWhat,
+    },
     /// Internal: the supervisor process that `init` starts under its reaper
     #[command(hide = true)]
     Supervise,
@@ -84,6 +109,24 @@ enum StatusWhat {
         /// A domain name or an IP address
         target: String,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyWhat {
+    /// Print an allowlist file made from what observe mode (network.mode = "observe") let
+    /// through: the entries in force, marked, then the observed names, wildcards only where
+    /// several siblings were seen, each with its count and first-seen time
+    Suggest,
+}
+
+/// Sends a policy request to the running cordon and prints its answer.
+fn policy_request(source: &ConfigSource, command: &str, line: &str) -> ExitCode {
+    let env = std::env::vars().collect();
+    let config = cordon::cli::config_or_defaults(source, &env, command, &mut std::io::stderr());
+    let (out, err, code) = cordon::cli::policy::client(&config.supervisor.state_dir, line);
+    print!("{out}");
+    eprint!("{err}");
+    ExitCode::from(code)
 }
 
 fn main() -> ExitCode {
@@ -142,6 +185,16 @@ fn main() -> ExitCode {
             print!("{text}");
             ExitCode::from(code)
         }
+        Command::Reload => policy_request(&source, "reload", "reload"),
+        Command::Allow { entry, for_ } => {
+            let line = match for_ {
+                Some(d) => format!("allow {entry} {}", d.as_secs().max(1)),
+                None => format!("allow {entry}"),
+            };
+            policy_request(&source, "allow", &line)
+        }
+        Command::Deny { name } => policy_request(&source, "deny", &format!("deny {name}")),
+        Command::Policy { what: PolicyWhat::Suggest } => policy_request(&source, "policy suggest", "suggest"),
         Command::Check { allowlist, no_secrets } => {
             let env = std::env::vars().collect();
             let options = cordon::cli::check::CheckOptions { allowlist, no_secrets };

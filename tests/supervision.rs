@@ -109,6 +109,7 @@ fn a_child_that_ignores_term_is_killed_after_the_grace_period() {
     assert!(c.stderr().contains("ignored SIGTERM"), "{}", c.stderr());
 }
 
+/// QUIT, USR1, USR2 and WINCH reach the agent; HUP is cordon's (a policy reload) and does not.
 fn signals_reach_the_agent(mode: Mode) {
     let sb = Sandbox::new("signals");
     let traps: String =
@@ -123,16 +124,23 @@ fn signals_reach_the_agent(mode: Mode) {
     harness::wait_until("traps installed", Duration::from_secs(10), || {
         c.inside(&sb.path("ws/trapped")).exists().then_some(())
     });
+    // SIGHUP first: cordon's own (a policy reload), never the agent's.
     for sig in [Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH] {
         let name = &sig.as_str()[3..];
         match mode {
             Mode::Pid1 => assert!(c.exec(&format!("kill -{name} 1")).status.success()),
             Mode::Subreaper => c.kill(c.reaper(), sig),
         }
+        if sig == Signal::SIGHUP {
+            continue;
+        }
         harness::wait_until(&format!("the agent to receive {name}"), Duration::from_secs(10), || {
             fs::read_to_string(&got).ok().filter(|t| t.lines().any(|l| l == name)).map(|_| ())
         });
     }
+    let received = fs::read_to_string(&got).unwrap_or_default();
+    assert!(!received.lines().any(|l| l == "HUP"), "SIGHUP reached the agent: {received}");
+    assert!(c.stderr().contains("egress policy changed"), "SIGHUP reloads: {}", c.stderr());
     c.kill(c.reaper(), Signal::SIGINT);
     assert_eq!(exit_code(&mut c, mode), 0);
 }

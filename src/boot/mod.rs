@@ -119,6 +119,20 @@ fn run(
         let (egress, server) = s.run("dns", |_| egress::start(network, entries, &resolv_conf))?;
         services.add(server);
         let _ = live.egress.set(egress.clone());
+        // `cordon reload` and SIGHUP read the same configuration file again, for its
+        // network.allowlist file and network.allow entries only.
+        let (source, env) = (source.clone(), env.clone());
+        egress.policy.set_source(Box::new(move || {
+            let config = source.load(&env).map_err(|e| vec![e.to_string()])?;
+            config::load_allowlist(&config)
+        }));
+        if network.mode == config::Mode::Observe {
+            s.report.warn(
+                "egress is NOT enforced (network.mode = \"observe\"): names outside the allowlist are resolved and \
+                 admitted on the default ports, and recorded for `cordon policy suggest`"
+                    .into(),
+            );
+        }
         Some(egress)
     } else {
         s.skip("dns", "network.enforce = false");
@@ -206,6 +220,12 @@ fn run(
     let spec = AgentSpec { argv: config.agent.command.clone(), env: agent_env, user: user.clone(), workdir };
     let (agent, handle, tmux) = s.run("session", |_| agent::start(&config, spec, &state_dir))?;
     if let Some(tmux) = tmux {
+        if network.enforce && network.mode == config::Mode::Observe {
+            // Said where the operator looks: the session's own status line.
+            if let Err(e) = tmux.set_status_right(crate::session::tmux::OBSERVE_STATUS) {
+                s.report.warn(format!("cannot say in the tmux status line that egress is not enforced: {e}"));
+            }
+        }
         let _ = live.tmux.set(tmux);
     }
 

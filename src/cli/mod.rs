@@ -1,4 +1,5 @@
-//! The subcommands an operator runs, on top of everything else: `check`, `attach`, `status`.
+//! The subcommands an operator runs, on top of everything else: `check`, `attach`, `status`, and
+//! the policy changes (`reload`, `allow`, `deny`, `policy suggest`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -7,6 +8,7 @@ use crate::config::{Config, ConfigSource};
 
 pub mod attach;
 pub mod check;
+pub mod policy;
 pub mod status;
 
 /// The configuration for `attach` and `status`, which still have something to say when it is

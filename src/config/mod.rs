@@ -133,6 +133,9 @@ pub struct Network {
     /// Turn the DNS server and the egress firewall off (for debugging only: the agent's
     /// network is then unrestricted, and the state says so).
     pub enforce: bool,
+    /// `enforce` refuses names outside the allowlist; `observe` resolves and admits them (on the
+    /// default ports) and records each would-be refusal, for `cordon policy suggest`.
+    pub mode: Mode,
     /// The allowlist file: one domain pattern per line, `#` comments.
     pub allowlist: PathBuf,
     /// Patterns allowed in addition to the file's.
@@ -171,6 +174,7 @@ impl Default for Network {
     fn default() -> Self {
         Network {
             enforce: true,
+            mode: Mode::Enforce,
             allowlist: DEFAULT_ALLOWLIST_PATH.into(),
             allow: vec![],
             listen: SocketAddr::from(([127, 0, 0, 53], 53)),
@@ -309,6 +313,18 @@ impl Default for Git {
             npm_scopes: vec![],
         }
     }
+}
+
+/// `network.mode`: whether names outside the allowlist are refused or only recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Names outside the allowlist are refused.
+    #[default]
+    Enforce,
+    /// Names outside the allowlist are resolved and admitted (default ports) and recorded:
+    /// egress is NOT enforced.
+    Observe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -821,6 +837,14 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("cordon.toml"))
+    }
+
+    #[test]
+    fn network_mode_is_enforce_unless_observe_is_asked_and_nothing_else_is_taken() {
+        assert_eq!(parse("").unwrap().network.mode, Mode::Enforce);
+        assert_eq!(parse("[network]\nmode = \"observe\"\n").unwrap().network.mode, Mode::Observe);
+        let e = parse("[network]\nmode = \"audit\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
     }
 
     #[test]

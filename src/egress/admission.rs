@@ -19,11 +19,24 @@ use crate::egress::firewall::{self, Family};
 /// Where admitted addresses go: the kernel's ipset, or a recorder in tests.
 pub trait Sets: Send {
     fn add(&mut self, set: &str, ip: IpAddr, timeout_secs: u32) -> io::Result<()>;
+    /// Removes `ip` from `set` (a narrowing policy change). Recorders that never narrow need
+    /// not implement it.
+    fn del(&mut self, set: &str, ip: IpAddr) -> io::Result<()> {
+        let _ = (set, ip);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "these sets cannot remove an address"))
+    }
 }
 
 impl Sets for crate::egress::ipset::Ipset {
     fn add(&mut self, set: &str, ip: IpAddr, timeout_secs: u32) -> io::Result<()> {
         crate::egress::ipset::Ipset::add(self, set, ip, timeout_secs)
+    }
+    fn del(&mut self, set: &str, ip: IpAddr) -> io::Result<()> {
+        match crate::egress::ipset::Ipset::del(self, set, ip) {
+            // IPSET_ERR_EXIST (4103, ip_set.h): not in the set, its timeout ran out already.
+            Err(e) if e.to_string().contains("ipset error 4103") => Ok(()),
+            other => other,
+        }
     }
 }
 
@@ -60,7 +73,7 @@ pub struct AdmittedAddr {
 /// Which allow set of a family: the default ports', a `name:port` entry's (name-checked), or a
 /// `name:port:raw` entry's (address-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum SetOf {
+pub enum SetOf {
     Default,
     Port(u16),
     Raw(u16),
@@ -179,6 +192,28 @@ impl Admitter {
     pub fn prune(&self) {
         let now = Instant::now();
         self.table().retain(|_, e| e.until > now);
+    }
+
+    /// Removes from the kernel's sets and the table every admission `keep` says no name in
+    /// force justifies any more (a narrowing policy change); returns the addresses that left
+    /// every set they were in, whose connections are then to be killed. `keep` is called
+    /// with the table unlocked. An error leaves the rest in place: the caller reports it.
+    pub fn revoke(&self, keep: impl Fn(IpAddr, &str, SetOf) -> bool) -> io::Result<Vec<IpAddr>> {
+        let now = Instant::now();
+        let held: Vec<(Key, String)> =
+            self.table().iter().filter(|(_, e)| e.until > now).map(|(k, e)| (*k, e.name.clone())).collect();
+        let gone: Vec<Key> = held.iter().filter(|((ip, set), name)| !keep(*ip, name, *set)).map(|(k, _)| *k).collect();
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        for &(ip, set) in &gone {
+            sets.del(&set.name(Family::of(ip)), ip)?;
+            self.table().remove(&(ip, set));
+        }
+        let table = self.table();
+        let mut ips: Vec<IpAddr> =
+            gone.iter().map(|(ip, _)| *ip).filter(|ip| !table.keys().any(|(k, _)| k == ip)).collect();
+        ips.sort();
+        ips.dedup();
+        Ok(ips)
     }
 
     /// Every admitted address, for `status`.

@@ -316,7 +316,8 @@ impl RequestHandler for Handler {
         let mut md = Metadata::response_from_request(&request.metadata);
         md.recursion_available = true;
 
-        let Some(reach) = self.policy.allowlist().lookup(&qname) else {
+        // Observe mode (`network.mode`): a name outside the allowlist is recorded and answered.
+        let Some(reach) = self.policy.allowlist().lookup(&qname).or_else(|| self.policy.observe(&qname, "dns")) else {
             let count = self.stats.deny(&qname, qtype);
             if count.is_power_of_two() {
                 tracing::info!(name = %qname, qtype = %qtype, count, "denied: not in the allowlist");

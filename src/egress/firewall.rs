@@ -570,6 +570,7 @@ pub fn stage(
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
     let applied = apply(&plan, default_timeout, sys)?;
+    *egress.firewall.lock().unwrap_or_else(|e| e.into_inner()) = Some((plan.clone(), default_timeout));
     let join = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(",") };
     let ports = plan.ports.iter().chain(&plan.extra_ports).map(u16::to_string).collect();
     let checked = match plan.proxy_port {
@@ -614,6 +615,38 @@ pub fn apply(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<App
 fn apply_steps(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<Applied, FirewallError> {
     let existing = list_sets(sys)?;
     run(sys, "ipset", &["restore"], Some(&render_sets(plan, default_timeout, &existing)))?;
+    apply_rules(plan, sys)
+}
+
+/// A live policy change that needs per-entry ports the rules lack (`egress::change`): the sets
+/// missing are created, the existing ones and the addresses in them kept; then the rules of
+/// each family are replaced in one transaction and read back, as at boot. No rollback: a family
+/// whose transaction failed keeps its previous rules, which are narrower, never wider.
+pub fn widen(plan: &Plan, default_timeout: u32, sys: &dyn Effects) -> Result<Applied, FirewallError> {
+    let missing = render_missing_sets(plan, default_timeout, &list_sets(sys)?);
+    if !missing.is_empty() {
+        run(sys, "ipset", &["restore"], Some(&missing))?;
+    }
+    apply_rules(plan, sys)
+}
+
+/// The `ipset restore` input that creates the sets of the plan not in `existing` (`ipset list
+/// -n`), leaving every existing set and its content alone.
+pub fn render_missing_sets(plan: &Plan, default_timeout: u32, existing: &[String]) -> String {
+    let mut s = String::new();
+    for (family, name) in plan.sets().into_iter().filter(|(_, n)| !existing.contains(n)) {
+        let _ = writeln!(
+            s,
+            "create {name} hash:ip family {} timeout {default_timeout} maxelem 1048576",
+            family.ipset_family()
+        );
+    }
+    s
+}
+
+/// Per family the chains and the jump in one transaction, read back; then the sets the new
+/// rules no longer reference go.
+fn apply_rules(plan: &Plan, sys: &dyn Effects) -> Result<Applied, FirewallError> {
     let mut applied = Applied::default();
     for family in [Family::V4, Family::V6] {
         let nat = match run(sys, family.iptables(), &["-w", "10", "-t", "nat", "-S", "OUTPUT"], None) {
@@ -1184,6 +1217,20 @@ mod apply_tests {
                 _ => None,
             })
             .unwrap_or_else(|| panic!("{program} was not run with input"))
+    }
+
+    #[test]
+    fn a_widening_creates_only_the_missing_sets_and_keeps_the_others_and_their_addresses() {
+        let mut p = plan();
+        p.extra_ports = vec![8443];
+        p.raw_ports = vec![22];
+        let existing: Vec<String> = ["cordon4", "cordon6", "cordon4-p8443", "cordon6-p8443"].map(String::from).to_vec();
+        assert_eq!(
+            render_missing_sets(&p, 360, &existing),
+            "create cordon4-r22 hash:ip family inet timeout 360 maxelem 1048576\n\
+             create cordon6-r22 hash:ip family inet6 timeout 360 maxelem 1048576\n"
+        );
+        assert_eq!(render_missing_sets(&p, 360, &p.sets().into_iter().map(|(_, n)| n).collect::<Vec<_>>()), "");
     }
 
     #[test]

@@ -3,12 +3,15 @@
 
 pub(crate) mod addrs;
 pub mod admission;
+pub mod change;
+pub mod conntrack;
 pub(crate) mod dns;
 pub mod firewall;
 pub mod ipset;
 pub mod namebound;
 pub mod policy;
 pub mod probe;
+pub mod suggest;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +25,7 @@ use hickory_server::proto::rr::{Name, RecordType};
 
 use self::dns::{DnsStats, Handler, LastGood};
 use crate::config::Network;
-use crate::config::allowlist::{Allowlist, Entry};
+use crate::config::allowlist::Entry;
 use crate::egress::admission::{Admitter, Lifetimes, Sets};
 use crate::egress::namebound::bindings::{self, Bindings};
 use crate::egress::policy::Policy;
@@ -159,6 +162,9 @@ pub struct Egress {
     /// Whether its service still serves: false once it stopped or failed (name-checked
     /// connections are then refused, never let through).
     pub proxy_serving: Arc<AtomicBool>,
+    /// The firewall's plan in force and its sets' default timeout, once its stage has run: a live
+    /// change that needs per-entry ports the plan lacks widens it (see `change`).
+    pub firewall: Mutex<Option<(firewall::Plan, u32)>>,
 }
 
 /// Where the resolver configuration lives; the `dns` stage points it at cordon.
@@ -253,7 +259,7 @@ impl Egress {
         sets: Box<dyn Sets>,
         sockets: dns::Sockets,
     ) -> (Arc<Egress>, Service) {
-        let policy = Arc::new(Policy::new(Allowlist::new(entries)));
+        let policy = Arc::new(Policy::new(entries, network.mode));
         let lifetimes = Lifetimes { min_ttl: network.min_ttl.0, grace: network.grace.0 };
         let admitter = Arc::new(Admitter::new(sets, network.allow_cidrs.clone(), lifetimes));
         let stats = Arc::new(DnsStats::default());
@@ -286,6 +292,7 @@ impl Egress {
             proxy_port: network.name_binding.then_some(network.proxy_port),
             proxy: OnceLock::new(),
             proxy_serving: Arc::new(AtomicBool::new(false)),
+            firewall: Mutex::new(None),
         });
         (egress, server)
     }

@@ -10,6 +10,10 @@ use std::time::Duration;
 use crate::session::users::AgentUser;
 use crate::session::users::unprivileged_command;
 
+/// The status line's right in observe mode (`network.mode = "observe"`).
+pub const OBSERVE_STATUS: &str =
+    "#[bg=colour160,fg=colour231,bold] cordon: egress NOT enforced (observe mode) #[default]";
+
 /// The built-in configuration, used when /etc/cordon/tmux.conf does not exist.
 pub const DEFAULT_CONF: &str = include_str!("../../config/tmux.conf");
 pub const SHIPPED_CONF: &str = "/etc/cordon/tmux.conf";
@@ -235,6 +239,11 @@ impl Tmux {
             self.run(&["split-window", "-v", "-d", "-l", "20%", "-t", &pane, "-c", &dir, "--", &shell, "-l"])?;
         }
         Ok(pane)
+    }
+
+    /// Replaces the right of the status line (the configuration's is `cordon`).
+    pub fn set_status_right(&self, text: &str) -> Result<(), String> {
+        self.run(&["set-option", "-g", "status-right", text]).map(|_| ())
     }
 
     pub fn pane(&self, pane: &str) -> Result<PaneState, String> {

@@ -103,6 +103,7 @@ async fn live_status(live: &Live) -> StatusDoc {
         doc.dns = Some(dns_status(egress));
         doc.egress = Some(egress_status(egress).await);
         doc.namebound = Some(namebound_status(egress));
+        doc.policy = Some(policy_status(egress));
     }
     doc.filesystem.tmpfs = live.tmpfs.get().into_iter().flatten().filter_map(|p| status::usage(p)).collect();
     if let Some(tmux) = live.tmux.get().cloned() {
@@ -142,6 +143,54 @@ fn dns_status(egress: &Egress) -> status::DnsStatus {
                 qtype: d.qtype,
                 count: d.count,
                 last: status::rfc3339(d.last),
+            })
+            .collect(),
+    }
+}
+
+fn policy_status(egress: &Egress) -> status::PolicyStatus {
+    let policy = &egress.policy;
+    let entries = policy.entries().clone();
+    let (mut observed, dropped) = policy.observed();
+    observed.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
+    status::PolicyStatus {
+        mode: match policy.mode() {
+            crate::config::Mode::Enforce => "enforce".into(),
+            crate::config::Mode::Observe => "observe".into(),
+        },
+        grants: entries
+            .grants
+            .iter()
+            .map(|g| status::GrantStatus {
+                entry: g.entry.to_string(),
+                by: g.by.clone(),
+                at: status::rfc3339(g.at),
+                until: g.until.map(|(_, wall)| status::rfc3339(wall)),
+            })
+            .collect(),
+        denied: entries.denied.iter().map(ToString::to_string).collect(),
+        changes: policy
+            .changes()
+            .into_iter()
+            .map(|c| status::ChangeStatus {
+                at: status::rfc3339(c.at),
+                who: c.who,
+                what: c.what,
+                ok: c.ok,
+                result: c.result,
+            })
+            .collect(),
+        observed_names: observed.len(),
+        observed_dropped: dropped,
+        observed: observed
+            .into_iter()
+            .take(32)
+            .map(|(name, o)| status::ObservedStatus {
+                name,
+                count: o.count,
+                first: status::rfc3339(o.first),
+                last: status::rfc3339(o.last),
+                via: o.via.iter().map(|v| v.to_string()).collect(),
             })
             .collect(),
     }

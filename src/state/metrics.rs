@@ -139,6 +139,8 @@ pub(crate) struct EgressReading {
     pub admitted_ipv6: usize,
     pub refresh_failures: u64,
     pub last_refresh: Option<f64>,
+    /// Policy changes put in force and refused since boot.
+    pub policy_changes: (u64, u64),
     /// The name-bound layer's counters, when its proxy runs.
     pub namebound: Option<crate::egress::namebound::proxy::Counts>,
 }
@@ -229,6 +231,14 @@ pub(crate) fn families(r: &Reading) -> Vec<Family> {
             Family::gauge("cordon_egress_admitted_addresses", "Addresses admitted now, by family")
                 .set(&[("family", "ipv4")], e.admitted_ipv4 as f64)
                 .set(&[("family", "ipv6")], e.admitted_ipv6 as f64),
+        );
+        out.push(
+            Family::counter(
+                "cordon_policy_changes",
+                "Live policy changes (reload, allow, deny, expiry), by result: applied or refused",
+            )
+            .count(&[("result", "applied")], e.policy_changes.0)
+            .count(&[("result", "refused")], e.policy_changes.1),
         );
         out.push(
             Family::counter(
@@ -368,6 +378,7 @@ pub(crate) fn read(live: &Live) -> Reading {
             admitted_ipv6: v6.len(),
             refresh_failures: last.as_ref().map_or(0, |r| r.failed_total),
             last_refresh: last.map(|r| unix_seconds(r.at)),
+            policy_changes: egress.policy.change_counts(),
             namebound: egress.proxy.get().map(|p| p.stats.counts()),
         }
     });
@@ -508,6 +519,7 @@ mod tests {
                 admitted_ipv6: 2,
                 refresh_failures: 1,
                 last_refresh: Some(1_700_000_300.0),
+                policy_changes: (3, 1),
                 namebound: Some(crate::egress::namebound::proxy::Counts {
                     accepted: 9,
                     allowed: 8,
@@ -545,6 +557,8 @@ mod tests {
             "cordon_egress_admitted_addresses{family=\"ipv4\"} 5.0",
             "cordon_egress_admitted_addresses{family=\"ipv6\"} 2.0",
             "cordon_egress_refresh_failures_total 1",
+            "cordon_policy_changes_total{result=\"applied\"} 3",
+            "cordon_policy_changes_total{result=\"refused\"} 1",
             "cordon_egress_last_refresh_seconds 1700000300.0",
             "cordon_namebound_connections_total 9",
             "cordon_namebound_decisions_total{decision=\"refused\"} 1",

@@ -2,6 +2,7 @@
 //! (`status`), the control socket that answers from the live state (`control`), and the same
 //! live state as OpenMetrics for Prometheus (`metrics`).
 
+pub mod admin;
 pub(crate) mod control;
 pub(crate) mod metrics;
 pub mod report;
@@ -32,7 +33,10 @@ pub fn open(
         Problem::caused_by(format_args!("cannot bind the control socket in {}", state_dir.display()), &e)
     })?;
     services.add(control::serve(listener, live.clone()));
-    Ok(((), format!("{}, control socket ready", state_dir.display())))
+    let admin = admin::bind(state_dir)
+        .map_err(|e| Problem::caused_by(format_args!("cannot bind the admin socket in {}", state_dir.display()), &e))?;
+    services.add(admin::serve(admin, live.clone()));
+    Ok(((), format!("{}, control and admin sockets ready", state_dir.display())))
 }
 
 /// Part of the `filesystem` stage: the agent's group may query the control socket, and `status`

@@ -35,6 +35,10 @@ pub(crate) struct StatusDoc {
     /// The name-bound layer (live only; None when egress is not enforced).
     #[serde(default)]
     pub namebound: Option<NameBoundStatus>,
+    /// The egress policy's mode, runtime grants, changes and observations (live only; None when
+    /// egress is not enforced).
+    #[serde(default)]
+    pub policy: Option<PolicyStatus>,
     pub session: SessionStatus,
     pub filesystem: FilesystemStatus,
     pub warnings: Vec<String>,
@@ -89,6 +93,59 @@ pub(crate) struct EgressStatus {
     /// Packets the firewall rejected, from its own counters; None if they could not be read.
     pub rejected_ipv4: Option<u64>,
     pub rejected_ipv6: Option<u64>,
+}
+
+/// The egress policy: how it is enforced, what was changed at run time and by whom, and, in
+/// observe mode, what would have been refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PolicyStatus {
+    /// "enforce" or "observe" (`network.mode`; observe: egress is NOT enforced).
+    pub mode: String,
+    /// Entries added by `cordon allow`, in force now.
+    pub grants: Vec<GrantStatus>,
+    /// File entries removed by `cordon deny` until the next reload.
+    pub denied: Vec<String>,
+    /// The last 64 changes and refused attempts, oldest first.
+    pub changes: Vec<ChangeStatus>,
+    /// Observe mode: names outside the allowlist that were let through, most seen first (at
+    /// most 32 here; `cordon policy suggest` has them all).
+    pub observed: Vec<ObservedStatus>,
+    /// Observe mode: how many distinct names were recorded, and how many lookups of names past
+    /// the bound were not.
+    pub observed_names: usize,
+    pub observed_dropped: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct GrantStatus {
+    pub entry: String,
+    pub by: String,
+    pub at: String,
+    /// When it goes away by itself; None: until a deny or the container's end.
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ChangeStatus {
+    pub at: String,
+    /// "uid 0 pid 42", "SIGHUP", "timer (grant expired)".
+    pub who: String,
+    /// "reload", "allow NAME for 3s", "deny NAME", "expire grant N", or the refused request.
+    pub what: String,
+    pub ok: bool,
+    /// What it did, or why it was refused.
+    pub result: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ObservedStatus {
+    pub name: String,
+    /// Lookups and connections (DNS has no uid: none is recorded).
+    pub count: u64,
+    pub first: String,
+    pub last: String,
+    /// Where it was seen: "dns", "proxy".
+    pub via: Vec<String>,
 }
 
 /// The name-bound layer: the proxy's counters and its recent refusals.
@@ -245,6 +302,7 @@ pub(crate) fn from_state(state: &State, source: &str) -> StatusDoc {
         dns: None,
         egress: None,
         namebound: None,
+        policy: None,
         session: SessionStatus { agent: state.agent.clone(), tmux: None },
         filesystem: FilesystemStatus { readonly_root, tmpfs: vec![] },
         warnings: state.warnings.clone(),
@@ -305,6 +363,9 @@ pub(crate) fn render_human(doc: &StatusDoc, color: bool) -> String {
     }
     if let Some(n) = &doc.namebound {
         render_namebound(&mut o, n, paint);
+    }
+    if let Some(p) = &doc.policy {
+        render_policy(&mut o, p, paint);
     }
     render_session(&mut o, &doc.session, paint);
     render_files(&mut o, &doc.filesystem, paint);
@@ -443,6 +504,34 @@ fn render_egress(o: &mut String, e: &EgressStatus, paint: Paint) {
             )
         }
     };
+}
+
+/// The policy: observe mode said plainly, the grants, the last changes, the top observations.
+fn render_policy(o: &mut String, p: &PolicyStatus, paint: Paint) {
+    let mode = if p.mode == "observe" {
+        paint.on("1;31", "OBSERVE MODE: egress is NOT enforced (names outside the allowlist are let through)")
+    } else {
+        paint.on("32", "enforced")
+    };
+    let _ = writeln!(o, "policy: {mode}; {} runtime grant(s), {} denied until reload", p.grants.len(), p.denied.len());
+    for g in &p.grants {
+        let until = g.until.as_deref().map(|u| format!(" until {u}")).unwrap_or_default();
+        let _ = writeln!(o, "          allow {} (by {}{until})", g.entry, g.by);
+    }
+    if !p.changes.is_empty() {
+        let _ = writeln!(o, "        recent changes:");
+        for c in p.changes.iter().rev().take(5) {
+            let mark = if c.ok { paint.on("32", "ok") } else { paint.on("31", "refused") };
+            let _ = writeln!(o, "          {} {} by {}: {mark} {}", ago(&c.at), c.what, c.who, c.result);
+        }
+    }
+    if p.mode == "observe" {
+        let _ =
+            writeln!(o, "        {} name(s) observed (cordon policy suggest prints an allowlist):", p.observed_names);
+        for n in p.observed.iter().take(8) {
+            let _ = writeln!(o, "          {:<40} x{:<4} {}", n.name, n.count, ago(&n.last));
+        }
+    }
 }
 
 /// The name-bound layer: whether it runs, its counters, the newest refusals.
@@ -708,6 +797,7 @@ mod tests {
                 }],
             }),
             namebound: None,
+            policy: None,
             egress: Some(EgressStatus {
                 allowlist_entries: 12,
                 admitted_ipv4: 4,

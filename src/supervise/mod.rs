@@ -151,8 +151,8 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
         stop_all(grace, Some(&mut handle), &mut report).await;
         return 0;
     }
-    // The services (DNS server, refresh) are `services`'; egress is what they share.
-    let _egress = egress;
+    // The services (DNS server, refresh) are `services`'; egress is what they share, and what
+    // SIGHUP reloads.
     let mut state =
         AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None, idle: None };
     report.set_agent(state.clone());
@@ -177,6 +177,8 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
                     stop_all(grace, Some(&mut handle), &mut report).await;
                     return 0;
                 }
+                // The daemons' convention: SIGHUP reloads the policy; it is not the agent's.
+                Signal::SIGHUP => reload_on_hangup(egress.as_ref()),
                 other => forward(other, alive.then(|| handle.pid()).flatten()),
             },
             idle_for = idle.next() => {
@@ -344,6 +346,17 @@ fn install_signal_handlers() -> std::io::Result<mpsc::UnboundedReceiver<Signal>>
         });
     }
     Ok(rx)
+}
+
+/// SIGHUP: `cordon reload`, off the signal loop (it waits on the kernel); recorded like one.
+fn reload_on_hangup(egress: Option<&std::sync::Arc<crate::egress::Egress>>) {
+    match egress {
+        Some(egress) => {
+            let egress = egress.clone();
+            tokio::task::spawn_blocking(move || egress.change(crate::egress::change::Op::Reload, "SIGHUP"));
+        }
+        None => tracing::warn!("SIGHUP: egress is not enforced (network.enforce = false), nothing to reload"),
+    }
 }
 
 /// Passes a signal on to the agent's process group.

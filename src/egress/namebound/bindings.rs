@@ -127,6 +127,22 @@ impl Bindings {
         names
     }
 
+    /// Forgets every binding of the names `keep` refuses (names a narrowing policy change
+    /// removed), so the proxy refuses them at once. The eviction queue's entries for them
+    /// become stale and are skipped.
+    pub fn forget(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<Arc<str>> = inner.by_name.keys().filter(|n| !keep(n)).cloned().collect();
+        let mut forgotten = 0;
+        for name in gone {
+            if let Some(slots) = inner.by_name.remove(&name) {
+                forgotten += slots.len();
+            }
+        }
+        inner.len -= forgotten;
+        forgotten
+    }
+
     /// How many (name, address) bindings are held, expired ones not yet evicted included.
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len
@@ -197,6 +213,25 @@ mod tests {
         assert!(!bindings.is_bound("gitlab.com", ip("192.0.2.1"), now));
         assert!(!bindings.is_bound("github.com", ip("192.0.2.1"), until));
         assert_eq!(bindings.len(), 2);
+    }
+
+    #[test]
+    fn forgotten_names_are_no_longer_bound_and_the_rest_still_are() {
+        let bindings = Bindings::new(4);
+        let now = Instant::now();
+        let until = now + Duration::from_secs(60);
+        bindings.bind("gone.example", ip("192.0.2.1"), until, now);
+        bindings.bind("gone.example", ip("192.0.2.2"), until, now);
+        bindings.bind("kept.example", ip("192.0.2.1"), until, now);
+        assert_eq!(bindings.forget(|n| n != "gone.example"), 2);
+        assert!(!bindings.is_bound("gone.example", ip("192.0.2.1"), now));
+        assert!(bindings.is_bound("kept.example", ip("192.0.2.1"), now));
+        assert_eq!(bindings.len(), 1);
+        // Capacity is counted right afterwards: stale queue entries are skipped on eviction.
+        for i in 0..6 {
+            bindings.bind(&format!("n{i}.example"), ip("192.0.2.9"), until, now);
+        }
+        assert_eq!(bindings.len(), 4);
     }
 
     #[test]

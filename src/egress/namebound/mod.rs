@@ -51,7 +51,9 @@ pub fn start(network: &Network, egress: &Egress) -> Result<Service, Problem> {
     let policy = egress.policy.clone();
     let ports = network.ports.clone();
     let allowlisted = move |name: &str, dst_port: u16| {
-        policy.allowlist().lookup(name).is_some_and(|r| {
+        // Observe mode: a name outside the allowlist is recorded and passes on the default ports.
+        let reach = policy.allowlist().lookup(name).or_else(|| policy.observe(name, "proxy"));
+        reach.is_some_and(|r| {
             (r.default_ports && ports.contains(&dst_port))
                 || r.extra_ports.contains(&dst_port)
                 || r.raw_ports.contains(&dst_port)
