@@ -6,7 +6,9 @@ pub mod admission;
 pub(crate) mod dns;
 pub mod firewall;
 pub mod ipset;
+pub mod journal;
 pub mod namebound;
+pub mod nflog;
 pub mod policy;
 pub mod probe;
 
