@@ -5,11 +5,18 @@
 //!
 //! Message layout from `linux/netfilter/nfnetlink_log.h` and `linux/netfilter/nfnetlink.h`;
 //! the configuration sequence is libnetfilter_log's (`nflog_bind_group`, `nflog_set_mode`).
-//! The socket is `sys::net::NetfilterSocket`; everything here is bytes, and pure.
+//! The socket is `sys::net::NetfilterSocket`; everything but [`start`] is bytes, and pure.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::egress::journal::{Journal, Reason, Refused};
+use crate::egress::namebound::bindings::Bindings;
+use crate::service::Service;
+use crate::sys::net::NetfilterSocket;
 
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
@@ -20,14 +27,12 @@ const NFULA_CFG_NLBUFSIZ: u16 = 3;
 const NFULA_CFG_TIMEOUT: u16 = 4;
 const NFULA_CFG_QTHRESH: u16 = 5;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
-const NFULNL_CFG_CMD_UNBIND: u8 = 2;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_TIMESTAMP: u16 = 3;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
 const NFULA_UID: u16 = 11;
 const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 /// Attribute type bits that are flags, not the type (`NLA_TYPE_MASK`).
@@ -67,12 +72,6 @@ fn config(seq: u32, group: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
     msg.extend_from_slice(&0u32.to_ne_bytes());
     msg.extend_from_slice(&body);
     msg
-}
-
-/// Unbinds `group` (a previous cordon in this namespace may have left it bound to a socket that
-/// no longer exists; the kernel refuses a second bind with EBUSY otherwise).
-pub fn unbind_request(seq: u32, group: u16) -> Vec<u8> {
-    config(seq, group, &[(NFULA_CFG_CMD, vec![NFULNL_CFG_CMD_UNBIND])])
 }
 
 /// Binds `group` to the sending socket, copying the first `range` bytes of each packet, and
@@ -280,9 +279,80 @@ fn port(protocol: Protocol, transport: Option<&[u8]>) -> Option<u16> {
     }
 }
 
-/// Whether the datagram is a `NLMSG_DONE` or error for no request of ours (nothing to do).
-pub fn is_control(buf: &[u8]) -> bool {
-    messages(buf).all(|m| m.kind == NLMSG_DONE || m.kind == NLMSG_ERROR)
+
+/// How long one receive waits before the reader checks whether it must stop.
+const RECEIVE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The socket's receive buffer: about 2000 logged packets of 128 bytes with their attributes
+/// wait there while cordon is busy; beyond, the kernel drops them and says so (ENOBUFS).
+const RECEIVE_BUFFER: usize = 1 << 20;
+
+/// Binds the refusal chains' group ([`GROUP`]) and reads it into `journal`, on a blocking
+/// thread, until the service is stopped. Fails when the kernel has no packet log
+/// (`nfnetlink_log`) or another process holds the group (EBUSY).
+pub fn start(journal: Arc<Journal>, bindings: Arc<Bindings>) -> io::Result<Service> {
+    let socket = NetfilterSocket::open(RECEIVE_TIMEOUT)?;
+    // Best effort: without it the default buffer is smaller, and more bursts are lost.
+    let _ = socket.set_receive_buffer(RECEIVE_BUFFER);
+    socket.send(&bind_request(1, GROUP, COPY_RANGE))?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = socket.recv(&mut buf)?;
+        if let Some(result) = ack(&buf[..n], 1) {
+            result?;
+            break;
+        }
+    }
+    Ok(Service::spawn("journal", move |mut stop| async move {
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = running.clone();
+        let reader = tokio::task::spawn_blocking(move || read(&socket, &journal, &bindings, &flag, &mut buf));
+        stop.requested().await;
+        running.store(false, Ordering::Relaxed);
+        let _ = reader.await;
+    }))
+}
+
+/// The reader's loop: every logged packet becomes a refusal of its chain's reason, if the
+/// journal's rate limit lets it through (the names bound to its address are looked up only
+/// then).
+fn read(socket: &NetfilterSocket, journal: &Journal, bindings: &Bindings, running: &AtomicBool, buf: &mut [u8]) {
+    while running.load(Ordering::Relaxed) {
+        let n = match socket.recv(buf) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                journal.overflowed();
+                continue;
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("the journal stopped reading the kernel's packet log: {e}");
+                return;
+            }
+        };
+        let received = SystemTime::now();
+        for logged in parse(&buf[..n]) {
+            let (Some(reason), Some(packet)) = (Reason::parse(&logged.prefix), logged.packet) else { continue };
+            let now = Instant::now();
+            if !journal.admit(reason, now) {
+                continue;
+            }
+            let address = packet.destination.to_canonical();
+            let refused = Refused {
+                at: logged.at.unwrap_or(received),
+                uid: logged.uid,
+                protocol: packet.protocol.name(),
+                address,
+                port: packet.port,
+                reason,
+                sent_name: None,
+                detail: None,
+            };
+            journal.push(refused.event(bindings.names_for(address, now)));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -307,8 +377,6 @@ mod tests {
         // NFULA_CFG_MODE: len 10, type 2, range 128 big-endian, COPY_PACKET, pad; padded to 12.
         assert_eq!(&msg[28..40], &[10, 0, 2, 0, 0, 0, 0, 128, 2, 0, 0, 0]);
         assert_eq!(msg.len() % 4, 0);
-        let unbind = unbind_request(6, GROUP);
-        assert_eq!(&unbind[20..28], &[5, 0, 1, 0, 2, 0, 0, 0]);
     }
 
     #[test]
@@ -324,7 +392,6 @@ mod tests {
         assert!(ack(&ack_of(3, 0), 3).unwrap().is_ok());
         assert!(ack(&ack_of(2, 0), 3).is_none());
         assert_eq!(ack(&ack_of(3, -16), 3).unwrap().unwrap_err().raw_os_error(), Some(libc::EBUSY));
-        assert!(is_control(&ack_of(3, 0)));
     }
 
     /// Datagrams the kernel (Linux 6.18) sent for group 7710 in a test namespace, read with a

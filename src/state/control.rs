@@ -186,7 +186,7 @@ async fn egress_status(egress: &Egress) -> status::EgressStatus {
     let rejected = |family| {
         counters(family, &crate::sys::effects::Host)
             .ok()
-            .map(|rules| rules.iter().filter(|(_, r)| r.contains("REJECT")).map(|(n, _)| n).sum())
+            .map(|rules| rules.iter().filter(|(_, r)| r.starts_with("CORDON_REFUSE_")).map(|(n, _)| n).sum())
     };
     let (r4, r6) =
         tokio::task::spawn_blocking(move || (rejected(Family::V4), rejected(Family::V6))).await.unwrap_or((None, None));

@@ -63,7 +63,8 @@ pub fn start(network: &Network, egress: &Egress) -> Result<Service, Problem> {
         Box::new(proxy::KernelOriginalDestination),
         vec![80],
         proxy::Limits::default(),
-    ));
+    )
+    .journal(egress.journal.clone(), egress.bindings.clone()));
     let _ = egress.proxy.set(ctx.clone());
     let serving = egress.proxy_serving.clone();
     Ok(Service::spawn("namebound", move |mut stop| async move {
