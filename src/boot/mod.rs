@@ -119,6 +119,16 @@ fn run(
         let (egress, server) = s.run("dns", |_| egress::start(network, entries, &resolv_conf))?;
         services.add(server);
         let _ = live.egress.set(egress.clone());
+        // The journal's events file, if configured: opened now, as root, before the read-only
+        // root; a failure leaves the journal in memory only (status still shows it).
+        if let Some(path) = &config.events.path
+            && let Err(e) = egress.journal.write_events_to(path, config.events.max_size.0)
+        {
+            s.report.warn(format!(
+                "cannot open the events file {} (events.path): {e}; refusals are journalled in memory only",
+                path.display()
+            ));
+        }
         Some(egress)
     } else {
         s.skip("dns", "network.enforce = false");

@@ -94,6 +94,7 @@ async fn live_status(live: &Live) -> StatusDoc {
         doc.dns = Some(dns_status(egress));
         doc.egress = Some(egress_status(egress).await);
         doc.namebound = Some(namebound_status(egress));
+        doc.journal = Some(journal_status(egress));
     }
     doc.filesystem.tmpfs = live.tmpfs.get().into_iter().flatten().filter_map(|p| status::usage(p)).collect();
     if let Some(tmux) = live.tmux.get().cloned() {
@@ -135,6 +136,20 @@ fn dns_status(egress: &Egress) -> status::DnsStatus {
                 last: status::rfc3339(d.last),
             })
             .collect(),
+    }
+}
+
+fn journal_status(egress: &Egress) -> status::JournalStatus {
+    let counts = egress.journal.counts();
+    status::JournalStatus {
+        reading: egress.journal_reading.load(std::sync::atomic::Ordering::Relaxed),
+        counts: counts
+            .by_reason
+            .iter()
+            .map(|(reason, c)| status::JournalCount { reason: reason.as_str().into(), total: c.total, dropped: c.dropped })
+            .collect(),
+        overflows: counts.overflows,
+        recent: egress.journal.recent(),
     }
 }
 
