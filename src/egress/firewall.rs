@@ -92,7 +92,7 @@ const CHAINS: [&str; 9] = [
 /// `--limit-burst` packets refilled at `--limit`): a flood of refused packets is still refused
 /// in full, but only this many a second per chain cost a log message to cordon. Packets over
 /// it are refused unlogged; the chains' packet counters (`status`: rejected) still count them.
-const LOG_LIMIT: &str = "-m limit --limit 100/sec --limit-burst 200";
+const LOG_LIMIT: &str = "-m limit --limit 50/sec --limit-burst 100";
 /// In the nat table: redirects the agent's name-checked connections to the proxy. Declared
 /// (empty) without name binding too, so a restart with it turned off replaces a previous run's.
 pub const NAT_CHAIN: &str = "CORDON_NAT";
@@ -894,20 +894,20 @@ COMMIT
 -A CORDON_AGENT -j CORDON_REFUSE_PROTO
 -A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
 -A CORDON_ALLOW -j ACCEPT
--A CORDON_REFUSE_RESOLVER -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix resolver --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_RESOLVER -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix resolver --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_RESOLVER -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_RESOLVER -p udp -j REJECT --reject-with icmp-port-unreachable
 -A CORDON_REFUSE_RESOLVER -j REJECT --reject-with icmp-admin-prohibited
--A CORDON_REFUSE_LOOPBACK -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix loopback --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_LOOPBACK -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix loopback --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_LOOPBACK -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_LOOPBACK -j REJECT --reject-with icmp-admin-prohibited
--A CORDON_REFUSE_PORT -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix port --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PORT -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix port --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_PORT -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_PORT -j REJECT --reject-with icmp-admin-prohibited
--A CORDON_REFUSE_ADDR -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix not-admitted --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_ADDR -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix not-admitted --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_ADDR -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_ADDR -j REJECT --reject-with icmp-admin-prohibited
--A CORDON_REFUSE_PROTO -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix udp-icmp --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PROTO -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix udp-icmp --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_PROTO -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_PROTO -j REJECT --reject-with icmp-admin-prohibited
 -I OUTPUT 1 -j CORDON_OUTPUT
@@ -963,20 +963,20 @@ COMMIT
 -A CORDON_AGENT -j CORDON_REFUSE_PROTO
 -A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
 -A CORDON_ALLOW -j ACCEPT
--A CORDON_REFUSE_RESOLVER -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix resolver --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_RESOLVER -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix resolver --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_RESOLVER -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_RESOLVER -p udp -j REJECT --reject-with icmp6-port-unreachable
 -A CORDON_REFUSE_RESOLVER -j REJECT --reject-with icmp6-adm-prohibited
--A CORDON_REFUSE_LOOPBACK -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix loopback --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_LOOPBACK -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix loopback --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_LOOPBACK -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_LOOPBACK -j REJECT --reject-with icmp6-adm-prohibited
--A CORDON_REFUSE_PORT -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix port --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PORT -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix port --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_PORT -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_PORT -j REJECT --reject-with icmp6-adm-prohibited
--A CORDON_REFUSE_ADDR -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix not-admitted --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_ADDR -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix not-admitted --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_ADDR -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_ADDR -j REJECT --reject-with icmp6-adm-prohibited
--A CORDON_REFUSE_PROTO -m limit --limit 100/sec --limit-burst 200 -j NFLOG --nflog-prefix udp-icmp --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PROTO -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix udp-icmp --nflog-group 7710 --nflog-size 128
 -A CORDON_REFUSE_PROTO -p tcp -j REJECT --reject-with tcp-reset
 -A CORDON_REFUSE_PROTO -j REJECT --reject-with icmp6-adm-prohibited
 -I OUTPUT 1 -j CORDON_OUTPUT

@@ -125,7 +125,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { capacity: 256, rate: 50.0, burst: 200.0 }
+        Limits { capacity: 256, rate: 20.0, burst: 100.0 }
     }
 }
 
