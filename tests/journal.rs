@@ -70,7 +70,9 @@ fn an_agents_refused_connect_shows_in_status_within_a_second_with_uid_address_po
     let sb = Sandbox::new("journal-connect");
     let (c, _dns, _greeter) = boot(&sb, "name_binding = false");
     // Positive control: an allowed connection works and is never journalled.
-    let ok = c.agent_exec("getent hosts api.example.com && timeout 5 bash -c 'exec 3<>/dev/tcp/api.example.com/443 && head -n1 <&3'");
+    let ok = c.agent_exec(
+        "getent hosts api.example.com && timeout 5 bash -c 'exec 3<>/dev/tcp/api.example.com/443 && head -n1 <&3'",
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("hello from 192.0.2.10:443"), "{ok:?}");
 
     let out = c.agent_exec("timeout 3 bash -c 'exec 3<>/dev/tcp/192.0.2.99/443'");
@@ -110,7 +112,8 @@ fn an_agents_refused_connect_shows_in_status_within_a_second_with_uid_address_po
     let events = String::from_utf8_lossy(&events.stdout).to_string();
     let lines: Vec<Value> = events.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(lines.contains(&record), "{record} not in {events}");
-    let human = c.exec(&format!("{} status --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display()));
+    let human =
+        c.exec(&format!("{} status --config {}", env!("CARGO_BIN_EXE_cordon"), sb.path("cordon.toml").display()));
     let human = String::from_utf8_lossy(&human.stdout).to_string();
     assert!(human.contains(&format!("not-admitted uid {AGENT_UID} tcp 192.0.2.99:443")), "{human}");
 }
@@ -130,10 +133,16 @@ fn a_refused_udp_send_dns_to_an_outside_resolver_a_port_and_loopback_are_each_jo
         wait_record(&c, &sb, Duration::from_secs(2), pred).unwrap_or_else(|| panic!("{what}: {:#?}", recent(&c, &sb)))
     };
     let udp = find(&|r| r["address"] == "192.0.2.20", "the UDP send");
-    assert_eq!((udp["reason"].as_str(), udp["protocol"].as_str(), udp["port"].as_u64()), (Some("udp-icmp"), Some("udp"), Some(9999)));
+    assert_eq!(
+        (udp["reason"].as_str(), udp["protocol"].as_str(), udp["port"].as_u64()),
+        (Some("udp-icmp"), Some("udp"), Some(9999))
+    );
     assert_eq!(udp["uid"], AGENT_UID);
     let dns = find(&|r| r["address"] == "198.51.100.53", "the DNS query");
-    assert_eq!((dns["reason"].as_str(), dns["protocol"].as_str(), dns["port"].as_u64()), (Some("resolver"), Some("udp"), Some(53)));
+    assert_eq!(
+        (dns["reason"].as_str(), dns["protocol"].as_str(), dns["port"].as_u64()),
+        (Some("resolver"), Some("udp"), Some(53))
+    );
     let port = find(&|r| r["address"] == "192.0.2.10", "the wrong port");
     assert_eq!((port["reason"].as_str(), port["port"].as_u64()), (Some("port"), Some(8080)));
     assert_eq!(port["names"], serde_json::json!(["api.example.com"]), "the name cordon answered with it: {port}");

@@ -747,7 +747,10 @@ impl Config {
             return Err(err("supervisor.idle_stop", "must be at least 1s (or unset: never)".into()));
         }
         if self.events.path.as_ref().is_some_and(|p| !p.is_absolute() || p.file_name().is_none()) {
-            return Err(err("events.path", "must be an absolute path to a file, e.g. \"/run/cordon/events.jsonl\"".into()));
+            return Err(err(
+                "events.path",
+                "must be an absolute path to a file, e.g. \"/run/cordon/events.jsonl\"".into(),
+            ));
         }
         if self.events.max_size.0 < 4096 {
             return Err(err("events.max_size", "must be at least 4K".into()));

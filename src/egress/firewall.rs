@@ -1006,6 +1006,41 @@ COMMIT
     }
 
     #[test]
+    fn every_refusal_of_the_agents_chain_is_logged_with_its_reason_before_it_is_rejected() {
+        for family in [Family::V4, Family::V6] {
+            let chain = render_chains(&plan(), family);
+            let agent: Vec<&str> = chain.lines().filter(|l| l.starts_with("-A CORDON_AGENT ")).collect();
+            assert!(
+                !agent.iter().any(|l| l.contains("REJECT") || l.contains("DROP")),
+                "refused only via a chain: {agent:#?}"
+            );
+            let refusing: Vec<&str> = agent.iter().copied().filter(|l| l.contains("-j CORDON_REFUSE_")).collect();
+            assert!(refusing.len() >= 6, "{refusing:#?}");
+            // The last two rules catch everything: other TCP is not admitted, the rest is UDP/ICMP.
+            assert_eq!(
+                agent[agent.len() - 2..],
+                ["-A CORDON_AGENT -p tcp -j CORDON_REFUSE_ADDR", "-A CORDON_AGENT -j CORDON_REFUSE_PROTO"]
+            );
+            for (name, reason) in REFUSALS {
+                let rules: Vec<&str> = chain.lines().filter(|l| l.starts_with(&format!("-A {name} "))).collect();
+                assert!(
+                    rules[0].contains(&format!(
+                        "-m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix {} --nflog-group 7710",
+                        reason.as_str()
+                    )),
+                    "{name} logs first: {rules:#?}"
+                );
+                assert_eq!(
+                    rules.last().unwrap().split(" -j ").nth(1).unwrap().split(' ').next(),
+                    Some("REJECT"),
+                    "{name} ends in a reject"
+                );
+                assert!(rules[1..].iter().all(|r| r.contains("-j REJECT")), "{rules:#?}");
+            }
+        }
+    }
+
+    #[test]
     fn with_name_binding_the_proxy_port_is_accepted_only_as_a_redirect_and_before_the_loopback_reject() {
         let chain = render_chains(&plan(), Family::V4);
         let at = |needle: &str| chain.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}"));
@@ -1013,7 +1048,8 @@ COMMIT
         assert_eq!(chain.matches("15443").count(), 1, "no other rule opens the proxy port: {chain}");
         // A checked port reached without the redirect falls through to the reject.
         assert!(
-            !chain.contains("--match-set cordon4 dst -j CORDON_ALLOW") && !chain.contains("cordon4-p8443 dst -j CORDON_ALLOW"),
+            !chain.contains("--match-set cordon4 dst -j CORDON_ALLOW")
+                && !chain.contains("cordon4-p8443 dst -j CORDON_ALLOW"),
             "{chain}"
         );
         // Root and kernel packets are never redirected: every nat rule matches the agent's uids.
@@ -1389,7 +1425,10 @@ mod apply_tests {
         assert!(!v6.contains("*nat"), "no nat table for IPv6:\n{v6}");
         // Nothing of IPv6 is redirected, and the checked ports are accepted only as redirects.
         assert!(v6.contains("--ctstate DNAT -j CORDON_ALLOW"), "{v6}");
-        assert!(!v6.contains("--match-set cordon6 dst -j CORDON_ALLOW"), "the checked ports are not accepted by address: {v6}");
+        assert!(
+            !v6.contains("--match-set cordon6 dst -j CORDON_ALLOW"),
+            "the checked ports are not accepted by address: {v6}"
+        );
         assert!(!v6.contains("--match-set cordon6-p8443 dst -j CORDON_ALLOW"), "{v6}");
         assert!(!rec.commands().iter().any(|c| c == "ip6tables -w 10 -t nat -S CORDON_NAT"), "no nat read-back");
         // IPv4's nat table missing is no such fallback: it fails, and everything is rolled back.

@@ -223,7 +223,8 @@ pub fn parse(buf: &[u8]) -> Vec<Logged> {
                     NFULA_TIMESTAMP if payload.len() >= 16 => {
                         let sec = u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes"));
                         let usec = u64::from_be_bytes(payload[8..16].try_into().expect("8 bytes"));
-                        logged.at = SystemTime::UNIX_EPOCH.checked_add(Duration::new(sec, 0) + Duration::from_micros(usec));
+                        logged.at =
+                            SystemTime::UNIX_EPOCH.checked_add(Duration::new(sec, 0) + Duration::from_micros(usec));
                     }
                     NFULA_PAYLOAD => logged.packet = packet(family, payload),
                     _ => {}
@@ -279,7 +280,6 @@ fn port(protocol: Protocol, transport: Option<&[u8]>) -> Option<u16> {
     }
 }
 
-
 /// How long one receive waits before the reader checks whether it must stop.
 const RECEIVE_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -324,7 +324,12 @@ fn read(socket: &NetfilterSocket, journal: &Journal, bindings: &Bindings, runnin
                 journal.overflowed();
                 continue;
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) =>
+            {
                 continue;
             }
             Err(e) => {

@@ -146,7 +146,11 @@ fn journal_status(egress: &Egress) -> status::JournalStatus {
         counts: counts
             .by_reason
             .iter()
-            .map(|(reason, c)| status::JournalCount { reason: reason.as_str().into(), total: c.total, dropped: c.dropped })
+            .map(|(reason, c)| status::JournalCount {
+                reason: reason.as_str().into(),
+                total: c.total,
+                dropped: c.dropped,
+            })
             .collect(),
         overflows: counts.overflows,
         recent: egress.journal.recent(),

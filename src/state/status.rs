@@ -511,15 +511,26 @@ fn render_journal(o: &mut String, j: &JournalStatus, paint: Paint) {
         .counts
         .iter()
         .filter(|c| c.total > 0)
-        .map(|c| if c.dropped > 0 { format!("{} {} ({} unrecorded)", c.total, c.reason, c.dropped) } else { format!("{} {}", c.total, c.reason) })
+        .map(|c| {
+            if c.dropped > 0 {
+                format!("{} {} ({} unrecorded)", c.total, c.reason, c.dropped)
+            } else {
+                format!("{} {}", c.total, c.reason)
+            }
+        })
         .collect();
     let summary = if seen.is_empty() { "none".to_string() } else { seen.join(", ") };
     let _ = writeln!(o, "{}", fit(&format!("refused: {summary}")));
     if !j.reading {
-        let _ = writeln!(o, "        {}", paint.on("33", "packet log not read: the firewall's refusals are not journalled"));
+        let _ = writeln!(
+            o,
+            "        {}",
+            paint.on("33", "packet log not read: the firewall's refusals are not journalled")
+        );
     }
     if j.overflows > 0 {
-        let _ = writeln!(o, "        {}", paint.on("33", &format!("{} kernel log overflows (packets lost)", j.overflows)));
+        let _ =
+            writeln!(o, "        {}", paint.on("33", &format!("{} kernel log overflows (packets lost)", j.overflows)));
     }
     for e in j.recent.iter().take(8) {
         let uid = e.uid.map_or("uid ?".to_string(), |u| format!("uid {u}"));
@@ -984,6 +995,56 @@ warning: something to look at
         let coloured = render_human(&doc, true);
         assert!(coloured.starts_with("cordon \x1b[1;32mREADY\x1b[0m  up"), "{coloured}");
         assert!(coloured.contains("\x1b[33mwarning:\x1b[0m something to look at"));
+    }
+
+    fn event(reason: &str, address: &str, port: Option<u16>) -> crate::egress::journal::Event {
+        crate::egress::journal::Event {
+            at: "just now".into(),
+            uid: Some(1000),
+            protocol: if port == Some(53) { "udp".into() } else { "tcp".into() },
+            address: address.into(),
+            port,
+            names: vec![],
+            reason: reason.into(),
+            sent_name: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn the_journal_shows_counts_by_reason_and_the_eight_newest_refusals() {
+        let mut named = event("name", "192.0.2.10", Some(443));
+        named.sent_name = Some("evil.example.net".into());
+        let mut port = event("port", "192.0.2.10", Some(8080));
+        port.names = vec!["api.example.com".into()];
+        let mut recent = vec![named, port, event("resolver", "2001:db8::53", Some(53))];
+        recent.extend((0..10).map(|i| event("not-admitted", &format!("192.0.2.{i}"), Some(443))));
+        let j = JournalStatus {
+            reading: true,
+            counts: vec![
+                JournalCount { reason: "not-admitted".into(), total: 500, dropped: 400 },
+                JournalCount { reason: "port".into(), total: 1, dropped: 0 },
+                JournalCount { reason: "udp-icmp".into(), total: 0, dropped: 0 },
+            ],
+            overflows: 0,
+            recent,
+        };
+        let mut o = String::new();
+        render_journal(&mut o, &j, Paint(false));
+        let lines: Vec<&str> = o.lines().collect();
+        assert_eq!(lines[0], "refused: 500 not-admitted (400 unrecorded), 1 port");
+        assert_eq!(lines[1], "          name uid 1000 tcp 192.0.2.10:443 \"evil.example.net\" just now");
+        assert_eq!(lines[2], "          port uid 1000 tcp 192.0.2.10:8080 (api.example.com) just now");
+        assert_eq!(lines[3], "          resolver uid 1000 udp [2001:db8::53]:53 just now");
+        assert_eq!(lines.len(), 1 + 8, "{o}");
+
+        let quiet = JournalStatus { reading: false, counts: vec![], overflows: 3, recent: vec![] };
+        let mut o = String::new();
+        render_journal(&mut o, &quiet, Paint(false));
+        assert_eq!(
+            o,
+            "refused: none\n        packet log not read: the firewall's refusals are not journalled\n        3 kernel log overflows (packets lost)\n"
+        );
     }
 
     #[test]

@@ -39,7 +39,8 @@ impl NetfilterSocket {
     /// Asks for a receive buffer of `bytes` (the kernel caps it at `net.core.rmem_max`, or
     /// takes it whole with CAP_NET_ADMIN: `SO_RCVBUFFORCE`, socket(7)).
     pub(crate) fn set_receive_buffer(&self, bytes: usize) -> io::Result<()> {
-        setsockopt(&self.fd, sockopt::RcvBufForce, &bytes).or_else(|_| setsockopt(&self.fd, sockopt::RcvBuf, &bytes))?;
+        setsockopt(&self.fd, sockopt::RcvBufForce, &bytes)
+            .or_else(|_| setsockopt(&self.fd, sockopt::RcvBuf, &bytes))?;
         Ok(())
     }
 

@@ -25,9 +25,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 
 use super::bindings::Bindings;
-use crate::egress::journal::{self, Journal};
 use super::hello::{self, HelloScan};
 use super::http::{self, RequestTracker, Step};
+use crate::egress::journal::{self, Journal};
 
 /// How a connection is judged: by its ClientHello, or by each HTTP/1.x request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
