@@ -281,9 +281,16 @@ struct EventsFile {
 
 impl EventsFile {
     fn open(path: &Path, max_size: u64) -> io::Result<EventsFile> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = Self::open_file(path)?;
         let size = file.metadata()?.len();
         Ok(EventsFile { path: path.to_path_buf(), max_size, file, size, failing: false })
+    }
+
+    /// Readable by log shippers of any uid (nothing in it is secret: `status` shows the same
+    /// to the agent's group), writable by root only.
+    fn open_file(path: &Path) -> io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o644).open(path)
     }
 
     fn append(&mut self, event: &Event) -> io::Result<()> {
@@ -293,7 +300,7 @@ impl EventsFile {
             let mut rotated = self.path.clone().into_os_string();
             rotated.push(".1");
             std::fs::rename(&self.path, &rotated)?;
-            self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.file = Self::open_file(&self.path)?;
             self.size = 0;
         }
         self.file.write_all(&line)?;

@@ -6,7 +6,8 @@
 //! could mistake for a server's answer) and the upstream is never contacted. A refused later
 //! request on a kept-alive HTTP connection resets it before any of that request's bytes go
 //! upstream. Every refusal is counted and kept in a bounded list (name or "no SNI", address,
-//! port, reason, time). Connections still being judged are bounded in number
+//! port, reason, time), and given to the journal of refused connections (`egress::journal`,
+//! reason `name`) with the uid that owns the agent's socket. Connections still being judged are bounded in number
 //! ([`Limits::max_pending`]), in time ([`Limits::hello_timeout`]) and in bytes, so a flood of
 //! silent clients holds bounded resources.
 
