@@ -28,8 +28,8 @@
 //!      other TCP (`not-admitted`), any other protocol (`udp-icmp`).
 //!
 //! To refuse is to jump to that reason's chain (`CORDON_REFUSE_*`), which logs the packet to
-//! the kernel's packet log for the journal (NFLOG, rate-limited, see `egress::journal`), then
-//! rejects it: TCP with a reset, DNS over UDP as an unreachable port, the rest as
+//! the kernel's packet log for the journal (NFLOG, rate-limited, see `egress::journal`; only
+//! when cordon reads the log, [`Plan::log`]), then rejects it: TCP with a reset, DNS over UDP as an unreachable port, the rest as
 //! administratively prohibited.
 //!
 //! With name binding (`network.name_binding`, the default), the name-checked ports change
@@ -234,6 +234,10 @@ pub struct Plan {
     /// Name binding: the proxy's loopback port, where `ports` and `extra_ports` are redirected.
     /// None: those ports are address-based like `raw_ports` (`network.name_binding = false`).
     pub proxy_port: Option<u16>,
+    /// The refusal chains log to the kernel's packet log for the journal: only when cordon
+    /// reads it (`nflog::start` bound the group). A kernel without the packet log then gets the
+    /// same refusals, unlogged, rather than a ruleset it cannot load.
+    pub log: bool,
 }
 
 impl Plan {
@@ -360,6 +364,14 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
     // Log, then reject: TCP with a reset, DNS over UDP as an unreachable port (a stub
     // resolver gives up at once), anything else as administratively prohibited.
     for (chain, reason) in REFUSALS {
+        if !plan.log {
+            add(chain, "-p tcp -j REJECT --reject-with tcp-reset");
+            if chain == REFUSE_RESOLVER {
+                add(chain, &format!("-p udp -j REJECT --reject-with {proto_unreach}"));
+            }
+            add(chain, &format!("-j REJECT --reject-with {reject}"));
+            continue;
+        }
         add(
             chain,
             &format!(
@@ -623,6 +635,7 @@ pub fn stage(
         raw_ports: egress.policy.allowlist().raw_ports().into_iter().collect(),
         loopback_ports: network.loopback_ports.clone(),
         proxy_port: network.name_binding.then_some(network.proxy_port),
+        log: egress.journal_reading.load(std::sync::atomic::Ordering::Relaxed),
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
     let applied = apply(&plan, default_timeout, sys)?;
@@ -849,6 +862,7 @@ mod tests {
             raw_ports: vec![22],
             loopback_ports: vec![PortRange { first: 3000, last: 3000 }, PortRange { first: 8000, last: 8099 }],
             proxy_port: Some(15443),
+            log: true,
         }
     }
 
@@ -1038,6 +1052,15 @@ COMMIT
                 assert!(rules[1..].iter().all(|r| r.contains("-j REJECT")), "{rules:#?}");
             }
         }
+    }
+
+    #[test]
+    fn without_the_packet_log_read_the_same_packets_are_refused_unlogged() {
+        let logged = render_chains(&plan(), Family::V4);
+        let unlogged = render_chains(&Plan { log: false, ..plan() }, Family::V4);
+        assert!(!unlogged.contains("NFLOG") && !unlogged.contains("-m limit"), "{unlogged}");
+        let without_log: Vec<&str> = logged.lines().filter(|l| !l.contains("-j NFLOG")).collect();
+        assert_eq!(without_log, unlogged.lines().collect::<Vec<_>>());
     }
 
     #[test]
@@ -1253,6 +1276,7 @@ mod apply_tests {
             raw_ports: vec![],
             loopback_ports: vec![],
             proxy_port: Some(15001),
+            log: true,
         }
     }
 
