@@ -25,6 +25,7 @@ fn main() {
         raw_ports: vec![],
         loopback_ports: vec![],
         proxy_port: Some(cordon::config::DEFAULT_PROXY_PORT),
+        log: false,
     };
     firewall::apply(&plan, 360, &cordon::sys::effects::Host).expect("firewall in the private namespace");
     let sets = cordon::egress::ipset::Ipset::open().unwrap();
