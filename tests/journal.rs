@@ -128,6 +128,8 @@ fn a_refused_udp_send_dns_to_an_outside_resolver_a_port_and_loopback_are_each_jo
     // An admitted address on a port not allowed for it, and loopback outside loopback_ports.
     c.agent_exec("getent hosts api.example.com; timeout 3 bash -c 'exec 3<>/dev/tcp/192.0.2.10/8080'");
     c.agent_exec("timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/9'");
+    // IPv6 alike.
+    c.agent_exec("timeout 3 bash -c 'exec 3<>/dev/tcp/2001:db8::99/443'");
 
     let find = |pred: &dyn Fn(&Value) -> bool, what: &str| {
         wait_record(&c, &sb, Duration::from_secs(2), pred).unwrap_or_else(|| panic!("{what}: {:#?}", recent(&c, &sb)))
@@ -146,6 +148,12 @@ fn a_refused_udp_send_dns_to_an_outside_resolver_a_port_and_loopback_are_each_jo
     let port = find(&|r| r["address"] == "192.0.2.10", "the wrong port");
     assert_eq!((port["reason"].as_str(), port["port"].as_u64()), (Some("port"), Some(8080)));
     assert_eq!(port["names"], serde_json::json!(["api.example.com"]), "the name cordon answered with it: {port}");
+    let v6 = find(&|r| r["address"] == "2001:db8::99", "the IPv6 connect");
+    assert_eq!(
+        (v6["reason"].as_str(), v6["protocol"].as_str(), v6["port"].as_u64()),
+        (Some("not-admitted"), Some("tcp"), Some(443))
+    );
+    assert_eq!(v6["uid"], AGENT_UID);
     let lo = find(&|r| r["address"] == "127.0.0.1", "the loopback port");
     assert_eq!((lo["reason"].as_str(), lo["port"].as_u64()), (Some("loopback"), Some(9)));
 }
