@@ -203,6 +203,12 @@ EOF"#;
     let v = status_json(&c, &sb, "--json");
     let recent = v["journal"]["recent"].as_array().unwrap();
     assert!(recent.len() <= 256, "the ring is bounded: {}", recent.len());
+    eprintln!(
+        "after the flood: {} recorded, counts {}, rejected {}",
+        recent.len(),
+        v["journal"]["counts"],
+        v["egress"]["rejected_ipv4"]
+    );
     let (udp_total, udp_dropped) = counts(&v, "udp-icmp");
     let (tcp_total, tcp_dropped) = counts(&v, "not-admitted");
     assert!(udp_total >= 1 && tcp_total >= 1, "{}", v["journal"]);

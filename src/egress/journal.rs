@@ -71,7 +71,8 @@ pub struct Event {
     pub address: String,
     /// TCP and UDP only.
     pub port: Option<u16>,
-    /// The names cordon's DNS answered with this address, still bound (sorted); empty if none.
+    /// The names cordon's DNS answered with this address, still bound (sorted, at most 8);
+    /// empty if none.
     pub names: Vec<String>,
     /// One of [`Reason::as_str`].
     pub reason: String,
@@ -96,8 +97,21 @@ pub struct Refused {
     pub detail: Option<String>,
 }
 
+/// Names kept per record: a CDN address can carry hundreds, and a record's size must stay
+/// bounded.
+pub const MAX_NAMES: usize = 8;
+
+/// The longest name kept from a client (a DNS name is at most 253 characters; an HTTP Host
+/// could be longer).
+const MAX_SENT_NAME: usize = 253;
+
 impl Refused {
-    pub fn event(self, names: Vec<String>) -> Event {
+    /// The record, with at most [`MAX_NAMES`] of `names` (sorted) and the sent name cut to 253
+    /// characters.
+    pub fn event(self, mut names: Vec<String>) -> Event {
+        names.sort();
+        names.truncate(MAX_NAMES);
+        let sent_name = self.sent_name.map(|n| n.chars().take(MAX_SENT_NAME).collect());
         Event {
             at: humantime::format_rfc3339_millis(self.at).to_string(),
             uid: self.uid,
@@ -106,7 +120,7 @@ impl Refused {
             port: self.port,
             names,
             reason: self.reason.as_str().into(),
-            sent_name: self.sent_name,
+            sent_name,
             detail: self.detail,
         }
     }
@@ -403,6 +417,26 @@ mod tests {
         assert_eq!(of(Reason::Resolver), ReasonCounts { total: 100, dropped: 95 });
         assert_eq!(of(Reason::Name), ReasonCounts::default());
         assert_eq!(counts.by_reason.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn a_record_keeps_at_most_eight_names_and_a_bounded_sent_name() {
+        let mut r = Refused {
+            at: SystemTime::UNIX_EPOCH,
+            uid: None,
+            protocol: "tcp".into(),
+            address: "192.0.2.1".parse().unwrap(),
+            port: Some(443),
+            reason: Reason::Name,
+            sent_name: Some("x".repeat(5000)),
+            detail: None,
+        };
+        let names: Vec<String> = (0..100).rev().map(|i| format!("n{i:03}.example")).collect();
+        let e = r.clone().event(names);
+        assert_eq!(e.names, (0..8).map(|i| format!("n{i:03}.example")).collect::<Vec<_>>());
+        assert_eq!(e.sent_name.unwrap().len(), 253);
+        r.sent_name = None;
+        assert_eq!(r.event(vec![]).sent_name, None);
     }
 
     #[test]
