@@ -296,13 +296,17 @@ pub fn start(journal: Arc<Journal>, bindings: Arc<Bindings>) -> io::Result<Servi
     let _ = socket.set_receive_buffer(RECEIVE_BUFFER);
     socket.send(&bind_request(1, GROUP, COPY_RANGE))?;
     let mut buf = vec![0u8; 65536];
-    loop {
+    // The acknowledgement is the first answer on a fresh socket; a few tries, each bounded by
+    // the receive timeout, so a kernel that never answers cannot hold the boot.
+    let mut acked = Err(io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement of the NFLOG bind"));
+    for _ in 0..4 {
         let n = socket.recv(&mut buf)?;
         if let Some(result) = ack(&buf[..n], 1) {
-            result?;
+            acked = result;
             break;
         }
     }
+    acked?;
     Ok(Service::spawn("journal", move |mut stop| async move {
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
