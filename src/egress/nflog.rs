@@ -310,11 +310,23 @@ pub fn start(journal: Arc<Journal>, bindings: Arc<Bindings>) -> io::Result<Servi
     Ok(Service::spawn("journal", move |mut stop| async move {
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
+        // However this task ends (a stop, an abort, the runtime shutting down), the thread
+        // sees it within one receive timeout: the runtime waits for its blocking threads.
+        let stops_reader = StopsReader(running);
         let reader = tokio::task::spawn_blocking(move || read(&socket, &journal, &bindings, &flag, &mut buf));
         stop.requested().await;
-        running.store(false, Ordering::Relaxed);
+        drop(stops_reader);
         let _ = reader.await;
     }))
+}
+
+/// Clears the reader's flag when dropped.
+struct StopsReader(Arc<AtomicBool>);
+
+impl Drop for StopsReader {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// The reader's loop: every logged packet becomes a refusal of its chain's reason, if the
