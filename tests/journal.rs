@@ -174,6 +174,17 @@ fn a_name_refusal_of_the_name_bound_layer_is_journalled_with_the_name_sent_and_t
     assert_eq!(r["uid"], AGENT_UID, "the uid from /proc/net/tcp: {r}");
     assert_eq!(r["names"], serde_json::json!(["api.example.com"]), "{r}");
     assert_eq!(r["detail"], "name not allowlisted", "{r}");
+
+    // Plain HTTP: the Host of the request is the name sent.
+    let out = c.agent_exec("curl -s --max-time 5 --resolve other.example.net:80:192.0.2.10 http://other.example.net/");
+    assert!(!out.status.success(), "{out:?}");
+    let r = wait_record(&c, &sb, Duration::from_secs(1), |r| r["sent_name"] == "other.example.net")
+        .expect("the HTTP name refusal");
+    assert_eq!(
+        (r["reason"].as_str(), r["port"].as_u64(), r["uid"].as_u64()),
+        (Some("name"), Some(80), Some(u64::from(AGENT_UID))),
+        "{r}"
+    );
 }
 
 #[test]
