@@ -3,10 +3,12 @@
 # tests need a Docker engine (docker.io) and debootstrap (a base image where no registry is
 # reachable); the engine is started by scripts/docker-engine.sh, never by the package: a
 # temporary policy-rc.d keeps dpkg from starting services, so the host's network and firewall
-# stay as they are.
+# stay as they are. The metrics tests check the endpoint with promtool (package prometheus: its
+# daemon is not started, for the same reason) and the OpenMetrics parser of python3-prometheus-client.
 set -euo pipefail
 packages=(iproute2 util-linux bsdutils mount procps iptables ipset dnsutils netcat-openbsd tmux git make
-  docker.io debootstrap openssl curl python3)
+  docker.io debootstrap openssl curl python3
+  prometheus python3-prometheus-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

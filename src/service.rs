@@ -1,7 +1,7 @@
-//! Long-running tasks with an owner: the DNS server, the refresh, the control socket and the
-//! name-bound proxy are each a [`Service`], started by the boot stage that binds their sockets
-//! and held in [`Services`], which the supervisor stops in reverse order of start when it stops
-//! (mini-redis' shutdown shape: the caller owns the handle).
+//! Long-running tasks with an owner: the DNS server, the refresh, the control socket, the
+//! metrics listener and the name-bound proxy are each a [`Service`], started by the boot stage
+//! that binds their sockets and held in [`Services`], which the supervisor stops in reverse
+//! order of start when it stops (mini-redis' shutdown shape: the caller owns the handle).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -37,6 +37,7 @@ fn plan() -> Plan {
         loopback_ports: vec![],
         proxy_port: Some(15443),
         log: true,
+        metrics_port: None,
     }
 }
 

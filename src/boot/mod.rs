@@ -142,9 +142,19 @@ fn run(
     //    it the moment they exist.
     match &egress {
         Some(egress) => {
-            let proxy =
-                s.run("firewall", |r| egress::lock_down(network, egress, &resolv_conf, sys, &mut |w| r.warn(w)))?;
-            proxy.into_iter().for_each(|p| services.add(p));
+            let metrics = config.metrics.listen;
+            let (proxy, metrics) = s.run("firewall", |r| {
+                let (proxy, detail) =
+                    egress::lock_down(network, egress, &resolv_conf, metrics.map(|m| m.port()), sys, &mut |w| {
+                        r.warn(w)
+                    })?;
+                // 7b. The metrics listener (`[metrics]`), only now that the rule refusing its
+                //     port to the agent's uids is in, and before anything runs as the agent.
+                let Some(listen) = metrics else { return Ok::<_, Problem>(((proxy, None), detail)) };
+                let served = crate::state::metrics::start(listen, live.clone())?;
+                Ok(((proxy, Some(served)), format!("{detail}; metrics on http://{listen}/metrics")))
+            })?;
+            proxy.into_iter().chain(metrics).for_each(|p| services.add(p));
         }
         None => s.skip("firewall", "network.enforce = false"),
     }

@@ -33,6 +33,7 @@ pub struct Config {
     pub supervisor: Supervisor,
     pub devcontainer: Devcontainer,
     pub events: Events,
+    pub metrics: Metrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -191,6 +192,18 @@ impl Default for Network {
 /// Where the name-checking proxy listens on loopback unless `network.proxy_port` says otherwise:
 /// a registered-range port no common development server uses.
 pub const DEFAULT_PROXY_PORT: u16 = 15443;
+
+/// The `[metrics]` table: the OpenMetrics endpoint for Prometheus (`state::metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Where `GET /metrics` is served, e.g. "127.0.0.1:9464"; None (the default): no listener.
+    /// A non-loopback address ("0.0.0.0:9464") is for a platform that scrapes the container
+    /// from outside (Fly, Kubernetes); the agent's uids are refused the port on every local
+    /// address either way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
 
 /// A port or an inclusive range of ports: `3000` or `"8000-8099"` in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -648,6 +661,36 @@ impl Config {
         names
     }
 
+    /// The metrics listener must be fenced off from the agent: that takes the firewall, and a
+    /// port the agent's loopback rules do not open and no other listener of cordon's holds
+    /// (the DNS listener's port is accepted for the agent before the metrics port is refused).
+    fn validate_metrics(&self, listen: SocketAddr) -> Result<(), String> {
+        let port = listen.port();
+        if port == 0 {
+            return Err("must name a port, e.g. \"127.0.0.1:9464\"".into());
+        }
+        if listen.ip().is_multicast() {
+            return Err(format!(
+                "{} is a multicast address; use a local one such as 127.0.0.1 or 0.0.0.0",
+                listen.ip()
+            ));
+        }
+        if !self.network.enforce {
+            return Err("needs network.enforce = true: without the firewall the agent could reach the listener".into());
+        }
+        if self.network.loopback_ports.iter().any(|r| (r.first..=r.last).contains(&port)) {
+            return Err(format!(
+                "port {port} is also in network.loopback_ports: the agent would reach the metrics; pick another port"
+            ));
+        }
+        if port == self.network.proxy_port || port == self.network.listen.port() {
+            return Err(format!(
+                "port {port} is cordon's own (network.proxy_port or network.listen); pick another port"
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the rules serde cannot express: relations between keys.
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let err =
@@ -708,6 +751,9 @@ impl Config {
                     self.network.proxy_port
                 ),
             ));
+        }
+        if let Some(listen) = self.metrics.listen {
+            self.validate_metrics(listen).map_err(|message| err("metrics.listen", message))?;
         }
         if self.network.refresh_interval.0 < Duration::from_secs(10) {
             return Err(err("network.refresh_interval", "must be at least 10s".into()));
@@ -928,6 +974,27 @@ mod tests {
         let e = parse("[network]\nloopback_ports = [\"15000-16000\"]\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("network.proxy_port"), "{e}");
         assert!(parse("[network]\nproxy_port = 0\n").is_err());
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_refused_where_the_agent_could_reach_them() {
+        assert_eq!(Config::default().metrics.listen, None);
+        let c = parse("[metrics]\nlisten = \"0.0.0.0:9464\"\n").unwrap();
+        assert_eq!(c.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
+        let refused = [
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            "[metrics]\nlisten = \"127.0.0.1:9464\"\n[network]\nloopback_ports = [\"9000-9999\"]\n",
+            "[metrics]\nlisten = \"127.0.0.1:9464\"\n[network]\nenforce = false\n",
+            "[metrics]\nlisten = \"127.0.0.1:15443\"\n",
+            "[metrics]\nlisten = \"0.0.0.0:53\"\n",
+            "[metrics]\nlisten = \"224.0.0.1:9464\"\n",
+        ];
+        for text in refused {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("metrics.listen"), "{text}: {e}");
+        }
+        assert!(parse("[metrics]\nlisten = \"localhost:9464\"\n").is_err());
+        assert!(parse("[metrics]\nport = 9464\n").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Cidr;
@@ -93,11 +94,20 @@ pub struct Admitter {
     table: Mutex<HashMap<Key, Entry>>,
     allow_cidrs: Vec<Cidr>,
     lifetimes: Lifetimes,
+    /// Additions the kernel accepted since start (a renewal counts again; a repeated answer
+    /// that needed no kernel call does not), for the metrics.
+    additions: AtomicU64,
 }
 
 impl Admitter {
     pub fn new(sets: Box<dyn Sets>, allow_cidrs: Vec<Cidr>, lifetimes: Lifetimes) -> Admitter {
-        Admitter { sets: Mutex::new(sets), table: Mutex::new(HashMap::new()), allow_cidrs, lifetimes }
+        Admitter {
+            sets: Mutex::new(sets),
+            table: Mutex::new(HashMap::new()),
+            allow_cidrs,
+            lifetimes,
+            additions: AtomicU64::new(0),
+        }
     }
 
     /// Admits `ip`, which `name` resolved to with `ttl`, to the sets for what `reach` allows.
@@ -135,6 +145,7 @@ impl Admitter {
                 continue;
             }
             sets.add(&set.name(Family::of(ip)), ip, secs)?;
+            self.additions.fetch_add(1, Ordering::Relaxed);
             // Recorded only once the kernel has it: the table never claims what a set lacks.
             self.table().insert(key, Entry { name: name.to_string(), until: now + lifetime });
         }
@@ -157,6 +168,11 @@ impl Admitter {
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many additions to the kernel's sets succeeded since start.
+    pub fn additions(&self) -> u64 {
+        self.additions.load(Ordering::Relaxed)
     }
 
     /// Forgets entries whose lifetime is over (the kernel has dropped them by itself).

@@ -21,8 +21,8 @@
 //!   2. DNS to cordon's listener: accept.
 //!   3. Anything to a resolver (resolv.conf's, the upstreams, Docker's 127.0.0.11), and DNS
 //!      (port 53, before NAT) anywhere else: refuse (`resolver`).
-//!   4. Loopback (also the container's own addresses): accept on `network.loopback_ports`,
-//!      refuse the rest (`loopback`).
+//!   4. Loopback (also the container's own addresses): refuse cordon's metrics port
+//!      (`[metrics] listen`), accept on `network.loopback_ports`, refuse the rest (`loopback`).
 //!   5. New TCP to an admitted address on an allowed port: mark the connection, accept.
 //!   6. Everything else: refuse at once, counted: TCP to an address of an allow set (`port`),
 //!      other TCP (`not-admitted`), any other protocol (`udp-icmp`).
@@ -238,6 +238,9 @@ pub struct Plan {
     /// reads it (`nflog::start` bound the group). A kernel without the packet log then gets the
     /// same refusals, unlogged, rather than a ruleset it cannot load.
     pub log: bool,
+    /// `metrics.listen`'s port: refused to the agent on every local address, whatever
+    /// address the listener is bound to (loopback, or every address for a platform's scraper).
+    pub metrics_port: Option<u16>,
 }
 
 impl Plan {
@@ -318,6 +321,12 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
             family.loopback(),
             family.prefix()
         ));
+    }
+    // The metrics listener, before any loopback accept: the config keeps its port out of
+    // loopback_ports, and this keeps it closed should that ever change. `-o lo` is every
+    // local address (a packet to the container's own address leaves through lo too).
+    if let Some(port) = plan.metrics_port {
+        rule(&format!("-o lo -p tcp -m tcp --dport {port} -j {REFUSE_LOOPBACK}"));
     }
     // Loopback by port: the owner match cannot see who owns the destination socket, so a
     // root-owned service on 127.0.0.1 and the agent's own test server look alike.
@@ -625,6 +634,7 @@ pub fn stage(
     network: &crate::config::Network,
     egress: &crate::egress::Egress,
     resolv_conf: &str,
+    metrics_port: Option<u16>,
     sys: &dyn Effects,
 ) -> crate::fix::StageResult<(), FirewallError> {
     let plan = Plan {
@@ -636,6 +646,7 @@ pub fn stage(
         loopback_ports: network.loopback_ports.clone(),
         proxy_port: network.name_binding.then_some(network.proxy_port),
         log: egress.journal_reading.load(std::sync::atomic::Ordering::Relaxed),
+        metrics_port,
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
     let applied = apply(&plan, default_timeout, sys)?;
@@ -652,11 +663,12 @@ pub fn stage(
     let raw: Vec<String> = plan.raw_ports.iter().map(u16::to_string).collect();
     let raw = if raw.is_empty() { String::new() } else { format!(", {} address-based", raw.join(",")) };
     let loopback = plan.loopback_ports.iter().map(ToString::to_string).collect();
+    let metrics = plan.metrics_port.map(|p| format!("; metrics port {p} refused")).unwrap_or_default();
     Ok((
         (),
         format!(
             "IPv4 and IPv6 default-deny for uids 1-4294967294; TCP {}{checked}{raw} to admitted addresses; \
-             {} resolver addresses refused; loopback ports: {}",
+             {} resolver addresses refused; loopback ports: {}{metrics}",
             join(ports),
             plan.resolvers.len(),
             join(loopback)
@@ -863,6 +875,7 @@ mod tests {
             loopback_ports: vec![PortRange { first: 3000, last: 3000 }, PortRange { first: 8000, last: 8099 }],
             proxy_port: Some(15443),
             log: true,
+            metrics_port: Some(9464),
         }
     }
 
@@ -895,6 +908,7 @@ COMMIT
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
 -A CORDON_AGENT -d 127.0.0.1/32 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j CORDON_REFUSE_LOOPBACK
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
@@ -964,6 +978,7 @@ COMMIT
 -A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
 -A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
 -A CORDON_AGENT -d ::1/128 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j CORDON_REFUSE_LOOPBACK
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
@@ -1277,6 +1292,7 @@ mod apply_tests {
             loopback_ports: vec![],
             proxy_port: Some(15001),
             log: true,
+            metrics_port: None,
         }
     }
 

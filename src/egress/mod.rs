@@ -131,6 +131,8 @@ pub struct RefreshReport {
     pub changed: usize,
     /// Names whose lookup failed upstream; their last known good addresses were renewed.
     pub failed: Vec<String>,
+    /// Failed lookups over every refresh since start, this one included (for the metrics).
+    pub failed_total: u64,
 }
 
 /// Everything egress shares with the supervisor and `status`.
@@ -224,6 +226,7 @@ pub fn lock_down(
     network: &Network,
     egress: &Egress,
     resolv_conf: &str,
+    metrics_port: Option<u16>,
     sys: &dyn crate::sys::effects::Effects,
     warn: &mut dyn FnMut(String),
 ) -> crate::fix::StageResult<Vec<Service>> {
@@ -249,7 +252,8 @@ pub fn lock_down(
         );
         None
     };
-    let ((), detail) = firewall::stage(network, egress, resolv_conf, sys).map_err(|e| Problem::from_fix(&e))?;
+    let ((), detail) =
+        firewall::stage(network, egress, resolv_conf, metrics_port, sys).map_err(|e| Problem::from_fix(&e))?;
     services.extend(proxy);
     Ok((services, detail))
 }
@@ -373,8 +377,11 @@ impl Egress {
         }
         failed.sort();
         self.admitter.prune();
-        let report = RefreshReport { at: SystemTime::now(), names: names.len(), addresses, changed, failed };
-        *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        let mut last_refresh = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+        let failed_total = last_refresh.as_ref().map_or(0, |r| r.failed_total) + failed.len() as u64;
+        let report =
+            RefreshReport { at: SystemTime::now(), names: names.len(), addresses, changed, failed, failed_total };
+        *last_refresh = Some(report.clone());
         report
     }
 

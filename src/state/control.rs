@@ -26,11 +26,20 @@ pub struct Live {
     pub egress: OnceLock<Arc<Egress>>,
     pub tmpfs: OnceLock<Vec<PathBuf>>,
     pub tmux: OnceLock<crate::session::tmux::Tmux>,
+    /// The reaper's count of reaped processes, for the metrics (absent when the supervisor was
+    /// started without it).
+    pub reaped: OnceLock<crate::sys::ReapedCount>,
 }
 
 impl Live {
     pub fn new(state: watch::Receiver<State>) -> Arc<Live> {
-        Arc::new(Live { state, egress: OnceLock::new(), tmpfs: OnceLock::new(), tmux: OnceLock::new() })
+        Arc::new(Live {
+            state,
+            egress: OnceLock::new(),
+            tmpfs: OnceLock::new(),
+            tmux: OnceLock::new(),
+            reaped: OnceLock::new(),
+        })
     }
 }
 

@@ -1,7 +1,9 @@
 //! What cordon reports: the boot log and state file (`report`), the status document and `why`
-//! (`status`), and the control socket that answers from the live state (`control`).
+//! (`status`), the control socket that answers from the live state (`control`), and the same
+//! live state as OpenMetrics for Prometheus (`metrics`).
 
 pub(crate) mod control;
+pub(crate) mod metrics;
 pub mod report;
 pub(crate) mod status;
 

@@ -115,6 +115,10 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
     let init_mode = if nix::unistd::getppid() == Pid::from_raw(1) { "pid1" } else { "subreaper" };
     let report = Report::new(init_mode);
     let live = crate::state::control::Live::new(report.subscribe());
+    // Before any child is started: the descriptor becomes close-on-exec here.
+    if let Some(reaped) = env.get(sys::REAPED_FD_ENV).and_then(|fd| sys::ReapedCount::inherited(fd)) {
+        let _ = live.reaped.set(reaped);
+    }
 
     let (mut report, booted, stop_requested) =
         match boot_until_stopped(source, env, report, live, services.clone(), &mut signals).await {

@@ -73,12 +73,22 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
         fatal(&format!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}"));
     }
 
+    // The count of reaped processes the supervisor reports (metrics): created after the
+    // inherited descriptors are closed, inherited by the supervisor alone.
+    let reaped = sys::ReapedCount::create()
+        .inspect_err(|e| tracing::warn!("cannot share the count of reaped processes (memfd_create): {e}"))
+        .ok();
+
     let exe = sys::cordon_exe();
     // The supervisor inherits the blocked mask on purpose: it unblocks once its handlers are
     // installed, so a signal sent during its start-up is delivered late rather than lost.
     #[allow(clippy::zombie_processes, reason = "reaped by reap_exited below, the one waitpid(-1)")]
-    let spawned =
-        Command::new(&exe).args(&supervisor_args).env_clear().envs(env).env(REAPER_ENV, getpid().to_string()).spawn();
+    let mut command = Command::new(&exe);
+    command.args(&supervisor_args).env_clear().envs(env).env(REAPER_ENV, getpid().to_string());
+    if let Some(reaped) = &reaped {
+        command.env(sys::REAPED_FD_ENV, reaped.fd().to_string());
+    }
+    let spawned = command.spawn();
     let supervisor = match spawned {
         Ok(child) => Pid::from_raw(child.id() as i32),
         Err(e) => fatal(&format!("cannot start the supervisor ({}): {e}", exe.display())),
@@ -96,7 +106,11 @@ pub fn run(supervisor_args: Vec<OsString>) -> ! {
             }
         };
         if sig == Signal::SIGCHLD as i32 {
-            if let Some(&(_, code)) = sys::reap_exited().iter().find(|(pid, _)| *pid == supervisor) {
+            let exited = sys::reap_exited();
+            if let Some(reaped) = &reaped {
+                reaped.add(exited.iter().filter(|(pid, _)| *pid != supervisor).count());
+            }
+            if let Some(&(_, code)) = exited.iter().find(|(pid, _)| *pid == supervisor) {
                 break code;
             }
         } else if sig == stop_rtmin3 {

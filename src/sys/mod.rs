@@ -372,6 +372,80 @@ pub fn reap_exited() -> Vec<(Pid, i32)> {
     reaped
 }
 
+/// The reaper's count of the processes it reaped, shared with the supervisor (a separate
+/// process after an exec, so no shared memory survives) through an 8-byte memfd: the reaper
+/// rewrites the whole count after each reap, the supervisor reads it when asked. A value
+/// rather than a pipe of events: the reaper never blocks on a reader, and nothing is lost
+/// while nobody reads.
+#[derive(Debug)]
+pub struct ReapedCount {
+    file: std::fs::File,
+    /// The reaper's own running total (the supervisor only reads the file).
+    total: std::sync::atomic::AtomicU64,
+}
+
+/// The variable that names the count's descriptor number in the supervisor.
+pub const REAPED_FD_ENV: &str = "CORDON_REAPED_FD";
+const REAPED_NAME: &str = "cordon-reaped";
+
+impl ReapedCount {
+    /// In the reaper, before it starts the supervisor: a fresh count of 0, on a descriptor
+    /// without close-on-exec, so the supervisor inherits it.
+    pub fn create() -> io::Result<ReapedCount> {
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let fd = memfd_create(REAPED_NAME, MFdFlags::empty()).map_err(io::Error::from)?;
+        let count = ReapedCount { file: std::fs::File::from(fd), total: std::sync::atomic::AtomicU64::new(0) };
+        count.store(0)?;
+        Ok(count)
+    }
+
+    /// The descriptor number, for [`REAPED_FD_ENV`].
+    pub fn fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
+    /// In the reaper: counts `n` more reaped processes.
+    pub fn add(&self, n: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if n > 0 {
+            let total = self.total.fetch_add(n as u64, Relaxed) + n as u64;
+            let _ = self.store(total);
+        }
+    }
+
+    fn store(&self, value: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(&value.to_le_bytes(), 0)
+    }
+
+    /// In the supervisor, first thing: takes over descriptor `fd` (the value of
+    /// [`REAPED_FD_ENV`]) if it is the reaper's memfd, and marks it close-on-exec so no child
+    /// of the supervisor inherits it. None otherwise: the count is then not reported.
+    pub fn inherited(fd: &str) -> Option<ReapedCount> {
+        use std::os::fd::FromRawFd;
+        let fd: i32 = fd.parse().ok().filter(|&fd| fd >= 3)?;
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        if !target.to_string_lossy().starts_with(&format!("/memfd:{REAPED_NAME}")) {
+            return None;
+        }
+        // SAFETY: the descriptor is open (its /proc link was just read) and is the reaper's
+        // memfd, which nothing else in this process owns; the File becomes its one owner.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        flags.ok()?;
+        Some(ReapedCount { file, total: std::sync::atomic::AtomicU64::new(0) })
+    }
+
+    /// In the supervisor: the reaper's count now.
+    pub fn load(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = [0u8; 8];
+        self.file.read_exact_at(&mut bytes, 0).ok()?;
+        Some(u64::from_le_bytes(bytes))
+    }
+}
+
 /// A process as /proc shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcEntry {
