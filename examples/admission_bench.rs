@@ -25,6 +25,7 @@ fn main() {
         raw_ports: vec![],
         loopback_ports: vec![],
         proxy_port: Some(cordon::config::DEFAULT_PROXY_PORT),
+        log: false,
         metrics_port: None,
     };
     firewall::apply(&plan, 360, &cordon::sys::effects::Host).expect("firewall in the private namespace");

@@ -81,7 +81,7 @@ fn assert_parses_as_openmetrics(text: &str) {
     );
     let counts = String::from_utf8_lossy(&out.stdout);
     let samples: usize = counts.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!((15..=32).contains(&samples), "about 30 series expected, got {samples}:\n{text}");
+    assert!((15..=36).contains(&samples), "about 30 series expected, got {samples}:\n{text}");
     // promtool (2.42, Debian 12) reads the Prometheus text view of the format and lints it:
     // exit 1 is a parse failure, 3 lint problems. The one lint an OpenMetrics counter always
     // meets there is "no help text" for its `_total` sample, whose HELP line names the family
@@ -133,6 +133,14 @@ fn the_endpoint_parses_as_openmetrics_and_its_counters_move_with_traffic() {
         value(&after_allowed, "cordon_egress_admitted_addresses{family=\"ipv4\"}").is_some_and(|n| n >= 1.0),
         "{after_allowed}"
     );
+
+    // A connection the agent is refused (an address no answer admitted) is counted by reason.
+    let refused = |t: &str| value(t, "cordon_egress_refusals_total{reason=\"not-admitted\"}").unwrap_or(0.0);
+    let was = refused(&after_allowed);
+    c.agent_exec("timeout 3 bash -c 'exec 3<>/dev/tcp/203.0.113.77/443' 2>/dev/null; true");
+    wait_until("the refused connect to be counted", Duration::from_secs(5), || {
+        (refused(&scrape(&c, url)) > was).then_some(())
+    });
 
     // An orphan, re-parented to cordon's init and reaped there, is counted.
     let reaped = |t: &str| value(t, "cordon_reaped_processes_total").expect("reaped counter");

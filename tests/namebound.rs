@@ -432,7 +432,10 @@ fn tls_connections_pass_only_with_an_allowlisted_sni_that_cordons_dns_answered_w
         sb.path("cordon.toml").display()
     ));
     let why = text(&why);
-    assert!(why.contains("api.example.com") && why.contains("www.example.com") && !why.contains("evil"), "{why}");
+    let bound = why.lines().find(|l| l.contains("names answered with it")).unwrap_or_default();
+    assert!(bound.contains("api.example.com") && bound.contains("www.example.com") && !bound.contains("evil"), "{why}");
+    // The journal's last refusals to the address name what the client sent.
+    assert!(why.contains("name: uid") && why.contains("name \"evil.example.net\""), "{why}");
 }
 
 #[test]

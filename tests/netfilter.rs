@@ -36,6 +36,7 @@ fn plan() -> Plan {
         raw_ports: vec![22],
         loopback_ports: vec![],
         proxy_port: Some(15443),
+        log: true,
         metrics_port: None,
     }
 }

@@ -133,6 +133,16 @@ fn run(
                     .into(),
             );
         }
+        // The journal's events file, if configured: opened now, as root, before the read-only
+        // root; a failure leaves the journal in memory only (status still shows it).
+        if let Some(path) = &config.events.path
+            && let Err(e) = egress.journal.write_events_to(path, config.events.max_size.0)
+        {
+            s.report.warn(format!(
+                "cannot open the events file {} (events.path): {e}; refusals are journalled in memory only",
+                path.display()
+            ));
+        }
         Some(egress)
     } else {
         s.skip("dns", "network.enforce = false");

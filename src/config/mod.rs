@@ -32,6 +32,7 @@ pub struct Config {
     pub agent: Agent,
     pub supervisor: Supervisor,
     pub devcontainer: Devcontainer,
+    pub events: Events,
     pub metrics: Metrics,
 }
 
@@ -436,6 +437,26 @@ impl Default for Devcontainer {
     }
 }
 
+/// The optional JSON-lines file of the journal of refused connections (`egress::journal`),
+/// for log shippers: one object per refusal, the fields of `status --json`'s journal records.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Events {
+    /// Where to write it (absolute; on a tmpfs or a volume: with the read-only root nothing
+    /// else is writable). None (the default): no file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// When the file would grow past this it is renamed to `<path>.1` (replacing the previous
+    /// one) and a new file started: at most twice this on disk.
+    pub max_size: ByteSize,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events { path: None, max_size: ByteSize(4 << 20) }
+    }
+}
+
 /// A configuration problem, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -786,6 +807,15 @@ impl Config {
         }
         if self.supervisor.idle_stop.is_some_and(|s| s.0 < Duration::from_secs(1)) {
             return Err(err("supervisor.idle_stop", "must be at least 1s (or unset: never)".into()));
+        }
+        if self.events.path.as_ref().is_some_and(|p| !p.is_absolute() || p.file_name().is_none()) {
+            return Err(err(
+                "events.path",
+                "must be an absolute path to a file, e.g. \"/run/cordon/events.jsonl\"".into(),
+            ));
+        }
+        if self.events.max_size.0 < 4096 {
+            return Err(err("events.max_size", "must be at least 4K".into()));
         }
         Ok(())
     }

@@ -20,11 +20,17 @@
 //!      not enough: the agent could send on a flow root opened.
 //!   2. DNS to cordon's listener: accept.
 //!   3. Anything to a resolver (resolv.conf's, the upstreams, Docker's 127.0.0.11), and DNS
-//!      (port 53, before NAT) anywhere else: reject.
-//!   4. Loopback (also the container's own addresses): reject cordon's metrics port
-//!      (`[metrics] listen`), accept on `network.loopback_ports`, reject the rest.
+//!      (port 53, before NAT) anywhere else: refuse (`resolver`).
+//!   4. Loopback (also the container's own addresses): refuse cordon's metrics port
+//!      (`[metrics] listen`), accept on `network.loopback_ports`, refuse the rest (`loopback`).
 //!   5. New TCP to an admitted address on an allowed port: mark the connection, accept.
-//!   6. Everything else: reject at once (TCP reset, ICMP otherwise), counted.
+//!   6. Everything else: refuse at once, counted: TCP to an address of an allow set (`port`),
+//!      other TCP (`not-admitted`), any other protocol (`udp-icmp`).
+//!
+//! To refuse is to jump to that reason's chain (`CORDON_REFUSE_*`), which logs the packet to
+//! the kernel's packet log for the journal (NFLOG, rate-limited, see `egress::journal`; only
+//! when cordon reads the log, [`Plan::log`]), then rejects it: TCP with a reset, DNS over UDP as an unreachable port, the rest as
+//! administratively prohibited.
 //!
 //! With name binding (`network.name_binding`, the default), the name-checked ports change
 //! hands. In the nat table, `OUTPUT` has one jump, to `CORDON_NAT`, where new TCP of the agent's
@@ -51,7 +57,42 @@ pub const ALLOW_CHAIN: &str = "CORDON_ALLOW";
 /// Lets MLDv2 reports of solicited-node groups through, drops every other (IPv6; declared,
 /// empty, for IPv4 too, so both families have the same chains).
 pub const MLD_CHAIN: &str = "CORDON_MLD";
-const CHAINS: [&str; 4] = [OUTPUT_CHAIN, MLD_CHAIN, CHAIN, ALLOW_CHAIN];
+/// The refusal chains, one per reason of the journal (`egress::journal::Reason`): each logs
+/// the packet to the kernel's packet log (NFLOG, group `nflog::GROUP`, the reason as prefix,
+/// rate-limited), then rejects it. Every refusal of `CORDON_AGENT` is a jump to one of them.
+pub const REFUSE_RESOLVER: &str = "CORDON_REFUSE_RESOLVER";
+pub const REFUSE_LOOPBACK: &str = "CORDON_REFUSE_LOOPBACK";
+pub const REFUSE_PORT: &str = "CORDON_REFUSE_PORT";
+pub const REFUSE_ADDR: &str = "CORDON_REFUSE_ADDR";
+pub const REFUSE_PROTO: &str = "CORDON_REFUSE_PROTO";
+/// Each refusal chain and the journal reason it logs.
+pub const REFUSALS: [(&str, crate::egress::journal::Reason); 5] = {
+    use crate::egress::journal::Reason;
+    [
+        (REFUSE_RESOLVER, Reason::Resolver),
+        (REFUSE_LOOPBACK, Reason::Loopback),
+        (REFUSE_PORT, Reason::Port),
+        (REFUSE_ADDR, Reason::NotAdmitted),
+        (REFUSE_PROTO, Reason::UdpIcmp),
+    ]
+};
+const CHAINS: [&str; 9] = [
+    OUTPUT_CHAIN,
+    MLD_CHAIN,
+    CHAIN,
+    ALLOW_CHAIN,
+    REFUSE_RESOLVER,
+    REFUSE_LOOPBACK,
+    REFUSE_PORT,
+    REFUSE_ADDR,
+    REFUSE_PROTO,
+];
+
+/// The kernel's own rate limit on logging, per refusal chain (xt_limit: a token bucket of
+/// `--limit-burst` packets refilled at `--limit`): a flood of refused packets is still refused
+/// in full, but only this many a second per chain cost a log message to cordon. Packets over
+/// it are refused unlogged; the chains' packet counters (`status`: rejected) still count them.
+const LOG_LIMIT: &str = "-m limit --limit 50/sec --limit-burst 100";
 /// In the nat table: redirects the agent's name-checked connections to the proxy. Declared
 /// (empty) without name binding too, so a restart with it turned off replaces a previous run's.
 pub const NAT_CHAIN: &str = "CORDON_NAT";
@@ -193,6 +234,10 @@ pub struct Plan {
     /// Name binding: the proxy's loopback port, where `ports` and `extra_ports` are redirected.
     /// None: those ports are address-based like `raw_ports` (`network.name_binding = false`).
     pub proxy_port: Option<u16>,
+    /// The refusal chains log to the kernel's packet log for the journal: only when cordon
+    /// reads it (`nflog::start` bound the group). A kernel without the packet log then gets the
+    /// same refusals, unlogged, rather than a ruleset it cannot load.
+    pub log: bool,
     /// `metrics.listen`'s port: refused to the agent on every local address, whatever
     /// address the listener is bound to (loopback, or every address for a platform's scraper).
     pub metrics_port: Option<u16>,
@@ -262,13 +307,12 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
         }
     }
     for ip in plan.resolvers.iter().filter(|ip| Family::of(**ip) == family) {
-        rule(&format!("-d {ip}/{} -p tcp -j REJECT --reject-with tcp-reset", family.prefix()));
-        rule(&format!("-d {ip}/{} -j REJECT --reject-with {reject}", family.prefix()));
+        rule(&format!("-d {ip}/{} -j {REFUSE_RESOLVER}", family.prefix()));
     }
     // The original destination port, before any NAT: a resolver DNATed elsewhere (Docker's
     // 127.0.0.11:53 to a random port) would escape a plain --dport 53.
-    rule(&format!("-p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with {proto_unreach}"));
-    rule("-p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset");
+    rule(&format!("-p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j {REFUSE_RESOLVER}"));
+    rule(&format!("-p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j {REFUSE_RESOLVER}"));
     // The proxy's port, but only for what the kernel redirected there (the nat chain): the
     // agent's own connection to the proxy port is not DNAT and meets the loopback reject.
     if let Some(port) = plan.proxy_port {
@@ -282,7 +326,7 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
     // loopback_ports, and this keeps it closed should that ever change. `-o lo` is every
     // local address (a packet to the container's own address leaves through lo too).
     if let Some(port) = plan.metrics_port {
-        rule(&format!("-o lo -p tcp -m tcp --dport {port} -j REJECT --reject-with tcp-reset"));
+        rule(&format!("-o lo -p tcp -m tcp --dport {port} -j {REFUSE_LOOPBACK}"));
     }
     // Loopback by port: the owner match cannot see who owns the destination socket, so a
     // root-owned service on 127.0.0.1 and the agent's own test server look alike.
@@ -293,8 +337,7 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
             rule(&format!("-o lo -p {proto} -m {proto} --dport {ports} -j ACCEPT"));
         }
     }
-    rule("-o lo -p tcp -j REJECT --reject-with tcp-reset");
-    rule(&format!("-o lo -j REJECT --reject-with {reject}"));
+    rule(&format!("-o lo -j {REFUSE_LOOPBACK}"));
     // With name binding these ports are redirected before they get here (nat OUTPUT comes
     // before filter OUTPUT); one that was not is rejected below, never let through unchecked.
     if plan.proxy_port.is_none() {
@@ -313,11 +356,46 @@ pub fn render_chains(plan: &Plan, family: Family) -> String {
     for &p in &plan.raw_ports {
         rule(&format!("-p tcp -m tcp --dport {p} -m set --match-set {} dst -j {ALLOW_CHAIN}", raw_set_name(family, p)));
     }
-    rule("-p tcp -j REJECT --reject-with tcp-reset");
-    rule(&format!("-j REJECT --reject-with {reject}"));
+    // TCP to an address of an allow set reaching here came on a port not allowed for it (or,
+    // with name binding, on a name-checked port without the redirect); to any other address,
+    // it was never admitted. Any protocol but TCP is refused outright.
+    for (set_family, set) in plan.sets() {
+        if set_family == family {
+            rule(&format!("-p tcp -m set --match-set {set} dst -j {REFUSE_PORT}"));
+        }
+    }
+    rule(&format!("-p tcp -j {REFUSE_ADDR}"));
+    rule(&format!("-j {REFUSE_PROTO}"));
 
     add(ALLOW_CHAIN, &format!("-j CONNMARK --set-xmark {CONNMARK:#x}/{CONNMARK:#x}"));
     add(ALLOW_CHAIN, "-j ACCEPT");
+
+    // Log, then reject: TCP with a reset, DNS over UDP as an unreachable port (a stub
+    // resolver gives up at once), anything else as administratively prohibited.
+    for (chain, reason) in REFUSALS {
+        if !plan.log {
+            add(chain, "-p tcp -j REJECT --reject-with tcp-reset");
+            if chain == REFUSE_RESOLVER {
+                add(chain, &format!("-p udp -j REJECT --reject-with {proto_unreach}"));
+            }
+            add(chain, &format!("-j REJECT --reject-with {reject}"));
+            continue;
+        }
+        add(
+            chain,
+            &format!(
+                "{LOG_LIMIT} -j NFLOG --nflog-prefix {} --nflog-group {} --nflog-size {}",
+                reason.as_str(),
+                crate::egress::nflog::GROUP,
+                crate::egress::nflog::COPY_RANGE
+            ),
+        );
+        add(chain, "-p tcp -j REJECT --reject-with tcp-reset");
+        if chain == REFUSE_RESOLVER {
+            add(chain, &format!("-p udp -j REJECT --reject-with {proto_unreach}"));
+        }
+        add(chain, &format!("-j REJECT --reject-with {reject}"));
+    }
     r
 }
 
@@ -504,7 +582,8 @@ impl FirewallError {
             }
             FirewallError::Failed { .. } => {
                 "the kernel may lack a netfilter module (xt_owner, xt_conntrack, xt_connmark, xt_u32, xt_set, \
-                 ip_set_hash_ip, xt_REJECT, xt_multiport): check the host kernel"
+                 ip_set_hash_ip, xt_REJECT, xt_multiport, xt_limit, xt_NFLOG, nfnetlink_log): check the host \
+                 kernel"
                     .into()
             }
             FirewallError::Verify { .. } | FirewallError::VerifyJump { .. } => {
@@ -566,6 +645,7 @@ pub fn stage(
         raw_ports: egress.policy.allowlist().raw_ports().into_iter().collect(),
         loopback_ports: network.loopback_ports.clone(),
         proxy_port: network.name_binding.then_some(network.proxy_port),
+        log: egress.journal_reading.load(std::sync::atomic::Ordering::Relaxed),
         metrics_port,
     };
     let default_timeout = u32::try_from((network.min_ttl.0 + network.grace.0).as_secs()).unwrap_or(u32::MAX);
@@ -827,6 +907,7 @@ mod tests {
             raw_ports: vec![22],
             loopback_ports: vec![PortRange { first: 3000, last: 3000 }, PortRange { first: 8000, last: 8099 }],
             proxy_port: Some(15443),
+            log: true,
             metrics_port: Some(9464),
         }
     }
@@ -845,29 +926,51 @@ COMMIT
 :CORDON_MLD - [0:0]
 :CORDON_AGENT - [0:0]
 :CORDON_ALLOW - [0:0]
+:CORDON_REFUSE_RESOLVER - [0:0]
+:CORDON_REFUSE_LOOPBACK - [0:0]
+:CORDON_REFUSE_PORT - [0:0]
+:CORDON_REFUSE_ADDR - [0:0]
+:CORDON_REFUSE_PROTO - [0:0]
 -A CORDON_OUTPUT -p igmp -j DROP
 -A CORDON_OUTPUT -m owner --uid-owner 1-4294967294 -j CORDON_AGENT
 -A CORDON_AGENT -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j ACCEPT
 -A CORDON_AGENT -m connmark --mark 0x100000/0x100000 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A CORDON_AGENT -d 127.0.0.53/32 -p udp -m udp --dport 53 -j ACCEPT
 -A CORDON_AGENT -d 127.0.0.53/32 -p tcp -m tcp --dport 53 -j ACCEPT
--A CORDON_AGENT -d 127.0.0.11/32 -p tcp -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -d 127.0.0.11/32 -j REJECT --reject-with icmp-admin-prohibited
--A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp-port-unreachable
--A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -d 127.0.0.11/32 -j CORDON_REFUSE_RESOLVER
+-A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
+-A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
 -A CORDON_AGENT -d 127.0.0.1/32 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
--A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j CORDON_REFUSE_LOOPBACK
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 8000:8099 -j ACCEPT
--A CORDON_AGENT -o lo -p tcp -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -o lo -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_AGENT -o lo -j CORDON_REFUSE_LOOPBACK
 -A CORDON_AGENT -p tcp -m tcp --dport 22 -m set --match-set cordon4-r22 dst -j CORDON_ALLOW
--A CORDON_AGENT -p tcp -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_AGENT -p tcp -m set --match-set cordon4 dst -j CORDON_REFUSE_PORT
+-A CORDON_AGENT -p tcp -m set --match-set cordon4-p8443 dst -j CORDON_REFUSE_PORT
+-A CORDON_AGENT -p tcp -m set --match-set cordon4-r22 dst -j CORDON_REFUSE_PORT
+-A CORDON_AGENT -p tcp -j CORDON_REFUSE_ADDR
+-A CORDON_AGENT -j CORDON_REFUSE_PROTO
 -A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
 -A CORDON_ALLOW -j ACCEPT
+-A CORDON_REFUSE_RESOLVER -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix resolver --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_RESOLVER -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_RESOLVER -p udp -j REJECT --reject-with icmp-port-unreachable
+-A CORDON_REFUSE_RESOLVER -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_REFUSE_LOOPBACK -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix loopback --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_LOOPBACK -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_LOOPBACK -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_REFUSE_PORT -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix port --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PORT -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_PORT -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_REFUSE_ADDR -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix not-admitted --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_ADDR -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_ADDR -j REJECT --reject-with icmp-admin-prohibited
+-A CORDON_REFUSE_PROTO -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix udp-icmp --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PROTO -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_PROTO -j REJECT --reject-with icmp-admin-prohibited
 -I OUTPUT 1 -j CORDON_OUTPUT
 COMMIT
 ";
@@ -888,6 +991,11 @@ COMMIT
 :CORDON_MLD - [0:0]
 :CORDON_AGENT - [0:0]
 :CORDON_ALLOW - [0:0]
+:CORDON_REFUSE_RESOLVER - [0:0]
+:CORDON_REFUSE_LOOPBACK - [0:0]
+:CORDON_REFUSE_PORT - [0:0]
+:CORDON_REFUSE_ADDR - [0:0]
+:CORDON_REFUSE_PROTO - [0:0]
 -A CORDON_OUTPUT ! -d ff02::1:ff00:0/104 -p ipv6-icmp -m icmp6 --icmpv6-type 131 -j DROP
 -A CORDON_OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type 132 -j DROP
 -A CORDON_OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type 143 -j CORDON_MLD
@@ -899,23 +1007,40 @@ COMMIT
 -A CORDON_OUTPUT -m owner --uid-owner 1-4294967294 -j CORDON_AGENT
 -A CORDON_AGENT -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j ACCEPT
 -A CORDON_AGENT -m connmark --mark 0x100000/0x100000 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A CORDON_AGENT -d 2001:db8::53/128 -p tcp -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -d 2001:db8::53/128 -j REJECT --reject-with icmp6-adm-prohibited
--A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j REJECT --reject-with icmp6-port-unreachable
--A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -d 2001:db8::53/128 -j CORDON_REFUSE_RESOLVER
+-A CORDON_AGENT -p udp -m conntrack --ctproto 17 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
+-A CORDON_AGENT -p tcp -m conntrack --ctproto 6 --ctorigdstport 53 -j CORDON_REFUSE_RESOLVER
 -A CORDON_AGENT -d ::1/128 -p tcp -m tcp --dport 15443 -m conntrack --ctstate DNAT -j CORDON_ALLOW
--A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j REJECT --reject-with tcp-reset
+-A CORDON_AGENT -o lo -p tcp -m tcp --dport 9464 -j CORDON_REFUSE_LOOPBACK
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 3000 -j ACCEPT
 -A CORDON_AGENT -o lo -p tcp -m tcp --dport 8000:8099 -j ACCEPT
 -A CORDON_AGENT -o lo -p udp -m udp --dport 8000:8099 -j ACCEPT
--A CORDON_AGENT -o lo -p tcp -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -o lo -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_AGENT -o lo -j CORDON_REFUSE_LOOPBACK
 -A CORDON_AGENT -p tcp -m tcp --dport 22 -m set --match-set cordon6-r22 dst -j CORDON_ALLOW
--A CORDON_AGENT -p tcp -j REJECT --reject-with tcp-reset
--A CORDON_AGENT -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_AGENT -p tcp -m set --match-set cordon6 dst -j CORDON_REFUSE_PORT
+-A CORDON_AGENT -p tcp -m set --match-set cordon6-p8443 dst -j CORDON_REFUSE_PORT
+-A CORDON_AGENT -p tcp -m set --match-set cordon6-r22 dst -j CORDON_REFUSE_PORT
+-A CORDON_AGENT -p tcp -j CORDON_REFUSE_ADDR
+-A CORDON_AGENT -j CORDON_REFUSE_PROTO
 -A CORDON_ALLOW -j CONNMARK --set-xmark 0x100000/0x100000
 -A CORDON_ALLOW -j ACCEPT
+-A CORDON_REFUSE_RESOLVER -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix resolver --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_RESOLVER -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_RESOLVER -p udp -j REJECT --reject-with icmp6-port-unreachable
+-A CORDON_REFUSE_RESOLVER -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_REFUSE_LOOPBACK -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix loopback --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_LOOPBACK -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_LOOPBACK -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_REFUSE_PORT -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix port --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PORT -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_PORT -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_REFUSE_ADDR -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix not-admitted --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_ADDR -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_ADDR -j REJECT --reject-with icmp6-adm-prohibited
+-A CORDON_REFUSE_PROTO -m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix udp-icmp --nflog-group 7710 --nflog-size 128
+-A CORDON_REFUSE_PROTO -p tcp -j REJECT --reject-with tcp-reset
+-A CORDON_REFUSE_PROTO -j REJECT --reject-with icmp6-adm-prohibited
 -I OUTPUT 1 -j CORDON_OUTPUT
 COMMIT
 ";
@@ -943,13 +1068,61 @@ COMMIT
     }
 
     #[test]
+    fn every_refusal_of_the_agents_chain_is_logged_with_its_reason_before_it_is_rejected() {
+        for family in [Family::V4, Family::V6] {
+            let chain = render_chains(&plan(), family);
+            let agent: Vec<&str> = chain.lines().filter(|l| l.starts_with("-A CORDON_AGENT ")).collect();
+            assert!(
+                !agent.iter().any(|l| l.contains("REJECT") || l.contains("DROP")),
+                "refused only via a chain: {agent:#?}"
+            );
+            let refusing: Vec<&str> = agent.iter().copied().filter(|l| l.contains("-j CORDON_REFUSE_")).collect();
+            assert!(refusing.len() >= 6, "{refusing:#?}");
+            // The last two rules catch everything: other TCP is not admitted, the rest is UDP/ICMP.
+            assert_eq!(
+                agent[agent.len() - 2..],
+                ["-A CORDON_AGENT -p tcp -j CORDON_REFUSE_ADDR", "-A CORDON_AGENT -j CORDON_REFUSE_PROTO"]
+            );
+            for (name, reason) in REFUSALS {
+                let rules: Vec<&str> = chain.lines().filter(|l| l.starts_with(&format!("-A {name} "))).collect();
+                assert!(
+                    rules[0].contains(&format!(
+                        "-m limit --limit 50/sec --limit-burst 100 -j NFLOG --nflog-prefix {} --nflog-group 7710",
+                        reason.as_str()
+                    )),
+                    "{name} logs first: {rules:#?}"
+                );
+                assert_eq!(
+                    rules.last().unwrap().split(" -j ").nth(1).unwrap().split(' ').next(),
+                    Some("REJECT"),
+                    "{name} ends in a reject"
+                );
+                assert!(rules[1..].iter().all(|r| r.contains("-j REJECT")), "{rules:#?}");
+            }
+        }
+    }
+
+    #[test]
+    fn without_the_packet_log_read_the_same_packets_are_refused_unlogged() {
+        let logged = render_chains(&plan(), Family::V4);
+        let unlogged = render_chains(&Plan { log: false, ..plan() }, Family::V4);
+        assert!(!unlogged.contains("NFLOG") && !unlogged.contains("-m limit"), "{unlogged}");
+        let without_log: Vec<&str> = logged.lines().filter(|l| !l.contains("-j NFLOG")).collect();
+        assert_eq!(without_log, unlogged.lines().collect::<Vec<_>>());
+    }
+
+    #[test]
     fn with_name_binding_the_proxy_port_is_accepted_only_as_a_redirect_and_before_the_loopback_reject() {
         let chain = render_chains(&plan(), Family::V4);
         let at = |needle: &str| chain.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}"));
-        assert!(at("--dport 15443 -m conntrack --ctstate DNAT") < at("-o lo -p tcp -j REJECT"));
+        assert!(at("--dport 15443 -m conntrack --ctstate DNAT") < at("-o lo -j CORDON_REFUSE_LOOPBACK"));
         assert_eq!(chain.matches("15443").count(), 1, "no other rule opens the proxy port: {chain}");
         // A checked port reached without the redirect falls through to the reject.
-        assert!(!chain.contains("--match-set cordon4 dst") && !chain.contains("cordon4-p8443"), "{chain}");
+        assert!(
+            !chain.contains("--match-set cordon4 dst -j CORDON_ALLOW")
+                && !chain.contains("cordon4-p8443 dst -j CORDON_ALLOW"),
+            "{chain}"
+        );
         // Root and kernel packets are never redirected: every nat rule matches the agent's uids.
         let nat = render_nat_chain(&plan(), Family::V6);
         assert!(
@@ -1151,6 +1324,7 @@ mod apply_tests {
             raw_ports: vec![],
             loopback_ports: vec![],
             proxy_port: Some(15001),
+            log: true,
             metrics_port: None,
         }
     }
@@ -1338,8 +1512,11 @@ mod apply_tests {
         assert!(!v6.contains("*nat"), "no nat table for IPv6:\n{v6}");
         // Nothing of IPv6 is redirected, and the checked ports are accepted only as redirects.
         assert!(v6.contains("--ctstate DNAT -j CORDON_ALLOW"), "{v6}");
-        assert!(!v6.contains("--match-set cordon6 dst"), "the checked ports are not accepted by address: {v6}");
-        assert!(!v6.contains("--match-set cordon6-p8443 dst"), "{v6}");
+        assert!(
+            !v6.contains("--match-set cordon6 dst -j CORDON_ALLOW"),
+            "the checked ports are not accepted by address: {v6}"
+        );
+        assert!(!v6.contains("--match-set cordon6-p8443 dst -j CORDON_ALLOW"), "{v6}");
         assert!(!rec.commands().iter().any(|c| c == "ip6tables -w 10 -t nat -S CORDON_NAT"), "no nat read-back");
         // IPv4's nat table missing is no such fallback: it fails, and everything is rolled back.
         let rec = kernel();

@@ -8,7 +8,9 @@ pub mod conntrack;
 pub(crate) mod dns;
 pub mod firewall;
 pub mod ipset;
+pub mod journal;
 pub mod namebound;
+pub mod nflog;
 pub mod policy;
 pub mod probe;
 pub mod suggest;
@@ -165,6 +167,12 @@ pub struct Egress {
     /// The firewall's plan in force and its sets' default timeout, once its stage has run: a live
     /// change that needs per-entry ports the plan lacks widens it (see `change`).
     pub firewall: Mutex<Option<(firewall::Plan, u32)>>,
+    /// The journal of refused connections: the firewall's refusals (read from the kernel's
+    /// packet log once the firewall stage started its reader) and the name-bound layer's.
+    pub journal: Arc<journal::Journal>,
+    /// Whether the packet-log reader runs (false: the firewall's refusals are rejected and
+    /// counted, but not journalled).
+    pub journal_reading: AtomicBool,
 }
 
 /// Where the resolver configuration lives; the `dns` stage points it at cordon.
@@ -214,10 +222,12 @@ pub fn start(
     Ok(((egress, server), detail))
 }
 
-/// The boot's `firewall` stage with the name-bound layer: the name-checking proxy listens
-/// first (unless `network.name_binding = false`, which `warn` reports), so the rules that
-/// redirect the agent's connections on the name-checked ports to it work the moment they
-/// exist; then the rules ([`firewall::stage`]). The proxy service, if any, is the caller's.
+/// The boot's `firewall` stage with the name-bound layer: the journal's packet-log reader
+/// binds its group first, so the first refused packet is already journalled (without it the
+/// firewall still refuses, and `warn` says the refusals are not journalled); the name-checking
+/// proxy listens next (unless `network.name_binding = false`, which `warn` reports), so the
+/// rules that redirect the agent's connections on the name-checked ports to it work the moment
+/// they exist; then the rules ([`firewall::stage`]). The services are the caller's.
 pub fn lock_down(
     network: &Network,
     egress: &Egress,
@@ -225,7 +235,19 @@ pub fn lock_down(
     metrics_port: Option<u16>,
     sys: &dyn crate::sys::effects::Effects,
     warn: &mut dyn FnMut(String),
-) -> crate::fix::StageResult<Option<Service>> {
+) -> crate::fix::StageResult<Vec<Service>> {
+    let mut services = Vec::new();
+    match nflog::start(egress.journal.clone(), egress.bindings.clone()) {
+        Ok(reader) => {
+            egress.journal_reading.store(true, std::sync::atomic::Ordering::Relaxed);
+            services.push(reader);
+        }
+        Err(e) => warn(format!(
+            "the journal cannot read the kernel's packet log (NFLOG group {}): {e}; refused packets are rejected \
+             and counted but not journalled (the kernel needs nfnetlink_log, and no other process may hold the group)",
+            nflog::GROUP
+        )),
+    }
     let proxy = if network.name_binding {
         Some(namebound::start(network, egress)?)
     } else {
@@ -238,7 +260,8 @@ pub fn lock_down(
     };
     let ((), detail) =
         firewall::stage(network, egress, resolv_conf, metrics_port, sys).map_err(|e| Problem::from_fix(&e))?;
-    Ok((proxy, detail))
+    services.extend(proxy);
+    Ok((services, detail))
 }
 
 /// Rewrites a file's content in place (truncate and write), because /etc/resolv.conf is often a
@@ -293,6 +316,8 @@ impl Egress {
             proxy: OnceLock::new(),
             proxy_serving: Arc::new(AtomicBool::new(false)),
             firewall: Mutex::new(None),
+            journal: Arc::new(journal::Journal::new(journal::Limits::default())),
+            journal_reading: AtomicBool::new(false),
         });
         (egress, server)
     }

@@ -104,6 +104,7 @@ async fn live_status(live: &Live) -> StatusDoc {
         doc.egress = Some(egress_status(egress).await);
         doc.namebound = Some(namebound_status(egress));
         doc.policy = Some(policy_status(egress));
+        doc.journal = Some(journal_status(egress));
     }
     doc.filesystem.tmpfs = live.tmpfs.get().into_iter().flatten().filter_map(|p| status::usage(p)).collect();
     if let Some(tmux) = live.tmux.get().cloned() {
@@ -196,6 +197,24 @@ fn policy_status(egress: &Egress) -> status::PolicyStatus {
     }
 }
 
+fn journal_status(egress: &Egress) -> status::JournalStatus {
+    let counts = egress.journal.counts();
+    status::JournalStatus {
+        reading: egress.journal_reading.load(std::sync::atomic::Ordering::Relaxed),
+        counts: counts
+            .by_reason
+            .iter()
+            .map(|(reason, c)| status::JournalCount {
+                reason: reason.as_str().into(),
+                total: c.total,
+                dropped: c.dropped,
+            })
+            .collect(),
+        overflows: counts.overflows,
+        recent: egress.journal.recent(),
+    }
+}
+
 fn namebound_status(egress: &Egress) -> status::NameBoundStatus {
     let proxy = egress.proxy.get();
     let counts = proxy.map(|p| p.stats.counts()).unwrap_or_default();
@@ -244,7 +263,7 @@ async fn egress_status(egress: &Egress) -> status::EgressStatus {
     let rejected = |family| {
         counters(family, &crate::sys::effects::Host)
             .ok()
-            .map(|rules| rules.iter().filter(|(_, r)| r.contains("REJECT")).map(|(n, _)| n).sum())
+            .map(|rules| rules.iter().filter(|(_, r)| r.starts_with("CORDON_REFUSE_")).map(|(n, _)| n).sum())
     };
     let (r4, r6) =
         tokio::task::spawn_blocking(move || (rejected(Family::V4), rejected(Family::V6))).await.unwrap_or((None, None));

@@ -141,6 +141,10 @@ pub(crate) struct EgressReading {
     pub last_refresh: Option<f64>,
     /// Policy changes put in force and refused since boot.
     pub policy_changes: (u64, u64),
+    /// Refusals that reached the journal, by reason, and how many of them its rate limit left
+    /// unrecorded.
+    pub refusals: Vec<(&'static str, u64)>,
+    pub refusals_unrecorded: u64,
     /// The name-bound layer's counters, when its proxy runs.
     pub namebound: Option<crate::egress::namebound::proxy::Counts>,
 }
@@ -231,6 +235,21 @@ pub(crate) fn families(r: &Reading) -> Vec<Family> {
             Family::gauge("cordon_egress_admitted_addresses", "Addresses admitted now, by family")
                 .set(&[("family", "ipv4")], e.admitted_ipv4 as f64)
                 .set(&[("family", "ipv6")], e.admitted_ipv6 as f64),
+        );
+        let mut refusals = Family::counter(
+            "cordon_egress_refusals",
+            "The agent's connections refused, by reason, as journalled (the kernel logs at most 50/s)",
+        );
+        for (reason, total) in &e.refusals {
+            refusals = refusals.count(&[("reason", reason)], *total);
+        }
+        out.push(refusals);
+        out.push(
+            Family::counter(
+                "cordon_egress_refusals_unrecorded",
+                "Refusals counted by the journal but not recorded in it: its rate limit",
+            )
+            .count(&[], e.refusals_unrecorded),
         );
         out.push(
             Family::counter(
@@ -367,6 +386,7 @@ pub(crate) fn read(live: &Live) -> Reading {
             };
         }
         let last = egress.last_refresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let journal = egress.journal.counts();
         EgressReading {
             allowed: s.allowed.load(Relaxed),
             denied: s.denied.load(Relaxed),
@@ -379,6 +399,8 @@ pub(crate) fn read(live: &Live) -> Reading {
             refresh_failures: last.as_ref().map_or(0, |r| r.failed_total),
             last_refresh: last.map(|r| unix_seconds(r.at)),
             policy_changes: egress.policy.change_counts(),
+            refusals: journal.by_reason.iter().map(|(r, c)| (r.as_str(), c.total)).collect(),
+            refusals_unrecorded: journal.by_reason.iter().map(|(_, c)| c.dropped).sum(),
             namebound: egress.proxy.get().map(|p| p.stats.counts()),
         }
     });
@@ -520,6 +542,8 @@ mod tests {
                 refresh_failures: 1,
                 last_refresh: Some(1_700_000_300.0),
                 policy_changes: (3, 1),
+                refusals: vec![("not-admitted", 5), ("name", 2)],
+                refusals_unrecorded: 1,
                 namebound: Some(crate::egress::namebound::proxy::Counts {
                     accepted: 9,
                     allowed: 8,
@@ -558,6 +582,9 @@ mod tests {
             "cordon_egress_admitted_addresses{family=\"ipv6\"} 2.0",
             "cordon_egress_refresh_failures_total 1",
             "cordon_policy_changes_total{result=\"applied\"} 3",
+            "cordon_egress_refusals_total{reason=\"not-admitted\"} 5",
+            "cordon_egress_refusals_total{reason=\"name\"} 2",
+            "cordon_egress_refusals_unrecorded_total 1",
             "cordon_policy_changes_total{result=\"refused\"} 1",
             "cordon_egress_last_refresh_seconds 1700000300.0",
             "cordon_namebound_connections_total 9",

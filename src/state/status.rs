@@ -39,6 +39,9 @@ pub(crate) struct StatusDoc {
     /// egress is not enforced).
     #[serde(default)]
     pub policy: Option<PolicyStatus>,
+    /// The journal of refused connections (live only; None when egress is not enforced).
+    #[serde(default)]
+    pub journal: Option<JournalStatus>,
     pub session: SessionStatus,
     pub filesystem: FilesystemStatus,
     pub warnings: Vec<String>,
@@ -191,6 +194,29 @@ pub(crate) struct RefusalStatus {
     pub at: String,
 }
 
+/// The journal of refused connections: per-reason counters and the kept records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct JournalStatus {
+    /// The kernel's packet log is read (false: the firewall's refusals are rejected and
+    /// counted, but not journalled; the name-bound layer's still are).
+    pub reading: bool,
+    /// One per reason, in a fixed order, zeros included.
+    pub counts: Vec<JournalCount>,
+    /// Times the kernel could not hand logged packets to cordon (its buffer was full).
+    pub overflows: u64,
+    /// Newest first, at most 256.
+    pub recent: Vec<crate::egress::journal::Event>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct JournalCount {
+    pub reason: String,
+    /// Refusals seen since start.
+    pub total: u64,
+    /// Of those, not recorded because of the journal's rate limit.
+    pub dropped: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct RefreshStatus {
     pub at: String,
@@ -254,6 +280,9 @@ pub(crate) struct WhyDoc {
     /// name-bound layer lets through (if allowlisted).
     #[serde(default)]
     pub bound_names: Vec<String>,
+    /// For an address: the journal's last refusals to it, newest first, at most 8.
+    #[serde(default)]
+    pub refusals: Vec<crate::egress::journal::Event>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,6 +332,7 @@ pub(crate) fn from_state(state: &State, source: &str) -> StatusDoc {
         egress: None,
         namebound: None,
         policy: None,
+        journal: None,
         session: SessionStatus { agent: state.agent.clone(), tmux: None },
         filesystem: FilesystemStatus { readonly_root, tmpfs: vec![] },
         warnings: state.warnings.clone(),
@@ -366,6 +396,9 @@ pub(crate) fn render_human(doc: &StatusDoc, color: bool) -> String {
     }
     if let Some(p) = &doc.policy {
         render_policy(&mut o, p, paint);
+    }
+    if let Some(j) = &doc.journal {
+        render_journal(&mut o, j, paint);
     }
     render_session(&mut o, &doc.session, paint);
     render_files(&mut o, &doc.filesystem, paint);
@@ -561,6 +594,49 @@ fn render_namebound(o: &mut String, n: &NameBoundStatus, paint: Paint) {
     }
 }
 
+/// The journal: refusals by reason (with what the rate limit dropped), then the 8 newest.
+fn render_journal(o: &mut String, j: &JournalStatus, paint: Paint) {
+    let seen: Vec<String> = j
+        .counts
+        .iter()
+        .filter(|c| c.total > 0)
+        .map(|c| {
+            if c.dropped > 0 {
+                format!("{} {} ({} unrecorded)", c.total, c.reason, c.dropped)
+            } else {
+                format!("{} {}", c.total, c.reason)
+            }
+        })
+        .collect();
+    let summary = if seen.is_empty() { "none".to_string() } else { seen.join(", ") };
+    let _ = writeln!(o, "{}", fit(&format!("refused: {summary}")));
+    if !j.reading {
+        let _ = writeln!(
+            o,
+            "        {}",
+            paint.on("33", "packet log not read: the firewall's refusals are not journalled")
+        );
+    }
+    if j.overflows > 0 {
+        let _ =
+            writeln!(o, "        {}", paint.on("33", &format!("{} kernel log overflows (packets lost)", j.overflows)));
+    }
+    for e in j.recent.iter().take(8) {
+        let uid = e.uid.map_or("uid ?".to_string(), |u| format!("uid {u}"));
+        let to = match e.port {
+            Some(p) => format_addr(&e.address, p),
+            None => e.address.clone(),
+        };
+        let name = match (&e.sent_name, e.names.first()) {
+            (Some(sent), _) => format!(" \"{sent}\""),
+            (None, Some(bound)) => format!(" ({bound})"),
+            (None, None) => String::new(),
+        };
+        let line = format!("          {} {uid} {} {to}{name} {}", e.reason, e.protocol, ago(&e.at));
+        let _ = writeln!(o, "{}", fit(&line));
+    }
+}
+
 /// The agent (running, restarts, last exit status) and its tmux session.
 fn render_session(o: &mut String, session: &SessionStatus, paint: Paint) {
     match &session.agent {
@@ -637,6 +713,15 @@ pub(crate) fn render_why(w: &WhyDoc) -> String {
     for a in &w.admitted {
         let _ = writeln!(o, "  admitted {} for {} in {} until {}", a.ip, a.name.trim_end_matches('.'), a.set, a.until);
     }
+    if !w.refusals.is_empty() {
+        let _ = writeln!(o, "  last refused connections to it:");
+    }
+    for e in &w.refusals {
+        let port = e.port.map_or(String::new(), |p| format!(" port {p}"));
+        let uid = e.uid.map_or("uid ?".to_string(), |u| format!("uid {u}"));
+        let sent = e.sent_name.as_ref().map_or(String::new(), |n| format!(" name \"{n}\""));
+        let _ = writeln!(o, "    {} {}: {} {}{port}{sent}", e.at, e.reason, uid, e.protocol);
+    }
     o
 }
 
@@ -653,6 +738,7 @@ pub(crate) fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDo
         admitted: vec![],
         ports: vec![],
         bound_names: vec![],
+        refusals: vec![],
     };
     let Some(egress) = egress else {
         doc.verdict = "not enforced".into();
@@ -671,6 +757,7 @@ pub(crate) fn why(target: &str, egress: Option<&crate::egress::Egress>) -> WhyDo
         Some(ip) => {
             doc.admitted = admitted.iter().filter(|a| a.ip == ip).map(out).collect();
             doc.bound_names = egress.bindings.names_for(ip, std::time::Instant::now());
+            doc.refusals = egress.journal.recent_to(ip).into_iter().take(8).collect();
             if !doc.admitted.is_empty() {
                 doc.verdict = "admitted".into();
                 doc.explanation = "an allowed name resolved to it; the agent may connect on the allowed ports".into();
@@ -798,6 +885,7 @@ mod tests {
             }),
             namebound: None,
             policy: None,
+            journal: None,
             egress: Some(EgressStatus {
                 allowlist_entries: 12,
                 admitted_ipv4: 4,
@@ -997,6 +1085,56 @@ warning: something to look at
         let coloured = render_human(&doc, true);
         assert!(coloured.starts_with("cordon \x1b[1;32mREADY\x1b[0m  up"), "{coloured}");
         assert!(coloured.contains("\x1b[33mwarning:\x1b[0m something to look at"));
+    }
+
+    fn event(reason: &str, address: &str, port: Option<u16>) -> crate::egress::journal::Event {
+        crate::egress::journal::Event {
+            at: "just now".into(),
+            uid: Some(1000),
+            protocol: if port == Some(53) { "udp".into() } else { "tcp".into() },
+            address: address.into(),
+            port,
+            names: vec![],
+            reason: reason.into(),
+            sent_name: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn the_journal_shows_counts_by_reason_and_the_eight_newest_refusals() {
+        let mut named = event("name", "192.0.2.10", Some(443));
+        named.sent_name = Some("evil.example.net".into());
+        let mut port = event("port", "192.0.2.10", Some(8080));
+        port.names = vec!["api.example.com".into()];
+        let mut recent = vec![named, port, event("resolver", "2001:db8::53", Some(53))];
+        recent.extend((0..10).map(|i| event("not-admitted", &format!("192.0.2.{i}"), Some(443))));
+        let j = JournalStatus {
+            reading: true,
+            counts: vec![
+                JournalCount { reason: "not-admitted".into(), total: 500, dropped: 400 },
+                JournalCount { reason: "port".into(), total: 1, dropped: 0 },
+                JournalCount { reason: "udp-icmp".into(), total: 0, dropped: 0 },
+            ],
+            overflows: 0,
+            recent,
+        };
+        let mut o = String::new();
+        render_journal(&mut o, &j, Paint(false));
+        let lines: Vec<&str> = o.lines().collect();
+        assert_eq!(lines[0], "refused: 500 not-admitted (400 unrecorded), 1 port");
+        assert_eq!(lines[1], "          name uid 1000 tcp 192.0.2.10:443 \"evil.example.net\" just now");
+        assert_eq!(lines[2], "          port uid 1000 tcp 192.0.2.10:8080 (api.example.com) just now");
+        assert_eq!(lines[3], "          resolver uid 1000 udp [2001:db8::53]:53 just now");
+        assert_eq!(lines.len(), 1 + 8, "{o}");
+
+        let quiet = JournalStatus { reading: false, counts: vec![], overflows: 3, recent: vec![] };
+        let mut o = String::new();
+        render_journal(&mut o, &quiet, Paint(false));
+        assert_eq!(
+            o,
+            "refused: none\n        packet log not read: the firewall's refusals are not journalled\n        3 kernel log overflows (packets lost)\n"
+        );
     }
 
     #[test]

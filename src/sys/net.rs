@@ -1,6 +1,6 @@
 //! Sockets beyond std and tokio: the destination a redirected connection was really addressed
-//! to, which the name-bound proxy needs, and the netlink socket the ipset client talks to the
-//! kernel through.
+//! to, which the name-bound proxy needs, and the netlink socket the ipset client and the
+//! journal's packet-log reader talk to the kernel through.
 //!
 //! `iptables -t nat ... -j REDIRECT` rewrites the destination to the local listener; conntrack
 //! keeps the original, which `getsockopt(SO_ORIGINAL_DST)` (IPv4, at `SOL_IP`) and
@@ -34,6 +34,14 @@ impl NetfilterSocket {
         let timeout = TimeVal::new(receive_timeout.as_secs() as _, receive_timeout.subsec_micros() as _);
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)?;
         Ok(NetfilterSocket { fd })
+    }
+
+    /// Asks for a receive buffer of `bytes` (the kernel caps it at `net.core.rmem_max`, or
+    /// takes it whole with CAP_NET_ADMIN: `SO_RCVBUFFORCE`, socket(7)).
+    pub(crate) fn set_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        setsockopt(&self.fd, sockopt::RcvBufForce, &bytes)
+            .or_else(|_| setsockopt(&self.fd, sockopt::RcvBuf, &bytes))?;
+        Ok(())
     }
 
     /// Sends one message to the kernel (netlink port 0).

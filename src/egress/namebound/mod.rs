@@ -60,12 +60,15 @@ pub fn start(network: &Network, egress: &Egress) -> Result<Service, Problem> {
         })
     };
     let names = proxy::BoundNamePolicy::new(Box::new(allowlisted), egress.bindings.clone());
-    let ctx = Arc::new(proxy::Ctx::new(
-        Box::new(names),
-        Box::new(proxy::KernelOriginalDestination),
-        vec![80],
-        proxy::Limits::default(),
-    ));
+    let ctx = Arc::new(
+        proxy::Ctx::new(
+            Box::new(names),
+            Box::new(proxy::KernelOriginalDestination),
+            vec![80],
+            proxy::Limits::default(),
+        )
+        .journal(egress.journal.clone(), egress.bindings.clone()),
+    );
     let _ = egress.proxy.set(ctx.clone());
     let serving = egress.proxy_serving.clone();
     Ok(Service::spawn("namebound", move |mut stop| async move {

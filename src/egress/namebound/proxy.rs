@@ -6,7 +6,8 @@
 //! could mistake for a server's answer) and the upstream is never contacted. A refused later
 //! request on a kept-alive HTTP connection resets it before any of that request's bytes go
 //! upstream. Every refusal is counted and kept in a bounded list (name or "no SNI", address,
-//! port, reason, time). Connections still being judged are bounded in number
+//! port, reason, time), and given to the journal of refused connections (`egress::journal`,
+//! reason `name`) with the uid that owns the agent's socket. Connections still being judged are bounded in number
 //! ([`Limits::max_pending`]), in time ([`Limits::hello_timeout`]) and in bytes, so a flood of
 //! silent clients holds bounded resources.
 
@@ -27,6 +28,7 @@ use tokio::time::timeout;
 use super::bindings::Bindings;
 use super::hello::{self, HelloScan};
 use super::http::{self, RequestTracker, Step};
+use crate::egress::journal::{self, Journal};
 
 /// How a connection is judged: by its ClientHello, or by each HTTP/1.x request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +256,8 @@ pub struct Ctx {
     pub limits: Limits,
     pub stats: Stats,
     pending: Arc<Semaphore>,
+    /// Where refusals are journalled, with the bindings that name their addresses.
+    journal: Option<(Arc<Journal>, Arc<Bindings>)>,
 }
 
 impl Ctx {
@@ -264,7 +268,13 @@ impl Ctx {
         limits: Limits,
     ) -> Self {
         let pending = Arc::new(Semaphore::new(limits.max_pending));
-        Ctx { policy, original_destination, http_ports, limits, stats: Stats::default(), pending }
+        Ctx { policy, original_destination, http_ports, limits, stats: Stats::default(), pending, journal: None }
+    }
+
+    /// Journals every refusal in `journal` (reason `name`), naming its address from `bindings`.
+    pub fn journal(mut self, journal: Arc<Journal>, bindings: Arc<Bindings>) -> Self {
+        self.journal = Some((journal, bindings));
+        self
     }
 }
 
@@ -563,7 +573,26 @@ fn refuse(
     kind: Kind,
     reason: impl Into<Cow<'static, str>>,
 ) {
-    ctx.stats.refused(RefusalRecord { name, dst, kind, reason: reason.into(), at: SystemTime::now() });
+    let reason = reason.into();
+    if let Some((journal, bindings)) = &ctx.journal
+        && journal.admit(journal::Reason::Name, Instant::now())
+    {
+        // The agent's socket is still connected: its owner is in /proc/net/tcp until the reset.
+        let uid = client.peer_addr().ok().and_then(|peer| journal::tcp_owner(peer, dst));
+        let address = dst.ip().to_canonical();
+        let refused = journal::Refused {
+            at: SystemTime::now(),
+            uid,
+            protocol: "tcp".into(),
+            address,
+            port: Some(dst.port()),
+            reason: journal::Reason::Name,
+            sent_name: name.clone(),
+            detail: Some(reason.to_string()),
+        };
+        journal.push(refused.event(bindings.names_for(address, Instant::now())));
+    }
+    ctx.stats.refused(RefusalRecord { name, dst, kind, reason, at: SystemTime::now() });
     reset(client);
 }
 
