@@ -413,3 +413,79 @@ fn a_missing_capability_fails_the_boot_with_the_fix_in_status() {
         assert_eq!(String::from_utf8_lossy(&ps.stdout).trim(), "", "no process of the agent user's runs");
     }
 }
+
+#[test]
+fn an_observe_session_suggests_an_allowlist_that_a_live_reload_enforces() {
+    let mut pod = Pod::new("pol", WORLD_V4, false);
+    let w = world(&pod, "pol");
+    let agent_get = |c: &Container, name: &str| {
+        let out = c.agent_sh(&format!("curl -sSk --max-time 10 https://{name}/"));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+
+    // Observe mode: a name outside the allowlist resolves and connects, and says so everywhere.
+    let dir = files("pol-observe", "mode = \"observe\"");
+    let mut args = common_args(&dir);
+    args.extend(PROFILE_1.iter().map(|s| s.to_string()));
+    let observing = pod.run("observe", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let doc = observing.wait_phase("ready", BOOT);
+    assert_eq!(doc["policy"]["mode"], "observe", "{doc}");
+    let human = observing.exec(&["cordon", "status"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("NOT enforced"), "{human:?}");
+    assert!(observing.logs().contains("egress is NOT enforced"), "{}", observing.logs());
+    assert_eq!(agent_get(&observing, "exfil.example.net"), "hello exfil.example.net", "observe lets it through");
+    assert_eq!(agent_get(&observing, "git.example.com"), "hello git.example.com");
+    let refused = observing.agent_sh("cordon policy suggest");
+    assert_eq!(refused.status.code(), Some(77), "the agent may not read the suggestion: {refused:?}");
+    let suggested = observing.exec(&["cordon", "policy", "suggest"]);
+    assert!(suggested.status.success(), "{suggested:?}");
+    let suggested = String::from_utf8_lossy(&suggested.stdout).into_owned();
+    assert!(suggested.lines().any(|l| l.starts_with("exfil.example.net  # seen")), "{suggested}");
+    check_stop(&observing, &dir);
+
+    // Enforcing, on the file as it was: the observed name is refused.
+    let dir = files("pol-enforce", "");
+    let mut args = common_args(&dir);
+    args.extend(PROFILE_1.iter().map(|s| s.to_string()));
+    let enforcing = pod.run("enforce", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let doc = enforcing.wait_phase("ready", BOOT);
+    assert_eq!(doc["policy"]["mode"], "enforce", "{doc}");
+    let denied = enforcing.agent_sh("getent hosts exfil.example.net");
+    assert_eq!(denied.status.code(), Some(2), "{denied:?}");
+    // A connection opened before the reload and used after it.
+    let held = Command::new("docker")
+        .args(["exec", "-u", "agent", &enforcing.name, "bash", "-c"])
+        .arg(
+            "exec 3<>/dev/tcp/git.example.com/80 && sleep 8 && \
+             printf 'GET / HTTP/1.0\\r\\nHost: git.example.com\\r\\n\\r\\n' >&3 && head -c 7 <&3 >/out/held",
+        )
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The operator puts the suggestion in force without a restart: the file is edited in place
+    // on the host (the directory is bind-mounted), then `cordon reload`.
+    std::fs::write(dir.join("domains.conf"), &suggested).unwrap();
+    let agent_reload = enforcing.agent_sh("cordon reload");
+    assert_eq!(agent_reload.status.code(), Some(77), "the agent may not reload: {agent_reload:?}");
+    assert_eq!(enforcing.agent_sh("getent hosts exfil.example.net").status.code(), Some(2), "nothing changed");
+    let reload = enforcing.exec(&["cordon", "reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    assert_eq!(agent_get(&enforcing, "exfil.example.net"), "hello exfil.example.net", "the reload widened");
+    assert_eq!(agent_get(&enforcing, "git.example.com"), "hello git.example.com");
+    let mut held = held;
+    assert!(held.wait().unwrap().success());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/held")).unwrap_or_default(),
+        "HTTP/1.",
+        "the connection held across the reload still works"
+    );
+    let (doc, _) = enforcing.status();
+    let changes = doc.unwrap()["policy"]["changes"].clone();
+    assert!(
+        changes.as_array().unwrap().iter().any(|c| c["what"] == "reload" && c["ok"] == true && c["who"] != "SIGHUP"),
+        "the reload is recorded with who made it: {changes}"
+    );
+    drop(w);
+    check_stop(&enforcing, &dir);
+}
