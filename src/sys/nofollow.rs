@@ -29,12 +29,18 @@ pub struct Dir {
 
 const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY.union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC).union(OFlag::O_RDONLY);
 
-fn describe(e: nix::errno::Errno, name: &OsStr) -> io::Error {
-    let name = name.to_string_lossy();
+fn describe(e: nix::errno::Errno, parent: &Dir, name: &OsStr) -> io::Error {
+    let shown = name.to_string_lossy();
+    // O_NOFOLLOW on a symlink is ELOOP, unless O_DIRECTORY refused it first with ENOTDIR, as it
+    // does for anything not a directory (open(2)): lstat tells which.
+    let symlink = || {
+        nix::sys::stat::fstatat(parent.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+    };
     match e {
-        // O_NOFOLLOW on a symlink is ELOOP; O_DIRECTORY on anything else is ENOTDIR (open(2)).
-        nix::errno::Errno::ELOOP => io::Error::other(format!("`{name}` is a symlink")),
-        nix::errno::Errno::ENOTDIR => io::Error::other(format!("`{name}` is not a directory")),
+        nix::errno::Errno::ELOOP => io::Error::other(format!("`{shown}` is a symlink")),
+        nix::errno::Errno::ENOTDIR if symlink() => io::Error::other(format!("`{shown}` is a symlink")),
+        nix::errno::Errno::ENOTDIR => io::Error::other(format!("`{shown}` is not a directory")),
         e => io::Error::from(e),
     }
 }
@@ -74,15 +80,15 @@ pub fn open_child(dir: &Dir, name: &OsStr, create: Option<NewDir>) -> io::Result
             let new = create.expect("checked");
             match mkdirat(dir.fd.as_fd(), name, Mode::from_bits_truncate(new.mode)) {
                 Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                Err(e) => return Err(describe(e, name)),
+                Err(e) => return Err(describe(e, dir, name)),
             }
-            let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, name))?;
+            let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, dir, name))?;
             nix::unistd::fchown(fd.as_fd(), Some(new.uid.into()), Some(new.gid.into()))?;
             // mkdirat's mode went through the umask.
             nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(new.mode))?;
             stat_dir(fd)
         }
-        Err(e) => Err(describe(e, name)),
+        Err(e) => Err(describe(e, dir, name)),
     }
 }
 
@@ -101,9 +107,4 @@ pub fn bind_dirs(source: &Dir, target: &Dir) -> io::Result<()> {
     let dst = format!("/proc/self/fd/{}", target.fd.as_raw_fd());
     nix::mount::mount(Some(src.as_str()), dst.as_str(), None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)?;
     Ok(())
-}
-
-/// Whether `name` in `dir` exists at all (a symlink counts), without following it.
-pub fn exists_in(dir: &Dir, name: &OsStr) -> bool {
-    nix::sys::stat::fstatat(dir.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
 }
