@@ -1,5 +1,5 @@
-//! Work of the agent's home kept across restarts (`agent.persist`) and Claude Code's plugins
-//! (`[claude] plugins`), end to end with the real cordon as PID 1: the volume is a bind mount of
+//! Work of the agent's home kept across restarts (`agent.persist`) and the Claude Code extras
+//! (`[claude]`: plugins, the session-naming Stop hook), end to end with the real cordon as PID 1: the volume is a bind mount of
 //! the sandbox's `host` directory, kept across restarts like a Docker volume; `claude` is a stub
 //! that logs its argv and uid.
 
@@ -113,7 +113,7 @@ fn stub_claude(sb: &Sandbox) -> (PathBuf, PathBuf) {
     fs::write(&log, "").unwrap();
     fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let script = format!(
-        "#!/bin/sh\necho \"uid=$(id -u) home=$HOME argv=$*\" >> {}\ncase \"$*\" in *broken@m*) echo 'plugin \"broken@m\" not found in marketplace \"m\"' >&2; exit 3;; esac\necho done\n",
+        "#!/bin/sh\necho \"uid=$(id -u) home=$HOME argv=$*\" >> {}\ncase \"$*\" in -p*) echo 'Fix The Auth Bug!'; exit 0;; esac\ncase \"$*\" in *broken@m*) echo 'plugin \"broken@m\" not found in marketplace \"m\"' >&2; exit 3;; esac\necho done\n",
         log.display()
     );
     fs::write(dir.join("claude"), script).unwrap();
@@ -170,5 +170,47 @@ fn plugins_install_as_the_agent_before_it_starts_and_a_failed_one_is_a_warning_i
     assert!(calls.contains("install broken@m"), "{calls}");
     let detail = state.stages.iter().find(|s| s.name == "plugins").unwrap().detail.clone().unwrap();
     assert!(detail.contains("1 installed on an earlier boot"), "{detail}");
+    stop(c);
+}
+
+#[test]
+fn the_stop_hook_names_the_tmux_session_once_as_the_agent_and_cordon_keeps_supervising_it() {
+    for tool in ["/usr/bin/jq", "/usr/bin/tmux"] {
+        assert!(Path::new(tool).exists(), "this test needs {tool} (apt-get install jq tmux), as the image has");
+    }
+    let sb = Sandbox::new("namer");
+    std::os::unix::fs::chown(sb.path("host"), Some(AGENT_UID), Some(AGENT_UID)).unwrap();
+    let (stub, log) = stub_claude(&sb);
+    let before = format!("mount -t overlay overlay -o lowerdir={}:/usr/local/bin /usr/local/bin", stub.display());
+    let transcript = sb.path("host/t.jsonl");
+    fs::write(&transcript, "{\"type\":\"user\",\"message\":{\"role\":\"user\",\"content\":\"the login fails\"}}\n")
+        .unwrap();
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/claude-name-session.sh");
+    // The agent's pane runs the hook as Claude Code would at two Stops, then stays.
+    let input = format!("{{\"session_id\":\"s1\",\"transcript_path\":\"{}\"}}", transcript.display());
+    let run_hook = format!("echo '{input}' | {}", hook.display());
+    let command = format!("{run_hook}; sleep 3; {run_hook}; exec sleep 1000");
+    let cfg = TestConfig { on_boot_failure: "hold", tmux: true, agent_command: command, ..TestConfig::default() };
+    let text = sb.render_config(&cfg).replacen("tmux = true\n", "tmux = true\nshell_pane = false\n", 1);
+    let text = format!("{text}[filesystem]\nwritable = [\"{}\"]\n", sb.path("host").display());
+    let cfg = sb.write_file("cordon.toml", &text);
+
+    let mut c = boot(&sb, &cfg, &before);
+    c.wait_phase(Phase::Ready, BOOT);
+    let socket = sb.path("state/tmux/agent.sock");
+    let sessions = || agent_ok(&c, &format!("tmux -S {} list-sessions -F '#S'", socket.display()));
+    let named = harness::wait_until("the session renamed", Duration::from_secs(20), || {
+        Some(sessions()).filter(|s| s.trim() != "agent")
+    });
+    assert_eq!(named.trim(), "agent-fix-the-auth-bug", "named after the task, keeping the configured prefix");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(c.state().unwrap().phase, Phase::Ready, "cordon still finds the agent's session");
+    assert_eq!(sessions().trim(), "agent-fix-the-auth-bug", "named once: the second Stop left it");
+    let calls = fs::read_to_string(&log).unwrap();
+    assert_eq!(calls.matches("argv=-p").count(), 1, "one naming call: {calls}");
+    assert!(calls.starts_with(&format!("uid={AGENT_UID} ")), "as the agent: {calls}");
+    assert!(calls.contains("the login fails"), "the task from the transcript: {calls}");
+    let attach = c.exec(&format!("{} status --config {}", env!("CARGO_BIN_EXE_cordon"), cfg.display()));
+    assert!(attach.status.success(), "{}", String::from_utf8_lossy(&attach.stdout));
     stop(c);
 }
