@@ -214,3 +214,30 @@ fn the_stop_hook_names_the_tmux_session_once_as_the_agent_and_cordon_keeps_super
     assert!(attach.status.success(), "{}", String::from_utf8_lossy(&attach.stdout));
     stop(c);
 }
+
+#[test]
+fn the_status_line_shows_model_context_use_and_session_from_claude_codes_json() {
+    assert!(Path::new("/usr/bin/jq").exists(), "this test needs jq (apt-get install jq), as the image has");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/claude-statusline.sh");
+    let run = |json: &str| {
+        let mut child = std::process::Command::new("bash")
+            .arg(&script)
+            .env_remove("TMUX")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), json.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let line = run(
+        r#"{"model":{"display_name":"Opus"},"context_window":{"used_percentage":72.4},"session_id":"abcdef123456"}"#,
+    );
+    assert_eq!(line, "Opus | \u{1b}[33m[#######---] 72%\u{1b}[0m | abcdef12\n", "yellow above 65%");
+    let line = run(r#"{"model":{"display_name":"Sonnet"},"context_window":{"used_percentage":10}}"#);
+    assert!(line.starts_with("Sonnet | \u{1b}[32m[#---------] 10%"), "{line:?}");
+    assert_eq!(run("{}"), "? | [----------] --% | ?\n", "no data: placeholders, never an error");
+    assert_eq!(run("not json"), "? | [----------] --% | ?\n");
+}
