@@ -102,6 +102,15 @@ fn a_persisted_home_path_survives_a_restart_and_a_symlink_the_agent_plants_on_th
     assert!(error.contains(&format!("owned by uid {AGENT_UID}")), "{error}");
     assert!(!Path::new("/etc/.claude").exists());
     stop(c);
+
+    // A persist_volume that does not exist is the operator's mistake, and the fix says so.
+    let cfg = config(&sb, &format!("persist = [\"~/.claude\"]\npersist_volume = \"{}/missing\"", host.display()), "");
+    let mut c = boot(&sb, &cfg, "");
+    let state = c.wait_phase(Phase::Failed, BOOT);
+    let stage = state.stages.last().unwrap();
+    assert!(stage.error.as_deref().unwrap().contains("cannot open agent.persist_volume"), "{stage:?}");
+    assert!(stage.hint.as_deref().unwrap().contains("create it, or mount the volume there"), "{stage:?}");
+    stop(c);
 }
 
 /// A stub `claude` that logs `uid home argv` to `log` and fails `plugin install broken@m`.

@@ -107,6 +107,13 @@ pub fn stage(plan: &Plan, user: &AgentUser) -> StageResult<Vec<PathBuf>> {
             source.display()
         )
     };
+    // The volume's own path is the operator's: when it is missing, say that, not "move aside".
+    nofollow::open_abs(&plan.volume).map_err(|e| {
+        Problem::new(format!("cannot open agent.persist_volume {}: {e}", plan.volume.display())).with_fix(
+            "agent.persist_volume must be an existing directory on the volume, reached without a symlink: create it, \
+             or mount the volume there",
+        )
+    })?;
     let mut shown = Vec::new();
     for rel in &plan.paths {
         let source = plan.source(rel);
