@@ -74,8 +74,13 @@ fn a_persisted_home_path_survives_a_restart_and_a_symlink_the_agent_plants_on_th
     let mut c = boot(&sb, &cfg, "");
     c.wait_phase(Phase::Ready, BOOT);
     assert_eq!(agent_ok(&c, &format!("cat {}/.claude/projects/s.jsonl", home.display())), "session-1\n");
-    // The agent owns the volume's top: it moves cordon's store aside and plants a symlink to /etc.
-    agent_ok(&c, &format!("cd {} && mv .cordon .cordon.moved && ln -s /etc .cordon", host.display()));
+    // The agent owns the volume's top: it moves cordon's store aside and plants a symlink to a
+    // root-owned directory, a stand-in for /etc (so a broken cordon leaves no debris in the
+    // host's /etc).
+    let etc = sb.path("etc");
+    fs::create_dir(&etc).unwrap();
+    fs::set_permissions(&etc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    agent_ok(&c, &format!("cd {} && mv .cordon .cordon.moved && ln -s {} .cordon", host.display(), etc.display()));
     stop(c);
 
     let mut c = boot(&sb, &cfg, "");
@@ -85,7 +90,7 @@ fn a_persisted_home_path_survives_a_restart_and_a_symlink_the_agent_plants_on_th
     let error = stage.error.as_deref().unwrap();
     assert!(error.contains("cannot persist ~/.claude") && error.contains("`.cordon` is a symlink"), "{error}");
     assert!(stage.hint.as_deref().unwrap().contains("move it aside"), "{stage:?}");
-    assert!(!Path::new("/etc/persist").exists() && !Path::new("/etc/.claude").exists(), "nothing made in /etc");
+    assert_eq!(fs::read_dir(&etc).unwrap().count(), 0, "nothing made in the symlink's target");
     let mounts = fs::read_to_string(format!("/proc/{}/mountinfo", c.reaper())).unwrap();
     assert!(!mounts.contains(&format!("{}/.claude ", home.display())), "no mount on ~/.claude:\n{mounts}");
     assert!(!state.stages.iter().any(|s| s.name == "session"), "no agent");
@@ -95,12 +100,12 @@ fn a_persisted_home_path_survives_a_restart_and_a_symlink_the_agent_plants_on_th
     fs::remove_file(host.join(".cordon")).unwrap();
     fs::create_dir_all(host.join(".cordon")).unwrap();
     std::os::unix::fs::chown(host.join(".cordon"), Some(AGENT_UID), Some(AGENT_UID)).unwrap();
-    std::os::unix::fs::symlink("/etc", host.join(".cordon/persist")).unwrap();
+    std::os::unix::fs::symlink(&etc, host.join(".cordon/persist")).unwrap();
     let mut c = boot(&sb, &cfg, "");
     let state = c.wait_phase(Phase::Failed, BOOT);
     let error = state.stages.last().unwrap().error.clone().unwrap();
     assert!(error.contains(&format!("owned by uid {AGENT_UID}")), "{error}");
-    assert!(!Path::new("/etc/.claude").exists());
+    assert_eq!(fs::read_dir(&etc).unwrap().count(), 0, "nothing made in the symlink's target");
     stop(c);
 
     // A persist_volume that does not exist is the operator's mistake, and the fix says so.
