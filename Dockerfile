@@ -30,7 +30,7 @@ COPY --from=binary /extra-ca/ /usr/local/share/ca-certificates/
 RUN set -eux; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        bash ca-certificates curl git gh iproute2 ipset iptables less procps tmux; \
+        bash ca-certificates curl git gh iproute2 ipset iptables jq less procps tmux; \
     if [ -n "$CLAUDE_CODE" ]; then \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm; \
         NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt \
@@ -47,6 +47,9 @@ RUN set -eux; \
 COPY --from=binary /cordon /usr/local/bin/cordon
 COPY config/cordon.toml config/tmux.conf config/claude-settings.json config/demo.toml /etc/cordon/
 COPY config/demo-agent.sh /usr/local/share/cordon/demo-agent
+# Claude Code's status line and session-naming Stop hook, referenced by claude-settings.json
+# (kept in the agent's settings only when [claude] turns them on). jq above is theirs.
+COPY config/claude-statusline.sh config/claude-name-session.sh /usr/local/lib/cordon/
 COPY network/domains.conf /etc/cordon/domains.conf
 # An interactive root shell (docker exec -it ... bash, fly ssh console) joins the agent's
 # session; when that is not possible it says why and leaves the root shell usable.

@@ -8,7 +8,7 @@
 set -euo pipefail
 packages=(iproute2 util-linux bsdutils mount procps iptables ipset dnsutils netcat-openbsd tmux git make
   docker.io debootstrap openssl curl python3
-  prometheus python3-prometheus-client)
+  prometheus python3-prometheus-client jq)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -489,3 +489,129 @@ fn an_observe_session_suggests_an_allowlist_that_a_live_reload_enforces() {
     drop(w);
     check_stop(&enforcing, &dir);
 }
+
+/// The lifecycle features on a workspace volume, in the image, with a stub `claude` (logging
+/// its uid and argv to /out, failing one plugin): the repository's devcontainer commands, a
+/// persisted `~/.claude`, plugins; then a second container on the same volume.
+#[test]
+fn on_a_workspace_volume_devcontainer_commands_persist_and_plugins_work_and_survive_a_new_container() {
+    let mut pod = Pod::new("lc", WORLD_V4, false);
+    let _w = world(&pod, "lc");
+    let dir = host_dir("lc");
+    std::fs::write(dir.join("domains.conf"), "git.example.com\n").unwrap();
+    let volume = dir.join("volume");
+    let project = volume.join("proj");
+    std::fs::create_dir_all(project.join("marks")).unwrap();
+    std::fs::write(
+        project.join(".devcontainer.json"),
+        "{\n  // JSONC\n  \"image\": \"ignored\",\n  \"containerEnv\": {\"E2E\": \"yes\"},\n  \
+         \"postCreateCommand\": \"echo $(id -u) $E2E >> marks/created\",\n  \
+         \"postStartCommand\": [\"sh\", \"-c\", \"echo started >> marks/started\"],\n}\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let stub = dir.join("claude");
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\necho \"$(id -u) $*\" >> /out/claude.log\n\
+         case \"$*\" in *broken@m*) echo 'plugin broken@m not found' >&2; exit 1;; esac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ok = Command::new("chown").args(["-R", &format!("{IMAGE_AGENT_UID}:{IMAGE_AGENT_UID}")]).arg(&volume).status();
+    assert!(ok.unwrap().success());
+    let config = format!(
+        "[secrets]\nrequired = []\n\
+         [[tmpfs]]\npath = \"/tmp\"\nsize = \"512M\"\nmode = \"1777\"\nowner = \"root\"\n\
+         [[tmpfs]]\npath = \"~\"\nsize = \"1G\"\nmode = \"0700\"\nowner = \"agent\"\n\
+         [filesystem]\nwritable = [\"/workspace\", \"/out\"]\n\
+         [network]\nallowlist = \"/etc/cordon-e2e/domains.conf\"\n\
+         [agent]\n{AGENT}\nworkdir = \"/workspace/proj\"\ntmux = false\n\
+         persist = [\"~/.claude\"]\npersist_volume = \"/workspace\"\n\
+         [claude]\nplugins = [\"good@m\", \"broken@m\"]\n\
+         [supervisor]\nstop_grace = \"10s\"\n"
+    );
+    std::fs::write(dir.join("cordon.toml"), config).unwrap();
+    let mounts = [
+        format!("{}:/etc/cordon-e2e:ro", dir.display()),
+        format!("{}:/workspace", volume.display()),
+        format!("{}:/out", out.display()),
+        format!("{}:/usr/local/bin/claude:ro", stub.display()),
+    ];
+    let mut args: Vec<&str> = PROFILE_1.to_vec();
+    args.extend(["-e", "CORDON_CONFIG=/etc/cordon-e2e/cordon.toml"]);
+    for m in &mounts {
+        args.extend(["-v", m.as_str()]);
+    }
+
+    let first = pod.run("first", &args);
+    let doc = first.wait_phase("ready", BOOT);
+    let stage = |doc: &serde_json::Value, name: &str| {
+        doc["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap_or_default()
+    };
+    assert_eq!(stage(&doc, "devcontainer")["outcome"], "ok", "{doc}");
+    assert_eq!(std::fs::read_to_string(project.join("marks/created")).unwrap(), format!("{IMAGE_AGENT_UID} yes\n"));
+    assert!(stage(&doc, "persist")["detail"].as_str().unwrap().contains("~/.claude kept on /workspace"), "{doc}");
+    let plugins = stage(&doc, "plugins")["detail"].as_str().unwrap().to_string();
+    assert!(plugins.contains("installed good@m") && plugins.contains("FAILED broken@m"), "{plugins}");
+    let warnings = doc["warnings"].to_string();
+    assert!(warnings.contains("claude plugin install broken@m") && warnings.contains("not found"), "{warnings}");
+    let boot_log = first.exec(&["cat", "/run/cordon/boot.log"]);
+    assert!(String::from_utf8_lossy(&boot_log.stdout).contains("broken@m"), "the boot log names the failure");
+    let calls = std::fs::read_to_string(out.join("claude.log")).unwrap();
+    assert_eq!(
+        calls,
+        format!("{IMAGE_AGENT_UID} plugin install good@m\n{IMAGE_AGENT_UID} plugin install broken@m\n"),
+        "as the agent"
+    );
+    let wrote = first.agent_sh("mkdir -p ~/.claude/projects && echo resume-me > ~/.claude/projects/s.jsonl");
+    assert!(wrote.status.success(), "{wrote:?}");
+    docker_stop(&first);
+
+    let second = pod.run("second", &args);
+    let doc = second.wait_phase("ready", BOOT);
+    let kept = second.agent_sh("cat ~/.claude/projects/s.jsonl");
+    assert_eq!(String::from_utf8_lossy(&kept.stdout), "resume-me\n", "{kept:?}");
+    assert_eq!(
+        std::fs::read_to_string(project.join("marks/created")).unwrap().lines().count(),
+        1,
+        "postCreate ran once"
+    );
+    assert_eq!(std::fs::read_to_string(project.join("marks/started")).unwrap(), "started\nstarted\n");
+    let calls = std::fs::read_to_string(out.join("claude.log")).unwrap();
+    assert_eq!(calls.matches("install good@m").count(), 1, "installed once per home: {calls}");
+    assert!(stage(&doc, "plugins")["detail"].as_str().unwrap().contains("1 installed on an earlier boot"));
+    docker_stop(&second);
+}
+
+fn docker_stop(c: &Container) {
+    let out = docker(&["stop", "-t", "30", &c.name]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "0");
+}
+
+/// `supervisor.idle_stop` in the image: a headless agent that does nothing makes cordon exit 0,
+/// so the container stops by itself (as a Fly Machine would).
+#[test]
+fn an_idle_agent_stops_the_container_with_status_0() {
+    let mut pod = Pod::new("idle", WORLD_V4, false);
+    let dir = host_dir("idle");
+    std::fs::write(dir.join("domains.conf"), "git.example.com\n").unwrap();
+    std::fs::write(
+        dir.join("cordon.toml"),
+        "[secrets]\nrequired = []\n[network]\nallowlist = \"/etc/cordon-e2e/domains.conf\"\n\
+         [agent]\ncommand = [\"sleep\", \"infinity\"]\ntmux = false\n[supervisor]\nidle_stop = \"5s\"\n",
+    )
+    .unwrap();
+    let mount = format!("{}:/etc/cordon-e2e:ro", dir.display());
+    let c = pod.run("idle", &[PROFILE_1, &["-e", "CORDON_CONFIG=/etc/cordon-e2e/cordon.toml", "-v", &mount]].concat());
+    c.wait_phase("ready", BOOT);
+    let started = Instant::now();
+    // Bounded: `docker wait` alone would wait forever for a container that never stops.
+    let code = Command::new("timeout").args(["90", "docker", "wait", &c.name]).output().expect("timeout (coreutils)");
+    assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "0", "did not stop by itself: {}", c.logs());
+    assert!(started.elapsed() < Duration::from_secs(60), "stopped after {:?}", started.elapsed());
+    assert!(c.logs().contains("supervisor.idle_stop"), "the log says why:\n{}", c.logs());
+}

@@ -232,6 +232,7 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
             "state",
             "secrets",
             "filesystem",
+            "persist",
             "dns",
             "firewall",
             "credentials",
@@ -239,10 +240,11 @@ fn state_file_and_boot_log_record_every_stage_with_durations() {
             "clone",
             "readiness",
             "devcontainer",
+            "plugins",
             "session"
         ]
     );
-    let skipped = ["clone", "devcontainer"];
+    let skipped = ["persist", "clone", "devcontainer", "plugins"];
     for s in state.stages.iter().filter(|s| !skipped.contains(&s.name.as_str())) {
         assert_eq!(s.outcome, cordon::state::report::Outcome::Ok, "{s:?}");
         assert!(s.duration_ms.is_some_and(|d| d >= 0.0), "{s:?}");

@@ -22,7 +22,7 @@ use crate::fix::Problem;
 use crate::mounts;
 use crate::service::Services;
 use crate::session::agent::{self, AgentSpec};
-use crate::session::{clone, credentials, devcontainer, users};
+use crate::session::{claude, clone, credentials, devcontainer, persist, users};
 use crate::state::control::Live;
 use crate::state::report::Report;
 use crate::sys::effects::Host;
@@ -110,6 +110,18 @@ fn run(
         Ok::<_, Problem>((user, detail))
     })?;
 
+    // 5b. Persist. The agent's chosen home paths, bind-mounted from the volume: right after
+    //     the home tmpfs exists, before the credentials stage writes into it (a mount there
+    //     later would hide what it wrote) and before anything runs as the agent (the clone's
+    //     git), so no agent-made symlink can appear in the home while root works in it.
+    let persisted = match persist::Plan::of(&config.agent) {
+        Some(plan) => s.run("persist", |_| persist::stage(&plan, &user))?,
+        None => {
+            s.skip("persist", "no agent.persist");
+            Vec::new()
+        }
+    };
+
     // 6. DNS. Before the firewall, which names the listener and the upstreams; before anything
     //    resolves a name (credentials, the clone), so every lookup from here on goes through the
     //    allowlist; while resolv.conf can still be written. resolv.conf as found also names the
@@ -181,7 +193,8 @@ fn run(
     // 9. Read-only root. After everything the boot writes outside the tmpfs mounts, before
     //    anything the agent influences runs.
     if config.filesystem.readonly_root {
-        let writable = writable_paths(&config, &user, &state_dir);
+        let mut writable = writable_paths(&config, &user, &state_dir);
+        writable.extend(persisted);
         s.run("readonly_root", |report| mounts::readonly_root(&writable, &mut |w| report.warn(w), sys))?;
     } else {
         s.skip("readonly_root", "filesystem.readonly_root = false");
@@ -224,6 +237,19 @@ fn run(
             })
         })?,
         Err(why) => s.skip("devcontainer", &why),
+    }
+
+    // 12b. Plugins. Claude Code's plugins, as the agent behind the proven firewall like the
+    //      devcontainer commands, before the agent's first start, which loads them. A plugin
+    //      that fails to install is a warning: the agent works without it.
+    match claude::applies(&config.claude) {
+        Ok(()) => s.run("plugins", |report| {
+            claude::stage(&config.claude, &user, &agent_env, &mut |note| match note {
+                devcontainer::Note::Progress(line) => report.progress(&format!("plugins: {line}")),
+                devcontainer::Note::Warn(w) => report.warn(w),
+            })
+        })?,
+        Err(why) => s.skip("plugins", &why),
     }
 
     // 13. Session. Last: the agent starts only on a fully locked-down container.

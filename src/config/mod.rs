@@ -34,6 +34,7 @@ pub struct Config {
     pub devcontainer: Devcontainer,
     pub events: Events,
     pub metrics: Metrics,
+    pub claude: Claude,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -366,6 +367,14 @@ pub struct Agent {
     pub groups: Vec<String>,
     /// Working directory of the agent.
     pub workdir: PathBuf,
+    /// Paths of the agent's home (`~/...` only) kept across restarts on `persist_volume`: each
+    /// is bind-mounted from `<persist_volume>/.cordon/persist/<path>` before anything runs as
+    /// the agent (see `session::persist`).
+    pub persist: Vec<ConfigPath>,
+    /// A directory on a persistent volume, at or below an entry of `filesystem.writable`, that
+    /// holds the `persist` paths. Required when `persist` lists any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persist_volume: Option<PathBuf>,
 }
 
 impl Default for Agent {
@@ -382,6 +391,8 @@ impl Default for Agent {
             env: vec![],
             groups: vec![],
             workdir: "/workspace".into(),
+            persist: vec![],
+            persist_volume: None,
         }
     }
 }
@@ -454,6 +465,38 @@ pub struct Events {
 impl Default for Events {
     fn default() -> Self {
         Events { path: None, max_size: ByteSize(4 << 20) }
+    }
+}
+
+/// Claude Code extras, each off unless configured (see `session::claude`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Claude {
+    /// Plugin marketplaces added (`claude plugin marketplace add X`, as the agent) before the
+    /// plugins are installed, e.g. "anthropics/claude-plugins-official".
+    pub marketplaces: Vec<String>,
+    /// Plugins installed (`claude plugin install X`, as the agent, behind the firewall) before
+    /// the agent starts, once per home: a failure is a warning in the boot log.
+    pub plugins: Vec<String>,
+    /// How long each `claude plugin` command may take before it is killed (a warning).
+    pub plugin_timeout: Span,
+    /// Keep the settings template's `statusLine` (the image's status-line script: model,
+    /// context use, session); false removes it from the agent's settings.
+    pub status_line: bool,
+    /// Keep the settings template's Stop hook that names the tmux session after the task once
+    /// (a `claude -p` call on the agent's own credentials); false removes it.
+    pub name_session: bool,
+}
+
+impl Default for Claude {
+    fn default() -> Self {
+        Claude {
+            marketplaces: vec![],
+            plugins: vec![],
+            plugin_timeout: Span(Duration::from_secs(300)),
+            status_line: false,
+            name_session: false,
+        }
     }
 }
 
@@ -817,8 +860,94 @@ impl Config {
         if self.events.max_size.0 < 4096 {
             return Err(err("events.max_size", "must be at least 4K".into()));
         }
+        self.validate_persist().map_err(|(key, message)| err(key, message))?;
+        for (key, names) in
+            [("claude.marketplaces", &self.claude.marketplaces), ("claude.plugins", &self.claude.plugins)]
+        {
+            if let Some(bad) = names.iter().find(|n| !is_plugin_name(n)) {
+                return Err(err(
+                    key,
+                    format!(
+                        "`{bad}` is not a plugin or marketplace name (letters, digits and `@/._:-`, not starting with `-`)"
+                    ),
+                ));
+            }
+        }
+        if self.claude.plugin_timeout.0 < Duration::from_secs(1) {
+            return Err(err("claude.plugin_timeout", "must be at least 1s".into()));
+        }
         Ok(())
     }
+
+    /// `agent.persist` and `agent.persist_volume`: home paths only, none inside another, none
+    /// holding a file cordon writes as root at boot, and a volume that stays writable.
+    fn validate_persist(&self) -> Result<(), (&'static str, String)> {
+        let mut rels: Vec<&Path> = Vec::new();
+        for p in &self.agent.persist {
+            let rel = match p {
+                ConfigPath::Home(rel) if !rel.as_os_str().is_empty() => rel.as_path(),
+                _ => {
+                    return Err((
+                        "agent.persist",
+                        format!("`{p}` must be a path inside the agent's home, written ~/path, e.g. \"~/.claude\""),
+                    ));
+                }
+            };
+            if let Some(other) = rels.iter().find(|o| o.starts_with(rel) || rel.starts_with(o)) {
+                return Err((
+                    "agent.persist",
+                    format!("`{p}` and `~/{}` overlap; list only the outer one", other.display()),
+                ));
+            }
+            if let Some(written) =
+                crate::session::credentials::BOOT_WRITTEN.iter().find(|w| Path::new(w).starts_with(rel))
+                && Path::new(written).parent() != Some(rel)
+            {
+                return Err((
+                    "agent.persist",
+                    format!("`{p}` holds ~/{written}, which cordon writes as root at boot; persist a path beside it"),
+                ));
+            }
+            rels.push(rel);
+        }
+        match &self.agent.persist_volume {
+            None if !rels.is_empty() => Err((
+                "agent.persist_volume",
+                "must be set when agent.persist lists paths: a directory on a volume listed in filesystem.writable, \
+                 e.g. \"/workspace\""
+                    .into(),
+            )),
+            None => Ok(()),
+            Some(v) if !v.is_absolute() || v.components().any(|c| matches!(c, std::path::Component::ParentDir)) => {
+                Err(("agent.persist_volume", format!("`{}` must be an absolute path without `..`", v.display())))
+            }
+            Some(v) => {
+                let on_volume =
+                    self.filesystem.writable.iter().any(|w| matches!(w, ConfigPath::Absolute(w) if v.starts_with(w)));
+                if on_volume {
+                    Ok(())
+                } else {
+                    Err((
+                        "agent.persist_volume",
+                        format!(
+                            "`{}` is not at or below an entry of filesystem.writable: a persisted path must live on a \
+                             volume that survives a restart; list the volume's mount point there",
+                            v.display()
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// A plugin or marketplace name as `claude plugin` takes it (`name@marketplace`, `owner/repo`,
+/// a git URL): it becomes one argv word, so only its first character matters for safety (not
+/// an option); the set is narrow so a typo shows here rather than in the boot log.
+fn is_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"@/._:-+".contains(&b))
 }
 
 fn is_env_name(name: &str) -> bool {
@@ -1029,6 +1158,57 @@ mod tests {
         assert_eq!(parse("[agent]\ncommand = []\n").unwrap_err().key.as_deref(), Some("agent.command"));
         let bad_name = "[secrets]\nrequired = [\"GH PAT\"]\n";
         assert!(parse(bad_name).unwrap_err().message.contains("`GH PAT`"));
+    }
+
+    #[test]
+    fn persist_takes_home_paths_kept_on_a_writable_volume_and_names_the_field_when_wrong() {
+        let ok = "[filesystem]\nwritable = [\"/data\"]\n[agent]\npersist = [\"~/.claude\", \"~/.local/share/x\"]\n\
+                  persist_volume = \"/data/agent\"\n";
+        let c = parse(ok).unwrap();
+        assert_eq!(c.agent.persist.len(), 2);
+        assert_eq!(c.agent.persist_volume.as_deref(), Some(Path::new("/data/agent")));
+        let bad =
+            |agent: &str| parse(&format!("[filesystem]\nwritable = [\"/data\"]\n[agent]\n{agent}\n")).unwrap_err();
+        for (agent, key, says) in [
+            ("persist = [\"/etc\"]\npersist_volume = \"/data\"", "agent.persist", "inside the agent's home"),
+            ("persist = [\"~\"]\npersist_volume = \"/data\"", "agent.persist", "inside the agent's home"),
+            ("persist = [\"~/../etc\"]\npersist_volume = \"/data\"", "agent.persist", "`..`"),
+            ("persist = [\"~/.config\"]\npersist_volume = \"/data\"", "agent.persist", "cordon writes as root"),
+            (
+                "persist = [\"~/.claude\", \"~/.claude/projects\"]\npersist_volume = \"/data\"",
+                "agent.persist",
+                "overlap",
+            ),
+            ("persist = [\"~/.claude\"]", "agent.persist_volume", "must be set"),
+            (
+                "persist = [\"~/.claude\"]\npersist_volume = \"/workspace\"",
+                "agent.persist_volume",
+                "filesystem.writable",
+            ),
+            ("persist = [\"~/.claude\"]\npersist_volume = \"/data/../etc\"", "agent.persist_volume", "`..`"),
+        ] {
+            let e = bad(agent);
+            assert_eq!(e.key.as_deref(), Some(key), "{agent}: {e}");
+            assert!(e.message.contains(says), "{agent}: {e}");
+        }
+        assert!(Config::default().agent.persist.is_empty(), "nothing is persisted by default");
+    }
+
+    #[test]
+    fn claude_extras_are_off_by_default_and_plugin_names_cannot_be_options() {
+        let c = Config::default().claude;
+        assert!(c.plugins.is_empty() && c.marketplaces.is_empty() && !c.status_line && !c.name_session);
+        let c = parse("[claude]\nmarketplaces = [\"anthropics/claude-plugins-official\"]\nplugins = [\"superpowers@claude-plugins-official\"]\nstatus_line = true\n").unwrap();
+        assert_eq!(c.claude.plugins, ["superpowers@claude-plugins-official"]);
+        assert!(c.claude.status_line);
+        for bad in ["--help", "a b", "", "x;rm"] {
+            let e = parse(&format!("[claude]\nplugins = [\"{bad}\"]\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("claude.plugins"), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse("[claude]\nplugin_timeout = \"0s\"\n").unwrap_err().key.as_deref(),
+            Some("claude.plugin_timeout")
+        );
     }
 
     #[test]

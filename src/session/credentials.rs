@@ -14,6 +14,13 @@ use crate::session::users::AgentUser;
 /// Where the token lives, relative to the agent's home.
 pub const TOKEN_FILE: &str = ".config/cordon/github-token";
 
+/// The files of the agent's home that the credentials stage writes as root, relative to the
+/// home. No `agent.persist` path may hold one (but as its direct child, like
+/// `.claude/settings.json` in `~/.claude`): a directory on the volume is the agent's to fill
+/// with symlinks, and root must not follow one.
+pub const BOOT_WRITTEN: [&str; 6] =
+    [".gitconfig", TOKEN_FILE, ".config/gh/hosts.yml", ".npmrc", ".claude.json", ".claude/settings.json"];
+
 /// A credential host: scheme and host name. `github.com` means HTTPS only.
 pub fn parse_host(entry: &str) -> (&str, &str) {
     match entry.split_once("://") {
@@ -115,7 +122,9 @@ pub fn write_all(
         write_private(home, ".claude.json", &render_claude_json(workdir), user)?;
         wrote.push(".claude.json");
         let template = Path::new("/etc/cordon/claude-settings.json");
-        if let Ok(settings) = std::fs::read_to_string(template) {
+        if let Ok(template) = std::fs::read_to_string(template) {
+            let settings =
+                crate::session::claude::render_settings(&template, &config.claude).map_err(std::io::Error::other)?;
             write_private(home, ".claude/settings.json", &settings, user)?;
             wrote.push(".claude/settings.json");
         }

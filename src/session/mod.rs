@@ -3,8 +3,10 @@
 //! (`credentials`) and the repository it works on (`clone`).
 
 pub(crate) mod agent;
+pub mod claude;
 pub(crate) mod clone;
 pub mod credentials;
 pub mod devcontainer;
+pub mod persist;
 pub mod tmux;
 pub(crate) mod users;
