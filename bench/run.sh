@@ -3,7 +3,7 @@
 # namespaces (nothing leaves this machine). Both forward the same 1,000-entry allowlist to the
 # same synthetic upstream and put the answered addresses into ipset sets; dnsperf sends the
 # same query files to each. Prints a markdown report; see docs/benchmarks.md.
-#   sudo bash bench/run.sh [seconds-per-run]
+#   sudo bash bench/run.sh [seconds-per-run]   (about 14 runs of that length plus ~1 minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (namespaces, ipset)" >&2; exit 1; }
@@ -73,36 +73,53 @@ grep -q "ready" "$dir/cordon.log" || { echo "bench: cordon did not become ready:
 for i in $(seq 0 99); do echo "a$i.allowed.test A"; done > "$dir/allowed.txt"
 for i in $(seq 0 99); do echo "x$i.denied.test A"; done > "$dir/denied.txt"
 for i in $(seq 1 10000); do echo "n$i.bench.test AAAA"; done > "$dir/unique.txt"
+# The flood: 200,000 distinct denied names (each server's denial bookkeeping must stay bounded).
+awk 'BEGIN {for (i = 1; i <= 200000; i++) printf "f%d.flood.test A\n", i}' > "$dir/flood.txt"
 
-perf() { # server queryfile -> "qps avg_latency_ms"
-  timeout $((secs + 30)) ip netns exec "$inner" dnsperf -s "$1" -d "$2" -l "$secs" -c 4 -q 100 2>&1 |
+perf() { # server queryfile clients -> "qps avg_latency_ms"
+  timeout $((secs + 30)) ip netns exec "$inner" dnsperf -s "$1" -d "$2" -l "$secs" -c "$3" -q $((25 * $3)) 2>&1 |
     awk '/Queries per second/ {q=$4} /Average Latency/ {l=$4*1000} END {printf "%.0f %.3f", q, l}'
+}
+row() { # label queryfile clients: one table row, cordon then dnsmasq on the same file
+  local cq cl dq dl ratio
+  read -r cq cl <<<"$(perf 127.0.0.53 "$2" "$3")"
+  read -r dq dl <<<"$(perf 127.0.0.54 "$2" "$3")"
+  ratio=$(awk -v a="$cq" -v b="$dq" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')
+  echo "| $1 | -c $3 | $cq | $dq | $ratio | ${cl} ms | ${dl} ms |"
 }
 # Warm both caches with the allowed names.
 for s in 127.0.0.53 127.0.0.54; do timeout 60 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/allowed.txt" -n 1 >/dev/null 2>&1; done
 
-echo "| query set | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency |"
-echo "|---|---|---|---|---|---|"
-for set in allowed denied; do
-  read -r cq cl <<<"$(perf 127.0.0.53 "$dir/$set.txt")"
-  read -r dq dl <<<"$(perf 127.0.0.54 "$dir/$set.txt")"
-  ratio=$(awk -v a="$cq" -v b="$dq" 'BEGIN {printf "%.2f", a/b}')
-  label=$([ "$set" = allowed ] && echo "allowed, from cache" || echo "denied")
-  echo "| $label | $cq | $dq | $ratio | ${cl} ms | ${dl} ms |"
-done
-
-# Memory with 1,000 allowlist entries and 10,000 admitted addresses.
-for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/unique.txt" -n 1 -q 50 >/dev/null 2>&1; done
 reaper=$(cat /proc/"${pids[1]}"/task/*/children | awk '{print $1}')
 supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do if grep -q supervise /proc/"$p"/cmdline; then echo "$p"; fi; done)
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/"$1"/status; }
 dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
+
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency |"
+echo "|---|---|---|---|---|---|---|"
+for c in 4 8; do
+  row "allowed, from cache" "$dir/allowed.txt" "$c"
+  row "denied" "$dir/denied.txt" "$c"
+done
+
+# Memory with 1,000 allowlist entries and 10,000 admitted addresses.
+for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/unique.txt" -n 1 -q 50 >/dev/null 2>&1; done
+rss_admitted=$(rss "$supervisor"); dm_rss_admitted=$(rss "$dnsmasq_pid")
 admitted=$(ip netns exec "$inner" ipset list cordon6 | grep -c timeout || true)
 dm_admitted=$(ip netns exec "$inner" ipset list dm6 | grep -c timeout || true)
+
+# The unique-name flood: every query a denied name not seen before (until the file wraps), then
+# one full pass so each server has seen all 200,000.
+for c in 4 8; do row "unique denied names (flood)" "$dir/flood.txt" "$c"; done
+for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/flood.txt" -n 1 -c 4 -q 100 >/dev/null 2>&1; done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| memory after 10,000 unique names | cordon (supervisor) | dnsmasq |"
+echo "| memory | cordon (supervisor) | dnsmasq |"
 echo "|---|---|---|"
-echo "| RSS | $(rss "$supervisor") MiB | $(rss "$dnsmasq_pid") MiB |"
+echo "| RSS after 10,000 admitted addresses | $rss_admitted MiB | $dm_rss_admitted MiB |"
+echo "| RSS after 200,000 more unique denied names | $(rss "$supervisor") MiB | $(rss "$dnsmasq_pid") MiB |"
 echo "| addresses in the ipset | $admitted | $dm_admitted |"
 echo
 "$bin/examples/admission_bench"
