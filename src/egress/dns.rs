@@ -150,7 +150,9 @@ pub(crate) fn upstream_resolver(upstreams: &[SocketAddr]) -> TokioResolver {
     opts.ndots = 0;
     opts.preserve_intermediates = true;
     opts.edns0 = true;
-    opts.cache_size = 8192;
+    // Small: cordon's answer cache answers repeated queries (cache::DEFAULT_CAPACITY
+    // entries); this one serves the first query of the other EDNS variant and the refresh.
+    opts.cache_size = 1024;
     // A name that does not exist now may exist soon (a repository just created).
     opts.negative_max_ttl = Some(Duration::from_secs(30));
     Resolver::builder_with_config(ResolverConfig::from_parts(None, vec![], servers), TokioRuntimeProvider::default())
