@@ -69,6 +69,7 @@ pub struct DnsStats {
     /// Answers served from the last good addresses while upstream failed (RFC 8767).
     pub stale: AtomicU64,
     recent: Mutex<Denials>,
+    denial_log: LogBudget,
     /// The last upstream failure, for `status`.
     pub last_upstream_error: Mutex<Option<(SystemTime, String)>>,
 }
@@ -82,6 +83,7 @@ impl Default for DnsStats {
             rebinding_blocked: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             recent: Mutex::new(Denials::new(RECENT_DENIALS)),
+            denial_log: LogBudget::default(),
             last_upstream_error: Mutex::new(None),
         }
     }
@@ -129,6 +131,41 @@ impl DnsStats {
         out.sort_by_key(|d| std::cmp::Reverse(d.last));
         out
     }
+}
+
+/// How many denial lines the log gets per second at most, across all names: a flood of unique
+/// denied names (each one's first denial is logged) must not turn into a flood of log writes.
+const DENIAL_LOG_PER_SECOND: u64 = 20;
+
+/// The per-second budget of denial log lines, lock-free.
+#[derive(Debug, Default)]
+struct LogBudget {
+    /// The second (since the first denial) the count is for.
+    second: AtomicU64,
+    used: AtomicU64,
+    /// Lines left out since the last one written.
+    skipped: AtomicU64,
+}
+
+impl LogBudget {
+    /// Whether a line may be written now; if so, how many were left out before it.
+    fn take(&self, second: u64) -> Option<u64> {
+        if self.second.swap(second, Ordering::Relaxed) != second {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < DENIAL_LOG_PER_SECOND {
+            Some(self.skipped.swap(0, Ordering::Relaxed))
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Seconds since this process first asked, for [`LogBudget`].
+fn monotonic_second() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
 }
 
 /// A resolver for the upstream servers only: no hosts file, no search list, no system config.
@@ -416,7 +453,8 @@ impl RequestHandler for Handler {
 impl Handler {
     /// The one place a query's name is decided: what it may reach, or None when it is not in
     /// the allowlist in force (the denial is counted, and logged at its 1st, 2nd, 4th, ...
-    /// occurrence). Both the UDP fast path and the hickory path ask here.
+    /// occurrence, within [`DENIAL_LOG_PER_SECOND`] lines a second; `skipped` in a line counts
+    /// those left out before it). Both the UDP fast path and the hickory path ask here.
     fn decide(
         &self,
         allowlist: &crate::config::allowlist::Allowlist,
@@ -426,8 +464,10 @@ impl Handler {
         let reach = allowlist.lookup(qname);
         if reach.is_none() {
             let count = self.stats.deny(qname, qtype);
-            if count.is_power_of_two() {
-                tracing::info!(name = %qname, qtype = %qtype, count, "denied: not in the allowlist");
+            if count.is_power_of_two()
+                && let Some(skipped) = self.stats.denial_log.take(monotonic_second())
+            {
+                tracing::info!(name = %qname, qtype = %qtype, count, skipped, "denied: not in the allowlist");
             }
         }
         reach
@@ -745,6 +785,15 @@ mod tests {
         }
         assert_eq!(stats.recent_denials().len(), RECENT_DENIALS);
         assert_eq!(stats.denied.load(Ordering::Relaxed), (RECENT_DENIALS + 12) as u64);
+    }
+
+    #[test]
+    fn denial_lines_are_capped_per_second_and_the_next_line_counts_the_ones_left_out() {
+        let budget = LogBudget::default();
+        let written = (0..100).filter(|_| budget.take(7).is_some()).count();
+        assert_eq!(written as u64, DENIAL_LOG_PER_SECOND);
+        assert_eq!(budget.take(8), Some(100 - DENIAL_LOG_PER_SECOND), "a new second, a new budget");
+        assert_eq!(budget.take(8), Some(0));
     }
 
     #[test]
