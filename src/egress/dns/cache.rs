@@ -22,9 +22,9 @@ use super::wire::{Layout, Query};
 use crate::config::allowlist::Allowlist;
 
 const SHARDS: usize = 16;
-/// Entries across all shards: far more names than an agent resolves within their TTLs; about
-/// 250 bytes each for a typical answer.
-pub(crate) const DEFAULT_CAPACITY: usize = 4096;
+/// Entries across all shards: more names than an agent resolves within their TTLs; about 300
+/// bytes each for a typical answer.
+pub(crate) const DEFAULT_CAPACITY: usize = 1024;
 /// Responses larger than this are not cached (the fast path copies into a buffer this size).
 pub(crate) const MAX_RESPONSE: usize = 4096;
 
