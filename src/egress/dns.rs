@@ -796,6 +796,85 @@ mod tests {
         assert_eq!(budget.take(8), Some(0));
     }
 
+    /// Bytes malloc has handed out and not taken back, over all arenas, large (mmap'ed) blocks
+    /// included.
+    fn allocated() -> usize {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let info = unsafe { libc::mallinfo2() };
+        info.uordblks + info.hblkhd
+    }
+
+    /// Where the supervisor's heap goes with the bench's load (1,000 allowlist entries, 10,000
+    /// admitted names with one address each, 200,000 unique denials), component by component.
+    /// Measured, not asserted: `cargo test --release --lib egress::dns::tests::heap_by_component
+    /// -- --ignored --nocapture` (alone: other tests would allocate meanwhile).
+    #[test]
+    #[ignore]
+    fn heap_by_component() {
+        use hickory_server::proto::rr::rdata::AAAA;
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        let mut report = Vec::new();
+        let mut mark = allocated();
+        let step = |what: &str, report: &mut Vec<String>, mark: &mut usize| {
+            let now = allocated();
+            report.push(format!("{what}: {:.2} MiB", mib(now.saturating_sub(*mark))));
+            *mark = now;
+        };
+        let text: String =
+            (0..999).map(|i| format!("a{i}.allowed.test\n")).chain(["*.bench.test\n".to_string()]).collect();
+        let list = Arc::new(crate::config::allowlist::Allowlist::new(
+            crate::config::allowlist::parse_file(&text, std::path::Path::new("domains.conf")).unwrap(),
+        ));
+        step("allowlist, 1,000 entries", &mut report, &mut mark);
+        let admitter = admitter();
+        let reach = crate::config::allowlist::Reach { default_ports: true, ..Default::default() };
+        let names: Vec<String> = (1..=10_000).map(|i| format!("n{i}.bench.test.")).collect();
+        let ips: Vec<IpAddr> = (1..=10_000u16).map(|i| IpAddr::V6([0x2001, 0xdb8, 1, 0, 0, 0, 0, i].into())).collect();
+        mark = allocated();
+        for (name, &ip) in names.iter().zip(&ips) {
+            admitter.admit(name, ip, 3600, &reach).unwrap();
+        }
+        step("admission table, 10,000 addresses", &mut report, &mut mark);
+        let bindings = Bindings::new(crate::egress::namebound::bindings::DEFAULT_CAPACITY);
+        let now = Instant::now();
+        for (name, &ip) in names.iter().zip(&ips) {
+            bindings.bind(name.trim_end_matches('.'), ip, now + Duration::from_secs(3900), now);
+        }
+        step("name bindings, 10,000 names", &mut report, &mut mark);
+        let cache = AnswerCache::new(cache::DEFAULT_CAPACITY);
+        for (name, &ip) in names.iter().zip(&ips) {
+            let owner = Name::from_ascii(name).unwrap();
+            let mut m = hickory_server::proto::op::Message::response(1, OpCode::Query);
+            m.add_query(hickory_server::proto::op::Query::query(owner.clone(), RecordType::AAAA));
+            m.add_answer(Record::from_rdata(
+                owner,
+                3600,
+                RData::AAAA(AAAA(match ip {
+                    IpAddr::V6(a) => a,
+                    IpAddr::V4(_) => unreachable!(),
+                })),
+            ));
+            m.set_edns(Edns::new());
+            let bytes = m.to_vec().unwrap();
+            cache.store(name, 28, true, &bytes, &list, now + Duration::from_secs(3600), now);
+        }
+        step(&format!("answer cache, {} entries kept", cache.len()), &mut report, &mut mark);
+        let last_good: BTreeMap<String, Vec<(IpAddr, u32)>> = names
+            .iter()
+            .zip(&ips)
+            .take(LAST_GOOD_NAMES)
+            .map(|(n, &ip)| (n.trim_end_matches('.').into(), vec![(ip, 3600)]))
+            .collect();
+        step(&format!("last good addresses, {} names", last_good.len()), &mut report, &mut mark);
+        let stats = DnsStats::default();
+        for i in 0..200_000 {
+            stats.deny(&format!("f{i}.flood.test."), RecordType::A);
+        }
+        step("recent denials after 200,000 unique names", &mut report, &mut mark);
+        println!("{}", report.join("\n"));
+        drop((list, admitter, bindings, cache, last_good, stats));
+    }
+
     #[test]
     fn merge_keeps_known_addresses_and_renews_ttls() {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
