@@ -30,12 +30,15 @@ pub(crate) async fn serve(socket: UdpSocket, handler: Arc<Handler>) {
         let (len, src) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
+                // Not expected on a bound UDP socket; a pause keeps a persistent error from
+                // spinning a worker.
                 tracing::debug!("cannot receive a DNS query: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
-        // Port 0 cannot be answered (hickory-server drops these too).
-        if src.port() == 0 {
+        // What hickory-server drops too: nothing can be sent back there.
+        if !answerable(src) {
             continue;
         }
         let packet = &buf[..len];
@@ -45,6 +48,15 @@ pub(crate) async fn serve(socket: UdpSocket, handler: Arc<Handler>) {
         }
         full_path(&socket, &handler, packet, src).await;
     }
+}
+
+/// Whether a response can go to `src`: not port 0, not the unspecified or broadcast address.
+fn answerable(src: SocketAddr) -> bool {
+    let ip_ok = match src.ip() {
+        std::net::IpAddr::V4(a) => !a.is_unspecified() && !a.is_broadcast(),
+        std::net::IpAddr::V6(a) => !a.is_unspecified(),
+    };
+    src.port() != 0 && ip_ok
 }
 
 async fn send(socket: &UdpSocket, bytes: &[u8], dst: SocketAddr) {
@@ -112,5 +124,19 @@ impl ResponseHandler for UdpResponder {
         let info = response.destructive_emit(&mut encoder)?;
         send(&self.socket, &bytes, self.dst).await;
         Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_response_goes_to_port_0_or_the_unspecified_or_broadcast_address() {
+        for bad in ["192.0.2.1:0", "0.0.0.0:5353", "255.255.255.255:5353", "[::]:5353"] {
+            assert!(!answerable(bad.parse().unwrap()), "{bad}");
+        }
+        assert!(answerable("127.0.0.1:5353".parse().unwrap()));
+        assert!(answerable("[2001:db8::1]:5353".parse().unwrap()));
     }
 }
