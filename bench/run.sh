@@ -3,14 +3,18 @@
 # namespaces (nothing leaves this machine). Both forward the same 1,000-entry allowlist to the
 # same synthetic upstream and put the answered addresses into ipset sets; dnsperf sends the
 # same query files to each. Prints a markdown report; see docs/benchmarks.md.
-#   sudo bash bench/run.sh [seconds-per-run]
+#   sudo bash bench/run.sh [seconds-per-run] [--perf]   (12 runs of that length plus ~1 minute)
+# --perf also records cordon's supervisor (perf record -g) during each of its runs and prints
+# the top of each profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (namespaces, ipset)" >&2; exit 1; }
 for tool in dnsperf dnsmasq ipset iptables-restore; do
   command -v "$tool" >/dev/null || { echo "bench: needs $tool (apt-get install dnsperf dnsmasq-base ipset iptables)" >&2; exit 1; }
 done
-secs=${1:-10}
+secs=10; profile=false
+for arg in "$@"; do case $arg in --perf) profile=true ;; *) secs=$arg ;; esac; done
+$profile && { command -v perf >/dev/null || { echo "bench: --perf needs perf (apt-get install linux-perf)" >&2; exit 1; }; }
 cargo build --release --quiet --bin cordon --examples
 bin=$PWD/target/release
 tag=$$; world=bw-$tag; inner=bc-$tag
@@ -73,36 +77,75 @@ grep -q "ready" "$dir/cordon.log" || { echo "bench: cordon did not become ready:
 for i in $(seq 0 99); do echo "a$i.allowed.test A"; done > "$dir/allowed.txt"
 for i in $(seq 0 99); do echo "x$i.denied.test A"; done > "$dir/denied.txt"
 for i in $(seq 1 10000); do echo "n$i.bench.test AAAA"; done > "$dir/unique.txt"
+# The flood: 200,000 distinct denied names (each server's denial bookkeeping must stay bounded).
+awk 'BEGIN {for (i = 1; i <= 200000; i++) printf "f%d.flood.test A\n", i}' > "$dir/flood.txt"
 
-perf() { # server queryfile -> "qps avg_latency_ms"
-  timeout $((secs + 30)) ip netns exec "$inner" dnsperf -s "$1" -d "$2" -l "$secs" -c 4 -q 100 2>&1 |
+measure() { # server queryfile clients -> "qps avg_latency_ms"
+  timeout $((secs + 30)) ip netns exec "$inner" dnsperf -s "$1" -d "$2" -l "$secs" -c "$3" -q $((25 * $3)) 2>&1 |
     awk '/Queries per second/ {q=$4} /Average Latency/ {l=$4*1000} END {printf "%.0f %.3f", q, l}'
+}
+row() { # label queryfile clients: one table row, cordon then dnsmasq on the same file
+  local cq cl dq dl ratio perf_pid data
+  if $profile; then
+    data="$dir/perf-$(basename "$2" .txt)-c$3.data"
+    perf record -g -o "$data" -p "$supervisor" >/dev/null 2>&1 & perf_pid=$!
+  fi
+  read -r cq cl <<<"$(measure 127.0.0.53 "$2" "$3")"
+  if $profile; then
+    kill -INT "$perf_pid"; wait "$perf_pid" || true
+    { echo "== $1, -c $3: cordon's supervisor, self time by object and symbol (top 25)"
+      perf report -i "$data" --stdio --no-children -g none --sort dso,sym 2>/dev/null | grep "%" | awk "NR <= 25" || true
+    } >> "$dir/perf.txt"
+  fi
+  read -r dq dl <<<"$(measure 127.0.0.54 "$2" "$3")"
+  ratio=$(awk -v a="$cq" -v b="$dq" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')
+  echo "| $1 | -c $3 | $cq | $dq | $ratio | ${cl} ms | ${dl} ms |"
 }
 # Warm both caches with the allowed names.
 for s in 127.0.0.53 127.0.0.54; do timeout 60 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/allowed.txt" -n 1 >/dev/null 2>&1; done
 
-echo "| query set | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency |"
-echo "|---|---|---|---|---|---|"
-for set in allowed denied; do
-  read -r cq cl <<<"$(perf 127.0.0.53 "$dir/$set.txt")"
-  read -r dq dl <<<"$(perf 127.0.0.54 "$dir/$set.txt")"
-  ratio=$(awk -v a="$cq" -v b="$dq" 'BEGIN {printf "%.2f", a/b}')
-  label=$([ "$set" = allowed ] && echo "allowed, from cache" || echo "denied")
-  echo "| $label | $cq | $dq | $ratio | ${cl} ms | ${dl} ms |"
+reaper=$(cat /proc/"${pids[1]}"/task/*/children | awk '{print $1}')
+supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do if grep -q supervise /proc/"$p"/cmdline; then echo "$p"; fi; done)
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/"$1"/status; }
+# Where a process's resident memory is, from smaps: the binary and libraries (file-backed), the
+# main heap, the other anonymous mappings (glibc's thread arenas and thread stacks).
+rss_parts() {
+  awk '/^[0-9a-f]+-[0-9a-f]+ / {k = ($6 ~ /^\// ? "files" : ($6 == "[heap]" ? "heap" : ($6 == "[stack]" ? "stack" : "anon")))}
+       /^Rss:/ {r[k] += $2}
+       END {printf "files %.1f, heap %.1f, anon (arenas, thread stacks) %.1f, stack %.1f MiB", r["files"]/1024, r["heap"]/1024, r["anon"]/1024, r["stack"]/1024}' /proc/"$1"/smaps
+}
+dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
+
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency |"
+echo "|---|---|---|---|---|---|---|"
+for c in 4 8; do
+  row "allowed, from cache" "$dir/allowed.txt" "$c"
+  row "denied" "$dir/denied.txt" "$c"
 done
 
 # Memory with 1,000 allowlist entries and 10,000 admitted addresses.
 for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/unique.txt" -n 1 -q 50 >/dev/null 2>&1; done
-reaper=$(cat /proc/"${pids[1]}"/task/*/children | awk '{print $1}')
-supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do if grep -q supervise /proc/"$p"/cmdline; then echo "$p"; fi; done)
-rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/"$1"/status; }
-dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
+rss_admitted=$(rss "$supervisor"); dm_rss_admitted=$(rss "$dnsmasq_pid")
+parts_admitted=$(rss_parts "$supervisor")
 admitted=$(ip netns exec "$inner" ipset list cordon6 | grep -c timeout || true)
 dm_admitted=$(ip netns exec "$inner" ipset list dm6 | grep -c timeout || true)
+
+# The unique-name flood: every query a denied name not seen before (until the file wraps), then
+# one full pass so each server has seen all 200,000.
+for c in 4 8; do row "unique denied names (flood)" "$dir/flood.txt" "$c"; done
+for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/flood.txt" -n 1 -c 4 -q 100 >/dev/null 2>&1; done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| memory after 10,000 unique names | cordon (supervisor) | dnsmasq |"
+echo "| memory | cordon (supervisor) | dnsmasq |"
 echo "|---|---|---|"
-echo "| RSS | $(rss "$supervisor") MiB | $(rss "$dnsmasq_pid") MiB |"
+echo "| RSS after 10,000 admitted addresses | $rss_admitted MiB | $dm_rss_admitted MiB |"
+echo "| RSS after 200,000 more unique denied names | $(rss "$supervisor") MiB | $(rss "$dnsmasq_pid") MiB |"
 echo "| addresses in the ipset | $admitted | $dm_admitted |"
+echo
+echo "cordon's RSS after the admitted addresses: $parts_admitted"
+echo "cordon's RSS after the flood: $(rss_parts "$supervisor")"
+if $profile; then echo; echo '```'; cat "$dir/perf.txt"; echo '```'; fi
 echo
 "$bin/examples/admission_bench"

@@ -308,6 +308,18 @@ fn large_answers_are_not_truncated_for_edns_clients() {
     let out = dig(&c, "+bufsize=4096 +notcp @127.0.0.53 big.example.com A");
     assert!(out.contains("ANSWER: 40"), "{out}");
     assert!(!out.contains(" tc"), "truncated: {out}");
+    // Again, now from cordon's answer cache: whole as well.
+    let out = dig(&c, "+bufsize=4096 +notcp @127.0.0.53 big.example.com A");
+    assert!(out.contains("ANSWER: 40") && !out.contains(" tc"), "from the cache: {out}");
+    // An EDNS client with a 512-byte buffer, and one without EDNS, get what fits, with TC set
+    // (they retry over TCP), which answers whole.
+    for args in ["+bufsize=512", "+noedns"] {
+        let out = dig(&c, &format!("{args} +notcp +ignore @127.0.0.53 big.example.com A"));
+        assert_eq!(status_of(&out), "NOERROR", "{args}: {out}");
+        assert!(out.contains(" tc"), "{args}: not truncated: {out}");
+    }
+    let out = dig(&c, "+noedns +tcp @127.0.0.53 big.example.com A");
+    assert!(out.contains("ANSWER: 40"), "over TCP: {out}");
 }
 
 #[test]

@@ -232,10 +232,17 @@ impl Allowlist {
 
     /// Every rule matching `name` (the exact one, then wildcards from the nearest suffix up).
     fn matching<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Rule> + 'a {
-        let name = canonical(name);
-        let exact = self.exact.get(&name);
+        // The DNS fast path asks with names already canonical (lowercase ASCII, trailing dot):
+        // those are matched without allocating.
+        let bare = name.strip_suffix('.').unwrap_or(name);
+        let name: std::borrow::Cow<'_, str> = if bare.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+            std::borrow::Cow::Borrowed(bare)
+        } else {
+            std::borrow::Cow::Owned(canonical(name))
+        };
+        let exact = self.exact.get(&*name);
         let mut suffixes = Vec::new();
-        let mut rest = name.as_str();
+        let mut rest = &*name;
         while let Some((_, suffix)) = rest.split_once('.') {
             suffixes.extend(self.below.get(suffix));
             rest = suffix;
@@ -244,7 +251,8 @@ impl Allowlist {
     }
 
     /// What `name` may reach, merged over every pattern that matches it; None when denied.
-    /// On the DNS answer path: it allocates nothing beyond the lowercased name.
+    /// On the DNS answer path: it allocates nothing for a name already canonical (lowercase
+    /// ASCII), only the lowercased name otherwise (and a short vector for wildcard matches).
     pub fn lookup(&self, name: &str) -> Option<Reach> {
         let mut found: Option<Reach> = None;
         for rule in self.matching(name) {

@@ -179,6 +179,13 @@ impl Admitter {
         self.lifetimes.lifetime(ttl)
     }
 
+    /// How long after admitting an address answered with `ttl` a cached copy of that answer
+    /// (its TTL decremented by age) may still be handed out without admitting again: until
+    /// then the admission outlives the copy by at least the full grace.
+    pub fn renewal_due(&self, ttl: u32) -> Duration {
+        self.lifetimes.lifetime(ttl) - self.lifetimes.grace
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -296,6 +296,7 @@ impl Egress {
             admitter: admitter.clone(),
             stats: stats.clone(),
             last_good: last_good.clone(),
+            cache: dns::answer_cache(),
         };
         let listen = sockets.local_addr().unwrap_or(network.listen);
         let server = Service::spawn("dns", move |stop| dns::serve(sockets, handler, stop));

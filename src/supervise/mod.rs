@@ -76,6 +76,11 @@ pub fn run(source: ConfigSource) -> i32 {
         tracing::error!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}");
         return 1;
     }
+    // One malloc arena: the default (one per contending thread, up to 8 per core) keeps each
+    // thread's freed memory resident apart. Two arenas and a 4,096-entry answer cache measured
+    // 1.8 MiB more RSS with 10,000 admitted addresses (docs/benchmarks.md). The DNS fast path
+    // allocates nothing, so the shared arena's lock is taken only off it.
+    sys::limit_malloc_arenas(1);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -324,6 +324,21 @@ pub fn set_non_dumpable() -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Caps glibc's malloc arenas at `arenas` (mallopt(3) `M_ARENA_MAX`). By default glibc gives
+/// each thread that contends for the main arena one of its own (up to 8 per core), each keeping
+/// its freed memory resident; cordon's supervisor has two runtime workers and a few blocking
+/// threads, and its RSS is mostly those arenas' kept pages. Call before any thread starts.
+/// Best effort: another libc has no such knob, and nothing depends on it.
+pub fn limit_malloc_arenas(arenas: i32) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = arenas;
+}
+
 /// SIGKILL to every process of the caller's pid namespace but itself and the namespace's init
 /// (kill(2) with pid -1). One atomic pass: the kernel walks the process list under the lock
 /// fork needs, so a process that keeps forking cannot slip a child past it, as it can past a
