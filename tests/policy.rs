@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use harness::world::{FakeDns, Rec, TcpService};
-use harness::{Cordon, Mode, Phase, Sandbox, TestConfig, WORLD_V4};
+use harness::{AGENT_UID, Cordon, Mode, Phase, Sandbox, TestConfig, WORLD_V4};
 
 const BOOT: Duration = Duration::from_secs(30);
 
@@ -323,6 +323,8 @@ fn observe_mode_resolves_names_outside_the_list_and_its_suggestion_enforced_refu
         let doc = status_json(&sb, &c);
         assert_eq!(doc["policy"]["mode"], "observe");
         assert_eq!(doc["policy"]["observed_names"], 3, "{doc}");
+        let outside = doc["policy"]["observed"].as_array().unwrap().iter().find(|o| o["name"] == "outside.example.net");
+        assert_eq!(outside.unwrap()["uids"], serde_json::json!([AGENT_UID]), "who asked: {doc}");
         let (_, human, _) = cordon(&sb, &c, "status", false);
         assert!(human.contains("egress is NOT enforced"), "{human}");
         let (code, text, err) = cordon(&sb, &c, "policy suggest", false);

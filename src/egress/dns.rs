@@ -26,6 +26,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::HTTPS;
 use hickory_server::proto::rr::rdata::opt::EdnsOption;
@@ -382,7 +383,7 @@ impl RequestHandler for Handler {
         md.recursion_available = true;
 
         let allowlist = self.policy.allowlist();
-        let Some(reach) = self.decide(&allowlist, &qname, qtype) else {
+        let Some(reach) = self.decide(&allowlist, &qname, qtype, Some((request.src(), request.protocol()))) else {
             if let Some(e) = edns.as_mut() {
                 let mut data = EDE_BLOCKED.to_be_bytes().to_vec();
                 data.extend_from_slice(EDE_TEXT.as_bytes());
@@ -460,9 +461,19 @@ impl Handler {
         allowlist: &crate::config::allowlist::Allowlist,
         qname: &str,
         qtype: RecordType,
+        client: Option<(SocketAddr, Protocol)>,
     ) -> Option<crate::config::allowlist::Reach> {
-        // Observe mode (`network.mode`): a name outside the allowlist is recorded and answered.
-        let reach = allowlist.lookup(qname).or_else(|| self.policy.observe(qname, "dns"));
+        // Observe mode (`network.mode`): a name outside the allowlist is recorded, with the uid
+        // of the client's socket, and answered.
+        let asked_by = || {
+            let (src, protocol) = client?;
+            match protocol {
+                Protocol::Udp => crate::egress::journal::client_owner(src, false),
+                Protocol::Tcp => crate::egress::journal::client_owner(src, true),
+                _ => None,
+            }
+        };
+        let reach = allowlist.lookup(qname).or_else(|| self.policy.observe(qname, "dns", asked_by));
         if reach.is_none() {
             let count = self.stats.deny(qname, qtype);
             if count.is_power_of_two()
@@ -486,7 +497,7 @@ impl Handler {
         if allowlist.lookup(name).is_none() && self.policy.observe_quiet(name).is_some() {
             return None;
         }
-        match self.decide(&allowlist, name, RecordType::from(query.qtype)) {
+        match self.decide(&allowlist, name, RecordType::from(query.qtype), None) {
             None => (out.len() >= wire::DENIAL_MAX).then(|| wire::write_denial(&query, out)),
             Some(_) => match self.cache.answer(&query, name, &allowlist, Instant::now(), out) {
                 Hit::Answer(n) => {

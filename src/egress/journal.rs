@@ -353,6 +353,31 @@ pub fn tcp_owner_in(table: &str, local: SocketAddr, remote: SocketAddr) -> Optio
     })
 }
 
+/// The owner uid of the client socket bound to `local` (UDP, or TCP when `tcp`) in this
+/// network namespace, from /proc/net/{udp,tcp}{,6} (proc(5)): how observe mode learns which
+/// uid asked cordon's DNS a name (the query's source is the client socket's local address,
+/// and the socket stays open while it waits for the answer). Read only in observe mode.
+pub fn client_owner(local: SocketAddr, tcp: bool) -> Option<u32> {
+    let file = match (tcp, local.is_ipv4()) {
+        (false, true) => "/proc/net/udp",
+        (false, false) => "/proc/net/udp6",
+        (true, true) => "/proc/net/tcp",
+        (true, false) => "/proc/net/tcp6",
+    };
+    local_owner_in(&std::fs::read_to_string(file).ok()?, local)
+}
+
+/// [`client_owner`] on the text of one of those tables (the columns of /proc/net/tcp). A UDP
+/// client may or may not have connected its socket, so the remote column is not compared;
+/// a client's ephemeral local address is its own.
+pub fn local_owner_in(table: &str, local: SocketAddr) -> Option<u32> {
+    let local = proc_addr(local);
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.len() > 7 && cols[1].eq_ignore_ascii_case(&local)).then(|| cols[7].parse().ok()).flatten()
+    })
+}
+
 /// An address as /proc/net/tcp(6) prints it: each 32-bit word of the address as the host
 /// reads it from memory (so little-endian hosts reverse each word's bytes), then the port.
 fn proc_addr(addr: SocketAddr) -> String {
@@ -488,6 +513,19 @@ mod tests {
             assert_eq!(e.reason, "port");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_owner_of_a_dns_clients_udp_socket_is_found_by_its_local_address() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        assert_eq!(client_owner(socket.local_addr().unwrap(), false), Some(uid));
+        let v6 = std::net::UdpSocket::bind("[::1]:0");
+        if let Ok(v6) = v6 {
+            assert_eq!(client_owner(v6.local_addr().unwrap(), false), Some(uid));
+        }
+        let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert_eq!(client_owner(free, false), None, "a closed socket has no owner");
     }
 
     #[test]

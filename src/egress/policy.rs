@@ -83,7 +83,12 @@ pub struct Observed {
     pub last: SystemTime,
     /// Where it was seen: `dns`, `tls`, `http`.
     pub via: BTreeSet<&'static str>,
+    /// The uids that asked for it, when known (at most [`OBSERVED_UIDS`]).
+    pub uids: BTreeSet<u32>,
 }
+
+/// How many distinct uids an observed name keeps.
+pub const OBSERVED_UIDS: usize = 8;
 
 #[derive(Debug, Default)]
 struct Observations {
@@ -178,7 +183,8 @@ impl Policy {
     /// Observe mode's answer for a name the allowlist refuses: in observe mode the name is
     /// recorded (as seen `via` dns, tls or http) and may reach the default ports; in enforce
     /// mode, None (refused).
-    pub fn observe(&self, name: &str, via: &'static str) -> Option<Reach> {
+    /// `uid` says who asked, if it can be known; it is called only when the name is recorded.
+    pub fn observe(&self, name: &str, via: &'static str, uid: impl FnOnce() -> Option<u32>) -> Option<Reach> {
         if self.mode != Mode::Observe {
             return None;
         }
@@ -189,6 +195,8 @@ impl Policy {
             return Some(Reach { default_ports: true, ..Reach::default() });
         }
         let now = SystemTime::now();
+        // Read before the lock: a small file, never under it.
+        let uid = uid();
         let mut observed = self.observed.lock().unwrap_or_else(|e| e.into_inner());
         let full = observed.names.len() >= OBSERVED_NAMES;
         match observed.names.get_mut(&name) {
@@ -196,10 +204,16 @@ impl Policy {
                 o.count += 1;
                 o.last = now;
                 o.via.insert(via);
+                if let Some(uid) = uid
+                    && o.uids.len() < OBSERVED_UIDS
+                {
+                    o.uids.insert(uid);
+                }
             }
             None if full => observed.dropped += 1,
             None => {
-                let first = Observed { count: 1, first: now, last: now, via: BTreeSet::from([via]) };
+                let uids = uid.into_iter().collect();
+                let first = Observed { count: 1, first: now, last: now, via: BTreeSet::from([via]), uids };
                 observed.names.insert(name, first);
             }
         }
@@ -259,27 +273,28 @@ mod tests {
     #[test]
     fn enforce_mode_refuses_and_records_nothing_observe_mode_admits_default_ports_and_counts() {
         let enforce = Policy::new(vec![], Mode::Enforce);
-        assert_eq!(enforce.observe("x.example.com", "dns"), None);
+        assert_eq!(enforce.observe("x.example.com", "dns", || Some(1)), None);
         assert!(enforce.observed().0.is_empty());
 
         let observe = Policy::new(vec![], Mode::Observe);
-        let reach = observe.observe("X.Example.com.", "dns").unwrap();
+        let reach = observe.observe("X.Example.com.", "dns", || Some(4242)).unwrap();
         assert!(reach.default_ports && reach.extra_ports.is_empty() && reach.raw_ports.is_empty());
-        observe.observe("x.example.com", "tls");
-        observe.observe("cordon-readiness-probe.invalid", "dns");
+        observe.observe("x.example.com", "tls", || None);
+        observe.observe("cordon-readiness-probe.invalid", "dns", || Some(0));
         let (seen, dropped) = observe.observed();
         assert_eq!(dropped, 0);
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].0, "x.example.com");
         assert_eq!(seen[0].1.count, 2);
         assert_eq!(seen[0].1.via.iter().copied().collect::<Vec<_>>(), ["dns", "tls"]);
+        assert_eq!(seen[0].1.uids.iter().copied().collect::<Vec<_>>(), [4242], "who asked, when known");
     }
 
     #[test]
     fn observations_and_changes_are_bounded() {
         let observe = Policy::new(vec![], Mode::Observe);
         for i in 0..OBSERVED_NAMES + 10 {
-            observe.observe(&format!("n{i}.example.com"), "dns");
+            observe.observe(&format!("n{i}.example.com"), "dns", || None);
         }
         let (seen, dropped) = observe.observed();
         assert_eq!((seen.len(), dropped), (OBSERVED_NAMES, 10));

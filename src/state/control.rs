@@ -192,6 +192,7 @@ fn policy_status(egress: &Egress) -> status::PolicyStatus {
                 first: status::rfc3339(o.first),
                 last: status::rfc3339(o.last),
                 via: o.via.iter().map(|v| v.to_string()).collect(),
+                uids: o.uids.iter().copied().collect(),
             })
             .collect(),
     }

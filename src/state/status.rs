@@ -143,12 +143,16 @@ pub(crate) struct ChangeStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ObservedStatus {
     pub name: String,
-    /// Lookups and connections (DNS has no uid: none is recorded).
+    /// Lookups and connections.
     pub count: u64,
     pub first: String,
     pub last: String,
     /// Where it was seen: "dns", "proxy".
     pub via: Vec<String>,
+    /// The uids whose DNS queries asked for it (the owner of the query's client socket), at
+    /// most 8.
+    #[serde(default)]
+    pub uids: Vec<u32>,
 }
 
 /// The name-bound layer: the proxy's counters and its recent refusals.
@@ -562,7 +566,9 @@ fn render_policy(o: &mut String, p: &PolicyStatus, paint: Paint) {
         let _ =
             writeln!(o, "        {} name(s) observed (cordon policy suggest prints an allowlist):", p.observed_names);
         for n in p.observed.iter().take(8) {
-            let _ = writeln!(o, "          {:<40} x{:<4} {}", n.name, n.count, ago(&n.last));
+            let uids: Vec<String> = n.uids.iter().map(|u| format!("uid {u}")).collect();
+            let by = if uids.is_empty() { String::new() } else { format!(" by {}", uids.join(", ")) };
+            let _ = writeln!(o, "          {:<40} x{:<4} {}{by}", n.name, n.count, ago(&n.last));
         }
     }
 }

@@ -52,7 +52,7 @@ pub fn start(network: &Network, egress: &Egress) -> Result<Service, Problem> {
     let ports = network.ports.clone();
     let allowlisted = move |name: &str, dst_port: u16| {
         // Observe mode: a name outside the allowlist is recorded and passes on the default ports.
-        let reach = policy.allowlist().lookup(name).or_else(|| policy.observe(name, "proxy"));
+        let reach = policy.allowlist().lookup(name).or_else(|| policy.observe(name, "proxy", || None));
         reach.is_some_and(|r| {
             (r.default_ports && ports.contains(&dst_port))
                 || r.extra_ports.contains(&dst_port)
