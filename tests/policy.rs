@@ -205,6 +205,47 @@ fn deny_kills_an_open_connection_within_a_second_and_refuses_new_ones_while_othe
 }
 
 #[test]
+fn an_answer_in_flight_during_a_deny_does_not_put_back_what_the_deny_took_away() {
+    let sb = Sandbox::new("inflight");
+    sb.write_file("domains.conf", "api.example.com\nother.example.com\n");
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("api.example.com", vec![ip("192.0.2.10")]);
+    dns.set("other.example.com", vec![ip("192.0.2.11")]);
+    let _a = echo(&sb, "192.0.2.10");
+    let _b = echo(&sb, "192.0.2.11");
+    let c = boot(&sb, "");
+
+    // The agent asks for the name; upstream's answer is held on its way back.
+    dns.hold(true);
+    let ns = c.ns_init();
+    let asking = std::thread::spawn(move || {
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &ns.to_string(), "-p", "-m", "-u", "-n", "-S", "4242", "-G", "4242", "--"])
+            .args(["dig", "+tries=1", "+time=8", "@127.0.0.53", "api.example.com", "A"])
+            .output()
+            .expect("nsenter dig");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    harness::wait_until("the query to reach upstream", Duration::from_secs(5), || {
+        dns.queries().iter().any(|q| q.starts_with("api.example.com")).then_some(())
+    });
+    let (code, _, err) = cordon(&sb, &c, "deny api.example.com", false);
+    assert_eq!(code, 0, "deny: {err}");
+    dns.hold(false);
+
+    // The answer lands after the deny: the client is told NXDOMAIN, and nothing is admitted.
+    let answered = asking.join().unwrap();
+    assert!(answered.contains("status: NXDOMAIN"), "the answer in flight is refused: {answered}");
+    let err = one_echo(&c, "192.0.2.10").expect_err("the denied name's address stays out of the allow sets");
+    assert!(err.contains("refused"), "{err}");
+    let (_, why, err) = cordon(&sb, &c, "status --json why 192.0.2.10", false);
+    let why: serde_json::Value = serde_json::from_str(&why).unwrap_or_else(|e| panic!("{e}: {why}{err}"));
+    assert_eq!(why["verdict"], "not admitted", "{why}");
+    // Positive control: the name still allowed resolves and connects.
+    assert_eq!(one_echo(&c, "other.example.com").unwrap(), "echo hi");
+}
+
+#[test]
 fn allow_for_3s_expires_by_itself_and_the_name_is_refused_again() {
     let sb = Sandbox::new("allowfor");
     sb.write_file("domains.conf", "api.example.com\n");

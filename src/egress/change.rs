@@ -174,9 +174,11 @@ impl Egress {
         }
         drop(firewall);
         let size = allowlist.len();
+        // No admission runs from the swap to the end of the revocation (see `Policy::gate`).
+        let gate = self.policy.change_gate();
         let old = self.policy.replace(allowlist);
         let new = self.policy.allowlist();
-        let narrowed = self.narrow(&old, &new);
+        let narrowed = self.narrow(&old, &new, gate);
         // A timed grant: its expiry, as a task that makes an `Expire` change.
         if let Op::Allow { for_: Some(d), .. } = op
             && let Some(grant) = next.grants.last()
@@ -199,8 +201,10 @@ impl Egress {
         Ok(format!("{size} entries in force{widened}{narrowed}"))
     }
 
-    /// Takes away what `old` allowed and `new` does not; returns a note for the record.
-    fn narrow(&self, old: &Allowlist, new: &Allowlist) -> String {
+    /// Takes away what `old` allowed and `new` does not; returns a note for the record. `gate`
+    /// (the change side of the policy's gate) is released once the addresses and bindings are
+    /// gone, before the slower killing of connections: an admission after that sees `new`.
+    fn narrow(&self, old: &Allowlist, new: &Allowlist, gate: std::sync::RwLockWriteGuard<'_, ()>) -> String {
         let now = Instant::now();
         let justified = |ip: IpAddr, admitted_by: &str, set: SetOf| {
             let names = self.bindings.names_for(ip, now);
@@ -217,6 +221,7 @@ impl Egress {
         };
         let forgotten = self.bindings.forget(|n| new.lookup(n).is_some() || old.lookup(n).is_none());
         self.last_good.lock().unwrap_or_else(|e| e.into_inner()).retain(|n, _| new.is_exact(n));
+        drop(gate);
         let killed = kill_connections(&revoked);
         if revoked.is_empty() && forgotten == 0 {
             return String::new();
@@ -242,7 +247,13 @@ fn kill_connections(ips: &[IpAddr]) -> String {
     let mut problems = Vec::new();
     for ip in ips {
         let mut cmd = std::process::Command::new("ss");
-        cmd.args(["-K", "-n", "dst", &ip.to_string()]);
+        // ss reads what follows an address's last colon as a port: an IPv6 address goes in
+        // brackets, or `2001:db8::1` would mean address 2001:db8: port 1.
+        let dst = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        cmd.args(["-K", "-n", "dst", &dst]);
         match crate::sys::command::output(cmd, crate::sys::command::Options::new(Duration::from_secs(2))) {
             Ok(out) if out.status.success() => {}
             Ok(out) => problems.push(format!("ss -K dst {ip}: {}", String::from_utf8_lossy(&out.stderr).trim())),

@@ -219,6 +219,35 @@ pub(crate) fn answer_cache() -> Arc<AnswerCache> {
     Arc::new(AnswerCache::new(cache::DEFAULT_CAPACITY))
 }
 
+/// [`admit_answer`] under the policy in force *now*, not the one `decided_with` (taken when the
+/// query was decided, before an upstream round trip): an answer in flight while a change
+/// narrowed the policy must not put back what the change took away. Holds the policy's
+/// admission gate from the re-check to the end of the admission; re-decides when the
+/// allowlist changed meanwhile. Ok(None): the name is no longer allowed, nothing was admitted.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn admit_in_force(
+    policy: &Policy,
+    admitter: &Admitter,
+    bindings: &Bindings,
+    stats: &DnsStats,
+    decided_with: &Arc<crate::config::allowlist::Allowlist>,
+    name: &str,
+    reach: &crate::config::allowlist::Reach,
+    records: &[Record],
+) -> std::io::Result<Option<Filtered>> {
+    let _gate = policy.admission_gate();
+    let current = policy.allowlist();
+    let reach = if Arc::ptr_eq(&current, decided_with) {
+        reach.clone()
+    } else {
+        match current.lookup(name).or_else(|| policy.observe_quiet(name)) {
+            Some(reach) => reach,
+            None => return Ok(None),
+        }
+    };
+    admit_answer(admitter, bindings, stats, name, &reach, records).map(Some)
+}
+
 /// What became of one upstream answer on its way to the client.
 pub(crate) struct Filtered {
     pub records: Vec<Record>,
@@ -400,7 +429,7 @@ impl RequestHandler for Handler {
         let result = match tokio::time::timeout(STALE_CLIENT_TIMEOUT, &mut lookup).await {
             Ok(result) => result,
             Err(_) => {
-                if let Some(records) = self.serve_stale(&qname, qtype, &reach, "upstream is slow") {
+                if let Some(records) = self.serve_stale(&qname, qtype, &allowlist, &reach, "upstream is slow") {
                     self.stats.upstream_failed(format!("{qname} {qtype}: no answer within {STALE_CLIENT_TIMEOUT:?}"));
                     return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
@@ -409,8 +438,24 @@ impl RequestHandler for Handler {
         };
         match result {
             Ok(lookup) => {
-                match admit_answer(&self.admitter, &self.bindings, &self.stats, &qname, &reach, lookup.answers()) {
-                    Ok(filtered) => {
+                let admitted = admit_in_force(
+                    &self.policy,
+                    &self.admitter,
+                    &self.bindings,
+                    &self.stats,
+                    &allowlist,
+                    &qname,
+                    &reach,
+                    lookup.answers(),
+                );
+                match admitted {
+                    Ok(None) => {
+                        // A change took the name away while its answer was on the way.
+                        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                        md.response_code = ResponseCode::NXDomain;
+                        send(response_handle, request, builder.build_no_records(md)).await
+                    }
+                    Ok(Some(filtered)) => {
                         self.stats.allowed.fetch_add(1, Ordering::Relaxed);
                         if !filtered.addresses.is_empty() {
                             self.remember(&qname, &filtered.addresses);
@@ -439,7 +484,8 @@ impl RequestHandler for Handler {
                 self.stats.upstream_failed(format!("{qname} {qtype}: {e}"));
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
-                if let Some(records) = self.serve_stale(&qname, qtype, &reach, &format!("upstream lookup failed ({e})"))
+                if let Some(records) =
+                    self.serve_stale(&qname, qtype, &allowlist, &reach, &format!("upstream lookup failed ({e})"))
                 {
                     return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
@@ -574,11 +620,13 @@ impl Handler {
         &self,
         qname: &str,
         qtype: RecordType,
+        decided_with: &Arc<crate::config::allowlist::Allowlist>,
         reach: &crate::config::allowlist::Reach,
         why: &str,
     ) -> Option<Vec<Record>> {
         let stale = self.stale_records(qname, qtype)?;
-        let filtered = admit_answer(&self.admitter, &self.bindings, &self.stats, qname, reach, &stale).ok()?;
+        let (policy, admitter, bindings, stats) = (&self.policy, &self.admitter, &self.bindings, &self.stats);
+        let filtered = admit_in_force(policy, admitter, bindings, stats, decided_with, qname, reach, &stale).ok()??;
         self.stats.stale.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(name = %qname, qtype = %qtype, "{why}; serving the last good addresses");
         Some(filtered.records)

@@ -330,6 +330,9 @@ impl Egress {
     pub async fn refresh(self: &Arc<Self>) -> RefreshReport {
         // A name refreshed now must stay admitted until the next refresh, whatever its TTL.
         let floor = u32::try_from(self.refresh_interval.as_secs()).unwrap_or(u32::MAX);
+        // Under the admission gate, with the allowlist in force under it: a change cannot
+        // narrow the policy between the check and the renewal.
+        let gate = self.policy.admission_gate();
         let allowlist = self.policy.allowlist();
         let names: Vec<String> = allowlist.exact_names().map(String::from).collect();
         let known: Vec<(String, Vec<(IpAddr, u32)>)> = {
@@ -349,6 +352,7 @@ impl Egress {
                 }
             }
         }
+        drop(gate);
 
         let mut lookups = tokio::task::JoinSet::new();
         for name in names.iter().cloned() {
@@ -396,7 +400,8 @@ impl Egress {
     /// Resolves `name` (A and AAAA) and admits what it finds for at least `floor` seconds.
     /// Err when upstream failed (as opposed to answering that there is nothing).
     async fn resolve(&self, name: &str, floor: u32) -> Result<Vec<(IpAddr, u32)>, ()> {
-        let Some(reach) = self.policy.allowlist().lookup(name) else { return Ok(vec![]) };
+        let allowlist = self.policy.allowlist();
+        let Some(reach) = allowlist.lookup(name) else { return Ok(vec![]) };
         let Ok(qname) = Name::from_ascii(format!("{name}.")) else { return Ok(vec![]) };
         // Bounded, so that a refresh against a dead upstream still finishes and reports.
         let bounded = |qtype| tokio::time::timeout(REFRESH_LOOKUP_TIMEOUT, self.resolver.lookup(qname.clone(), qtype));
@@ -420,8 +425,12 @@ impl Egress {
                             r
                         })
                         .collect();
-                    match dns::admit_answer(&self.admitter, &self.bindings, &self.stats, name, &reach, &records) {
-                        Ok(filtered) => fresh.extend(filtered.addresses),
+                    let (policy, admitter, bindings, stats) =
+                        (&self.policy, &self.admitter, &self.bindings, &self.stats);
+                    match dns::admit_in_force(policy, admitter, bindings, stats, &allowlist, name, &reach, &records) {
+                        Ok(Some(filtered)) => fresh.extend(filtered.addresses),
+                        // A change took the name away during the lookup: nothing to keep.
+                        Ok(None) => return Ok(vec![]),
                         Err(e) => {
                             tracing::error!(name, "refresh cannot admit addresses: {e}");
                             return Err(());

@@ -99,6 +99,11 @@ struct Observations {
 
 pub struct Policy {
     allowlist: RwLock<Arc<Allowlist>>,
+    /// Held shared by whoever admits addresses (a DNS answer, serve-stale, the refresh) from
+    /// its re-check of the allowlist in force to the end of the admission, and exclusively by
+    /// a change from its swap to the end of its revocation: so an answer that was in flight
+    /// during a narrowing can never put back what the narrowing took away.
+    gate: RwLock<()>,
     mode: Mode,
     entries: Mutex<Entries>,
     changes: Mutex<VecDeque<Change>>,
@@ -114,6 +119,7 @@ impl Policy {
         let entries = Entries { base: entries, ..Entries::default() };
         Self {
             allowlist: RwLock::new(Arc::new(Allowlist::new(entries.compose()))),
+            gate: RwLock::new(()),
             mode,
             entries: Mutex::new(entries),
             changes: Mutex::new(VecDeque::new()),
@@ -128,6 +134,17 @@ impl Policy {
     /// decision or I/O.
     pub fn allowlist(&self) -> Arc<Allowlist> {
         self.allowlist.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The admission side of the gate: hold it while re-checking the allowlist in force and
+    /// admitting (kernel calls only; never across an await or a lookup).
+    pub fn admission_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The change side of the gate: no admission runs while it is held.
+    pub fn change_gate(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Puts `allowlist` in force for every decision from now on; returns the one it replaced.

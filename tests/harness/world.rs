@@ -43,6 +43,7 @@ pub struct FakeDns {
     pub zone: Arc<Mutex<Zone>>,
     queries: Arc<Mutex<Vec<String>>>,
     up: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -52,15 +53,22 @@ impl FakeDns {
         let zone = Arc::new(Mutex::new(Zone { ttl: 30, ..Zone::default() }));
         let queries = Arc::new(Mutex::new(Vec::new()));
         let up = Arc::new(AtomicBool::new(true));
+        let held = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (z, q, u, s) = (zone.clone(), queries.clone(), up.clone(), stop.clone());
+        let (z, q, u, s, h) = (zone.clone(), queries.clone(), up.clone(), stop.clone(), held.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = in_netns(ns, move || {
             let sock = UdpSocket::bind(addr).expect("bind the fake DNS server");
             sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
             ready_tx.send(()).unwrap();
             let mut buf = [0u8; 4096];
+            let mut pending: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
             while !s.load(Ordering::Relaxed) {
+                if !h.load(Ordering::Relaxed) {
+                    for (reply, to) in pending.drain(..) {
+                        let _ = sock.send_to(&reply, to);
+                    }
+                }
                 let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
                 let Ok(msg) = Message::from_vec(&buf[..n]) else { continue };
                 if let Some(query) = msg.queries.first() {
@@ -69,12 +77,16 @@ impl FakeDns {
                 if !u.load(Ordering::Relaxed) {
                     continue;
                 }
-                let reply = answer(&msg, &z.lock().unwrap());
-                let _ = sock.send_to(&reply.to_vec().unwrap(), from);
+                let reply = answer(&msg, &z.lock().unwrap()).to_vec().unwrap();
+                if h.load(Ordering::Relaxed) {
+                    pending.push((reply, from));
+                } else {
+                    let _ = sock.send_to(&reply, from);
+                }
             }
         });
         ready_rx.recv_timeout(Duration::from_secs(10)).expect("fake DNS server did not start");
-        FakeDns { zone, queries, up, stop, thread: Some(thread) }
+        FakeDns { zone, queries, up, held, stop, thread: Some(thread) }
     }
 
     pub fn set(&self, name: &str, records: Vec<Rec>) {
@@ -88,6 +100,12 @@ impl FakeDns {
     /// Every query received, as "name. TYPE".
     pub fn queries(&self) -> Vec<String> {
         self.queries.lock().unwrap().clone()
+    }
+
+    /// Held: answers are made as the zone is now, but kept until the hold is released (then
+    /// sent within 50 ms): an answer in flight, for as long as the test likes.
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
     }
 
     /// Down: queries are received (and recorded) but never answered.
