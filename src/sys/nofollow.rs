@@ -76,20 +76,30 @@ pub fn open_below(dir: Dir, rel: &Path, create: Option<NewDir>) -> io::Result<Di
 pub fn open_child(dir: &Dir, name: &OsStr, create: Option<NewDir>) -> io::Result<Dir> {
     match openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => stat_dir(fd),
-        Err(nix::errno::Errno::ENOENT) if create.is_some() => {
-            let new = create.expect("checked");
-            match mkdirat(dir.fd.as_fd(), name, Mode::from_bits_truncate(new.mode)) {
-                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                Err(e) => return Err(describe(e, dir, name)),
-            }
-            let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, dir, name))?;
-            nix::unistd::fchown(fd.as_fd(), Some(new.uid.into()), Some(new.gid.into()))?;
-            // mkdirat's mode went through the umask.
-            nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(new.mode))?;
-            stat_dir(fd)
-        }
+        Err(nix::errno::Errno::ENOENT) if create.is_some() => make_child(dir, name, create.expect("checked")),
         Err(e) => Err(describe(e, dir, name)),
     }
+}
+
+/// Creates the directory `name` in `dir` with `new`'s owner and mode, after an open found it
+/// missing.
+fn make_child(dir: &Dir, name: &OsStr, new: NewDir) -> io::Result<Dir> {
+    match mkdirat(dir.fd.as_fd(), name, Mode::from_bits_truncate(new.mode)) {
+        Ok(()) => {}
+        // Someone else made it between our open and our mkdir: open what is there and let the
+        // caller judge its owner. Chowning it would make a directory the agent planted look
+        // like one root made (the check persist's root_dir relies on).
+        Err(nix::errno::Errno::EEXIST) => {
+            let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, dir, name))?;
+            return stat_dir(fd);
+        }
+        Err(e) => return Err(describe(e, dir, name)),
+    }
+    let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, dir, name))?;
+    nix::unistd::fchown(fd.as_fd(), Some(new.uid.into()), Some(new.gid.into()))?;
+    // mkdirat's mode went through the umask.
+    nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(new.mode))?;
+    stat_dir(fd)
 }
 
 /// Gives the opened directory to `uid:gid` with `mode`, through its descriptor.
@@ -107,4 +117,32 @@ pub fn bind_dirs(source: &Dir, target: &Dir) -> io::Result<()> {
     let dst = format!("/proc/self/fd/{}", target.fd.as_raw_fd());
     nix::mount::mount(Some(src.as_str()), dst.as_str(), None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    const ROOTS: NewDir = NewDir { uid: 0, gid: 0, mode: 0o755 };
+
+    #[test]
+    fn a_directory_someone_else_made_in_the_race_window_keeps_its_owner() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("this test chowns a directory: run it as root");
+        }
+        let tmp = std::env::temp_dir().join(format!("cordon-nofollow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("planted")).unwrap();
+        std::os::unix::fs::chown(tmp.join("planted"), Some(1000), Some(1000)).unwrap();
+        let parent = open_abs(&tmp).unwrap();
+        // The agent's mkdir landed between open_child's ENOENT and its mkdirat.
+        let dir = make_child(&parent, OsStr::new("planted"), ROOTS).unwrap();
+        assert_eq!(dir.uid, 1000, "the caller sees the planter's uid");
+        assert_eq!(std::fs::metadata(tmp.join("planted")).unwrap().uid(), 1000, "not chowned to root");
+        // Positive control: a directory nobody made is created root's.
+        let made = open_child(&parent, OsStr::new("new"), Some(ROOTS)).unwrap();
+        assert_eq!((made.uid, made.mode), (0, 0o755));
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 }
