@@ -15,6 +15,28 @@ pub const BOOT_LOG: &str = "boot.log";
 /// Held exclusively by cordon while it boots; `cordon attach` waits on it.
 pub const BOOT_LOCK: &str = "boot.lock";
 
+/// `text` with every control character but the tab made visible: C0 (ESC included) and DEL in
+/// caret notation (`^[`, `^M`, `^?`), C1 (U+0080..U+009F, which some terminals read as CSI
+/// and OSC too) as `\u{9b}`. Text a tool of the agent wrote can then reach the operator's
+/// terminal (`attach` prints the boot log, `status` the warnings) without an escape sequence
+/// in it: no OSC 52 clipboard write, title change or injected input.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            '\u{7f}' => out.push_str("^?"),
+            c if (c as u32) < 0x20 => {
+                out.push('^');
+                out.push(char::from(c as u8 ^ 0x40));
+            }
+            c if (0x80..=0x9f).contains(&(c as u32)) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -217,6 +239,7 @@ impl Report {
 
     /// Marks the current stage failed and the whole boot with it.
     pub fn fail(&mut self, error: String, hint: Option<String>) {
+        let error = printable(&error);
         let stage = self.state.stages.last().map(|s| s.name.clone()).unwrap_or_default();
         self.state.phase = Phase::Failed;
         self.state.reason = Some(format!("boot failed at stage {stage}: {error}"));
@@ -240,11 +263,15 @@ impl Report {
     }
 
     /// A progress line of the running stage, for the boot log only.
+    /// `line` may be a tool's output (the agent's own programs: `claude plugin`, a devcontainer
+    /// command), so its control characters are shown, not sent to the operator's terminal.
     pub fn progress(&mut self, line: &str) {
-        self.log_line(format!("  {line}"));
+        self.log_line(format!("  {}", printable(line)));
     }
 
     pub fn warn(&mut self, warning: String) {
+        // A warning may quote a tool's output (a failed `claude plugin`'s last lines).
+        let warning = printable(&warning);
         tracing::warn!("{warning}");
         self.log_line(format!("warning: {warning}"));
         self.state.warnings.push(warning);
@@ -282,6 +309,8 @@ impl Report {
     }
 
     fn log_line(&mut self, line: String) {
+        // The last layer before the file `attach` prints: a line break is the log's own.
+        let line: String = line.split('\n').map(printable).collect::<Vec<_>>().join("\n");
         let stamped = format!("[{:>9.3}s] {line}\n", self.started.elapsed().as_secs_f64());
         if self.dir.is_some() {
             self.append_log(&stamped);
@@ -337,4 +366,35 @@ fn round_ms(ms: f64) -> f64 {
 pub fn read_state(dir: &Path) -> std::io::Result<State> {
     let bytes = fs::read(dir.join(STATE_FILE))?;
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_but_the_tab_are_shown_not_sent() {
+        assert_eq!(printable("a\tb"), "a\tb");
+        assert_eq!(printable("\x1b]52;c;ZXZpbA==\x07"), "^[]52;c;ZXZpbA==^G");
+        assert_eq!(printable("over\rwrite\nline\x7f"), "over^Mwrite^Jline^?");
+        assert_eq!(printable("\u{9b}31m\u{80}\u{a0}é"), "\\u{9b}31m\\u{80}\u{a0}é");
+    }
+
+    #[test]
+    fn a_tools_output_reaches_the_boot_log_and_the_warnings_printable() {
+        let dir = std::env::temp_dir().join(format!("cordon-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Report::new("pid1");
+        r.attach_dir(&dir);
+        r.begin("claude");
+        r.progress("claude plugin install x: \x1b]52;c;ZXZpbA==\x07");
+        r.warn("`claude plugin install x` failed: \x1b[2J\nready in 1 ms".into());
+        let log = std::fs::read_to_string(dir.join(BOOT_LOG)).unwrap();
+        assert!(!log.contains('\x1b') && !log.contains('\x07'), "{log:?}");
+        assert!(log.contains("claude plugin install x: ^[]52;c;ZXZpbA==^G"), "{log:?}");
+        assert!(log.lines().all(|l| l.starts_with('[')), "a tool cannot start a log line of its own: {log:?}");
+        assert!(r.state.warnings[0].contains("^[[2J^Jready"), "{:?}", r.state.warnings);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
