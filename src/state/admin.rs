@@ -2,8 +2,8 @@
 //! (`reload`, `allow`, `deny`) and `suggest`, for root only. Two locks: the socket is
 //! `root:root` mode 0600, so no other uid can connect; and every connection's peer credentials
 //! (SO_PEERCRED) are checked again, uid 0 or refused, so a socket handed to another process or
-//! a mode changed by mistake still lets nothing through. A refused attempt is recorded like a
-//! change. The read-only control socket (`control`) is the agent's; this one never is.
+//! a mode changed by mistake still lets nothing through, and nothing such a peer sends is read.
+//! A refused attempt is recorded like a change. The read-only control socket (`control`) is the agent's; this one never is.
 //!
 //! One request line, one JSON answer: `{"ok": bool, "message": "..."}`, and `text` for
 //! `suggest`.
@@ -93,19 +93,22 @@ async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Res
     let cred = stream.peer_cred()?;
     let who = who_peer(cred.uid(), cred.pid());
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST as u64)).read_line(&mut line).await?;
-    let request = line.trim().to_string();
     let egress = live.egress.get().cloned();
     let reply = if cred.uid() != 0 {
+        // Refused on the credentials alone: nothing another uid sends is read, parsed or
+        // logged, so the attempt costs root no more than the peer's uid and pid.
+        drop(read);
         let message = format!("permission denied: only root may change the egress policy ({who} asked)");
         if let Some(egress) = &egress {
-            tracing::warn!(who, request, "refused a policy request from a uid other than root");
-            let what = request.chars().take(80).collect();
+            tracing::warn!(who, "refused a policy request from a uid other than root (not read)");
+            let what = "(a request, not read)".into();
             egress.policy.record(Change { at: SystemTime::now(), who, what, ok: false, result: message.clone() });
         }
         serde_json::json!({ "ok": false, "permission_denied": true, "message": message })
     } else {
+        let mut line = String::new();
+        BufReader::new(read.take(MAX_REQUEST as u64)).read_line(&mut line).await?;
+        let request = line.trim().to_string();
         match (egress, parse(&request)) {
             (None, _) => {
                 serde_json::json!({ "ok": false, "message": "egress is not enforced here (network.enforce = false): there is no policy to change" })
@@ -149,7 +152,14 @@ pub(crate) fn request(state_dir: &Path, line: &str) -> std::io::Result<serde_jso
     let mut stream = std::os::unix::net::UnixStream::connect(socket_path(state_dir))?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    stream.write_all(format!("{line}\n").as_bytes())?;
+    // A peer other than root is answered without its request being read, possibly before it
+    // was sent: the answer is still there to read.
+    match stream.write_all(format!("{line}\n").as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset => {
+            return Err(e);
+        }
+        _ => {}
+    }
     let mut reply = String::new();
     std::io::Read::read_to_string(&mut stream, &mut reply)?;
     serde_json::from_str(&reply).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
