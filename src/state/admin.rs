@@ -20,6 +20,24 @@ use crate::egress::policy::Change;
 use crate::state::control::Live;
 
 const MAX_REQUEST: usize = 512;
+/// The longest runtime grant, `allow --for`: a year, well inside what the expiry's clock can
+/// add to now (a huge duration would overflow it); longer is meant to be a file entry.
+pub const MAX_GRANT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks a grant's duration: above 0 and at most [`MAX_GRANT`].
+pub fn grant_duration(d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        return Err("the duration must be above 0".into());
+    }
+    if d > MAX_GRANT {
+        return Err(format!(
+            "{} is longer than a grant may last (365 days); for longer, add the entry to the allowlist file \
+             and `cordon reload`",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(d)
+}
 /// A change may wait on the kernel and on `ss`; bounded all the same.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -74,7 +92,7 @@ pub fn parse(line: &str) -> Result<Request, String> {
             let entry = Entry::parse(entry)?;
             let for_ = match words.get(2) {
                 Some(secs) => match secs.parse::<u64>() {
-                    Ok(s) if s > 0 => Some(Duration::from_secs(s)),
+                    Ok(s) => Some(grant_duration(Duration::from_secs(s)).map_err(|e| format!("`{secs}` seconds: {e}"))?),
                     _ => return Err(format!("`{secs}`: the duration must be a whole number of seconds above 0")),
                 },
                 None => None,
@@ -183,6 +201,9 @@ mod tests {
         assert!(matches!(parse("deny *.example.com").unwrap(), Request::Change(Op::Deny { .. })));
         assert!(parse("allow *.com").unwrap_err().contains("wildcard"));
         assert!(parse("allow x.example.com 0").unwrap_err().contains("above 0"));
+        assert!(parse("allow x.example.com 31536000").is_ok(), "a year is the longest grant");
+        assert!(parse("allow x.example.com 31536001").unwrap_err().contains("365 days"));
+        assert!(parse(&format!("allow x.example.com {}", u64::MAX)).unwrap_err().contains("365 days"), "no overflow");
         assert!(parse("deny x.example.com:443").is_err(), "deny takes a pattern, every port goes");
         assert!(parse("status").unwrap_err().contains("unknown request"));
     }
