@@ -3,6 +3,7 @@
 //! with no file at all cordon runs on the built-in defaults.
 
 pub mod allowlist;
+pub mod trust;
 pub(crate) mod secrets;
 mod units;
 
