@@ -3,8 +3,8 @@
 //! with no file at all cordon runs on the built-in defaults.
 
 pub mod allowlist;
-pub mod trust;
 pub(crate) mod secrets;
+pub mod trust;
 mod units;
 
 use std::collections::BTreeMap;

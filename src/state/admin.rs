@@ -92,7 +92,9 @@ pub fn parse(line: &str) -> Result<Request, String> {
             let entry = Entry::parse(entry)?;
             let for_ = match words.get(2) {
                 Some(secs) => match secs.parse::<u64>() {
-                    Ok(s) => Some(grant_duration(Duration::from_secs(s)).map_err(|e| format!("`{secs}` seconds: {e}"))?),
+                    Ok(s) => {
+                        Some(grant_duration(Duration::from_secs(s)).map_err(|e| format!("`{secs}` seconds: {e}"))?)
+                    }
                     _ => return Err(format!("`{secs}`: the duration must be a whole number of seconds above 0")),
                 },
                 None => None,
