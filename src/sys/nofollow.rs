@@ -124,25 +124,26 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    const ROOTS: NewDir = NewDir { uid: 0, gid: 0, mode: 0o755 };
-
     #[test]
     fn a_directory_someone_else_made_in_the_race_window_keeps_its_owner() {
-        if !nix::unistd::geteuid().is_root() {
-            panic!("this test chowns a directory: run it as root");
-        }
+        let me = nix::unistd::geteuid().as_raw();
         let tmp = std::env::temp_dir().join(format!("cordon-nofollow-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("planted")).unwrap();
-        std::os::unix::fs::chown(tmp.join("planted"), Some(1000), Some(1000)).unwrap();
+        // As root, the planter is another uid; otherwise it is this test's own uid, and the
+        // chown to root that must not happen would fail with EPERM instead.
+        let planter = if me == 0 { 1000 } else { me };
+        std::os::unix::fs::chown(tmp.join("planted"), Some(planter), Some(planter)).unwrap();
         let parent = open_abs(&tmp).unwrap();
         // The agent's mkdir landed between open_child's ENOENT and its mkdirat.
-        let dir = make_child(&parent, OsStr::new("planted"), ROOTS).unwrap();
-        assert_eq!(dir.uid, 1000, "the caller sees the planter's uid");
-        assert_eq!(std::fs::metadata(tmp.join("planted")).unwrap().uid(), 1000, "not chowned to root");
-        // Positive control: a directory nobody made is created root's.
-        let made = open_child(&parent, OsStr::new("new"), Some(ROOTS)).unwrap();
-        assert_eq!((made.uid, made.mode), (0, 0o755));
+        let roots = NewDir { uid: 0, gid: 0, mode: 0o755 };
+        let dir = make_child(&parent, OsStr::new("planted"), roots).unwrap();
+        assert_eq!(dir.uid, planter, "the caller sees the planter's uid");
+        assert_eq!(std::fs::metadata(tmp.join("planted")).unwrap().uid(), planter, "not chowned to root");
+        // Positive control: a directory nobody made is created with the owner and mode asked.
+        let mine = NewDir { uid: me, gid: nix::unistd::getegid().as_raw(), mode: 0o750 };
+        let made = open_child(&parent, OsStr::new("new"), Some(mine)).unwrap();
+        assert_eq!((made.uid, made.mode), (me, 0o750));
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }
