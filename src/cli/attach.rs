@@ -156,8 +156,7 @@ fn print_new_log(path: &Path, pos: u64, out: &mut dyn Write) -> u64 {
     let n = f.read_to_string(&mut text).unwrap_or(0);
     // cordon writes the log printable already; this second layer keeps an escape sequence out
     // of the operator's terminal whatever else wrote the file.
-    let shown: Vec<String> = text.split('\n').map(report::printable).collect();
-    let _ = out.write_all(shown.join("\n").as_bytes());
+    let _ = out.write_all(report::printable_lines(&text).as_bytes());
     let _ = out.flush();
     pos + n as u64
 }

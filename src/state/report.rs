@@ -37,6 +37,12 @@ pub fn printable(text: &str) -> String {
     out
 }
 
+/// [`printable`], line by line: for cordon's own multi-line text (a configuration error quoting
+/// its line, a hint) that may carry a tool's output.
+pub fn printable_lines(text: &str) -> String {
+    text.split('\n').map(printable).collect::<Vec<_>>().join("\n")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -197,9 +203,11 @@ impl Report {
         let Some(rec) = self.state.stages.last_mut() else { return };
         rec.duration_ms = ms;
         rec.outcome = outcome.clone();
-        rec.detail = detail;
-        rec.error = error;
-        rec.hint = hint;
+        // A detail may quote the agent's repository (a devcontainer.json's commands); `status`
+        // prints these.
+        rec.detail = detail.as_deref().map(printable_lines);
+        rec.error = error.as_deref().map(printable_lines);
+        rec.hint = hint.as_deref().map(printable_lines);
         let name = rec.name.clone();
         let took = ms.map(|m| format!(" ({m:.1} ms)")).unwrap_or_default();
         let line = match outcome {
@@ -239,7 +247,7 @@ impl Report {
 
     /// Marks the current stage failed and the whole boot with it.
     pub fn fail(&mut self, error: String, hint: Option<String>) {
-        let error = printable(&error);
+        let error = printable_lines(&error);
         let stage = self.state.stages.last().map(|s| s.name.clone()).unwrap_or_default();
         self.state.phase = Phase::Failed;
         self.state.reason = Some(format!("boot failed at stage {stage}: {error}"));
@@ -310,7 +318,7 @@ impl Report {
 
     fn log_line(&mut self, line: String) {
         // The last layer before the file `attach` prints: a line break is the log's own.
-        let line: String = line.split('\n').map(printable).collect::<Vec<_>>().join("\n");
+        let line = printable_lines(&line);
         let stamped = format!("[{:>9.3}s] {line}\n", self.started.elapsed().as_secs_f64());
         if self.dir.is_some() {
             self.append_log(&stamped);
@@ -390,6 +398,8 @@ mod tests {
         r.begin("claude");
         r.progress("claude plugin install x: \x1b]52;c;ZXZpbA==\x07");
         r.warn("`claude plugin install x` failed: \x1b[2J\nready in 1 ms".into());
+        r.ok(Some("ran `\x1b]0;title\x07`".into()));
+        assert_eq!(r.state.stages[0].detail.as_deref(), Some("ran `^[]0;title^G`"), "status prints the detail");
         let log = std::fs::read_to_string(dir.join(BOOT_LOG)).unwrap();
         assert!(!log.contains('\x1b') && !log.contains('\x07'), "{log:?}");
         assert!(log.contains("claude plugin install x: ^[]52;c;ZXZpbA==^G"), "{log:?}");
