@@ -60,8 +60,8 @@ enum Command {
     Allow {
         /// An allowlist entry: name, *.name, name:port or name:port:raw
         entry: String,
-        /// Take the grant away by itself after this long (e.g. 30s, 10m, 2h)
-        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        /// Take the grant away by itself after this long (e.g. 30s, 10m, 2h; at most 365 days)
+        #[arg(long = "for", value_name = "DURATION", value_parser = grant_duration)]
         for_: Option<std::time::Duration>,
     },
     /// Root only: remove every entry with this pattern (file entries until the next reload, and
@@ -274,9 +274,25 @@ impl<W: Write> Write for DropOnError<W> {
     }
 }
 
+/// `allow --for`: a humantime duration, within what a grant may last.
+fn grant_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    cordon::state::admin::grant_duration(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grant_longer_than_a_year_is_refused_by_the_cli_before_it_reaches_cordon() {
+        assert_eq!(grant_duration("2h").unwrap(), std::time::Duration::from_secs(7200));
+        assert!(grant_duration("365days").is_ok());
+        let e = grant_duration("366days").unwrap_err();
+        assert!(e.contains("365 days") && e.contains("cordon reload"), "{e}");
+        assert!(grant_duration("500000000years").unwrap_err().contains("365 days"), "no overflow");
+        assert!(grant_duration("0s").unwrap_err().contains("above 0"));
+    }
 
     /// Fails every write while `broken`, records the rest.
     struct Sink {

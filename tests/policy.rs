@@ -303,7 +303,8 @@ fn the_agent_cannot_reload_allow_or_deny_and_its_attempt_changes_nothing() {
     let last = doc["policy"]["changes"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["ok"], false, "{last}");
     assert!(last["who"].as_str().unwrap().starts_with("uid 4242"), "{last}");
-    assert_eq!(last["what"], "allow evil.example.net");
+    // Refused on its credentials before a byte of the request was read: only who asked is kept.
+    assert_eq!(last["what"], "(a request, not read)", "{last}");
 }
 
 #[test]
@@ -544,4 +545,43 @@ fn observe_mode_lets_an_unlisted_name_through_the_name_bound_layer_and_records_i
         "echo | timeout 5 openssl s_client -connect 192.0.2.96:443 -servername never.example.org 2>&1 | grep -c 'BEGIN CERTIFICATE'",
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "an unbound name passed in observe mode");
+}
+
+#[test]
+fn a_reload_from_an_allowlist_file_the_agent_can_write_is_refused_and_the_policy_stays() {
+    let sb = Sandbox::new("writablereload");
+    let file = sb.write_file("domains.conf", "api.example.com\n");
+    let shown = file.display().to_string();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let dns = FakeDns::start(&sb.net.world, format!("{WORLD_V4}:53").parse().unwrap());
+    dns.set("api.example.com", vec![ip("192.0.2.10")]);
+    dns.set("evil.example.net", vec![ip("192.0.2.66")]);
+    let mut c = boot(&sb, "");
+    // The boot says so already: a previous run's agent could have edited it.
+    let state = c.wait_phase(Phase::Ready, BOOT);
+    assert!(
+        state.warnings.iter().any(|w| w.contains(&shown) && w.contains("mode 0666") && w.contains("will refuse")),
+        "{:?}",
+        state.warnings
+    );
+
+    // The agent's uid adds its own entry to the file (from outside: inside, the root is
+    // read-only; a volume would not be), and root reloads.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", &AGENT_UID.to_string(), "--regid", &AGENT_UID.to_string(), "--clear-groups"])
+        .args(["sh", "-c", &format!("echo evil.example.net >> {shown}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the agent could not write the 0666 file: {}", String::from_utf8_lossy(&out.stderr));
+    let (code, _, err) = cordon(&sb, &c, "reload", false);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("(network.allowlist)") && err.contains("mode 0666") && err.contains("chmod go-w"), "{err}");
+    assert_eq!(dig(&c, "evil.example.net"), "NXDOMAIN", "the agent's entry went in");
+    assert_eq!(dig(&c, "api.example.com"), "NOERROR", "the policy in force stays");
+
+    // Positive control: the operator makes it root's alone (having read it), and it reloads.
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (code, _, err) = cordon(&sb, &c, "reload", false);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(dig(&c, "evil.example.net"), "NOERROR");
 }

@@ -132,10 +132,25 @@ fn run(
         services.add(server);
         let _ = live.egress.set(egress.clone());
         // `cordon reload` and SIGHUP read the same configuration file again, for its
-        // network.allowlist file and network.allow entries only.
+        // network.allowlist file and network.allow entries only; a file (or its directory)
+        // another uid could write is refused then, and said now: a previous run's agent may
+        // have edited it.
+        for problem in config::trust::reload_sources(&source.path, &config) {
+            s.report.warn(format!("{problem}; `cordon reload` and SIGHUP will refuse it"));
+        }
         let (source, env) = (source.clone(), env.clone());
         egress.policy.set_source(Box::new(move || {
-            let config = source.load(&env).map_err(|e| vec![e.to_string()])?;
+            use config::trust::{not_roots, resolve};
+            // Each file is judged, then read at the path it resolved to when judged.
+            if let Some(problem) = not_roots(&source.path, "the configuration file") {
+                return Err(vec![problem]);
+            }
+            let resolved = config::ConfigSource { path: resolve(&source.path), ..source.clone() };
+            let mut config = resolved.load(&env).map_err(|e| vec![e.to_string()])?;
+            if let Some(problem) = not_roots(&config.network.allowlist, "network.allowlist") {
+                return Err(vec![problem]);
+            }
+            config.network.allowlist = resolve(&config.network.allowlist);
             config::load_allowlist(&config)
         }));
         if network.mode == config::Mode::Observe {

@@ -154,7 +154,9 @@ fn print_new_log(path: &Path, pos: u64, out: &mut dyn Write) -> u64 {
     }
     let mut text = String::new();
     let n = f.read_to_string(&mut text).unwrap_or(0);
-    let _ = out.write_all(text.as_bytes());
+    // cordon writes the log printable already; this second layer keeps an escape sequence out
+    // of the operator's terminal whatever else wrote the file.
+    let _ = out.write_all(report::printable_lines(&text).as_bytes());
     let _ = out.flush();
     pos + n as u64
 }
@@ -201,4 +203,24 @@ fn attach(config: &Config, out: &mut dyn Write) -> u8 {
     let e = cmd.exec();
     let _ = writeln!(out, "cordon attach: cannot run tmux: {e}");
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_log_reaches_the_terminal_without_escape_sequences() {
+        let dir = std::env::temp_dir().join(format!("cordon-attach-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("boot.log");
+        // An OSC 52 clipboard write and a title change, as a tool's output would carry them.
+        std::fs::write(&log, "  claude plugin: \x1b]52;c;ZXZpbA==\x07\x1b]0;title\u{9c} done\tok\nnext\n").unwrap();
+        let mut out = Vec::new();
+        let pos = print_new_log(&log, 0, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out, "  claude plugin: ^[]52;c;ZXZpbA==^G^[]0;title\\u{9c} done\tok\nnext\n");
+        assert_eq!(pos, std::fs::metadata(&log).unwrap().len(), "the position counts the file's bytes");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

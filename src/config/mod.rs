@@ -4,6 +4,7 @@
 
 pub mod allowlist;
 pub(crate) mod secrets;
+pub mod trust;
 mod units;
 
 use std::collections::BTreeMap;

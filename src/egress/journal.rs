@@ -283,9 +283,17 @@ impl Journal {
 /// The JSON-lines events file: one [`Event`] a line, size-capped by rotation to `<path>.1`
 /// (one generation), so that a log shipper following it sees every line once and the disk
 /// holds at most twice `max_size`.
+///
+/// Root writes it, so it is never reached by name from `/` again after boot: its directory is
+/// opened once without following a symlink and must be root's and writable by root only (else
+/// the agent could plant a FIFO, which would block root's open forever with the events lock
+/// held, or a symlink to a file of its choosing, between two rotations); the file is opened
+/// and renamed relative to that directory, never through a symlink, and must be a regular file.
 #[derive(Debug)]
 struct EventsFile {
     path: PathBuf,
+    dir: crate::sys::nofollow::Dir,
+    name: std::ffi::OsString,
     max_size: u64,
     file: std::fs::File,
     size: u64,
@@ -295,26 +303,64 @@ struct EventsFile {
 
 impl EventsFile {
     fn open(path: &Path, max_size: u64) -> io::Result<EventsFile> {
-        let file = Self::open_file(path)?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(io::Error::other(format!("{} is not a path to a file", path.display())));
+        };
+        let dir = crate::sys::nofollow::open_abs(parent)
+            .map_err(|e| io::Error::other(format!("opening its directory {}: {e}", parent.display())))?;
+        // Root's (cordon's own uid is root's; it is accepted too so that the unit tests run
+        // unprivileged).
+        let owner = dir.uid == 0 || dir.uid == nix::unistd::geteuid().as_raw();
+        if !owner || dir.mode & 0o022 != 0 {
+            return Err(io::Error::other(format!(
+                "its directory {} is owned by uid {} with mode {:04o}: another user (the agent?) could replace                  the file there with a FIFO or a symlink; put events.path in a directory only root can write,                  e.g. /run/cordon",
+                parent.display(),
+                dir.uid,
+                dir.mode
+            )));
+        }
+        let file = Self::open_file(&dir, name)?;
         let size = file.metadata()?.len();
-        Ok(EventsFile { path: path.to_path_buf(), max_size, file, size, failing: false })
+        Ok(EventsFile { path: path.to_path_buf(), dir, name: name.to_owned(), max_size, file, size, failing: false })
     }
 
     /// Readable by log shippers of any uid (nothing in it is secret: `status` shows the same
-    /// to the agent's group), writable by root only.
-    fn open_file(path: &Path) -> io::Result<std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().create(true).append(true).mode(0o644).open(path)
+    /// to the agent's group), writable by root only. O_NONBLOCK so that a FIFO found there
+    /// cannot hang the open (it is then refused by the fstat); it changes nothing for a
+    /// regular file.
+    fn open_file(dir: &crate::sys::nofollow::Dir, name: &std::ffi::OsStr) -> io::Result<std::fs::File> {
+        use nix::fcntl::OFlag;
+        use std::os::fd::AsFd as _;
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_APPEND
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY;
+        let fd = nix::fcntl::openat(dir.fd.as_fd(), name, flags, nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .map_err(|e| match e {
+                nix::errno::Errno::ELOOP => io::Error::other(format!("`{}` is a symlink", name.to_string_lossy())),
+                // A FIFO with no reader, opened for writing without blocking.
+                nix::errno::Errno::ENXIO => io::Error::other(format!("`{}` is a FIFO", name.to_string_lossy())),
+                e => io::Error::from(e),
+            })?;
+        let st = nix::sys::stat::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::other(format!("`{}` is not a regular file", name.to_string_lossy())));
+        }
+        Ok(std::fs::File::from(fd))
     }
 
     fn append(&mut self, event: &Event) -> io::Result<()> {
         let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
         line.push(b'\n');
         if self.size > 0 && self.size + line.len() as u64 > self.max_size {
-            let mut rotated = self.path.clone().into_os_string();
+            use std::os::fd::AsFd as _;
+            let mut rotated = self.name.clone();
             rotated.push(".1");
-            std::fs::rename(&self.path, &rotated)?;
-            self.file = Self::open_file(&self.path)?;
+            nix::fcntl::renameat(self.dir.fd.as_fd(), self.name.as_os_str(), self.dir.fd.as_fd(), rotated.as_os_str())?;
+            self.file = Self::open_file(&self.dir, &self.name)?;
             self.size = 0;
         }
         self.file.write_all(&line)?;
@@ -493,10 +539,8 @@ mod tests {
 
     #[test]
     fn the_events_file_rotates_to_dot_1_before_it_passes_its_size() {
-        let dir = std::env::temp_dir().join(format!("cordon-journal-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = events_dir("rotate");
         let path = dir.join("events.jsonl");
-        let _ = std::fs::remove_file(&path);
         let j = Journal::new(Limits { capacity: 8, rate: 0.0, burst: 1000.0 });
         j.write_events_to(&path, 1000).unwrap();
         let line = serde_json::to_string(&refused(1, Reason::Port)).unwrap().len() as u64 + 1;
@@ -511,6 +555,87 @@ mod tests {
         for l in current.lines().chain(rotated.lines()) {
             let e: Event = serde_json::from_str(l).unwrap();
             assert_eq!(e.reason, "port");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A fresh directory under the temp dir, this test's uid's (root's, as cordon's) and 0755
+    /// like the state directory (the temp dir itself is 1777, which the events file refuses).
+    fn events_dir(tag: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("cordon-events-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_fifo_planted_at_the_events_path_is_refused_without_blocking() {
+        let dir = events_dir("fifo");
+        let path = dir.join("events.jsonl");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        let j = Journal::new(Limits { capacity: 8, rate: 0.0, burst: 1000.0 });
+        // A blocking open of a FIFO with no reader would never return: bound the wait.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || tx.send(j.write_events_to(&p, 1000).map_err(|e| e.to_string())).unwrap());
+        let e = rx.recv_timeout(Duration::from_secs(5)).expect("the open returned").unwrap_err();
+        assert!(e.contains("FIFO"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_at_the_events_path_is_refused_and_its_target_untouched() {
+        let dir = events_dir("symlink");
+        let target = dir.join("chosen-by-the-agent");
+        std::os::unix::fs::symlink(&target, dir.join("events.jsonl")).unwrap();
+        let j = Journal::new(Limits { capacity: 8, rate: 0.0, burst: 1000.0 });
+        let e = j.write_events_to(&dir.join("events.jsonl"), 1000).unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
+        assert!(!target.exists(), "root created the symlink's target");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_stays_in_the_directory_opened_at_boot_even_if_its_path_is_repointed() {
+        let dir = events_dir("rotation");
+        let elsewhere = events_dir("elsewhere");
+        std::fs::write(elsewhere.join("events.jsonl"), "not cordon's\n").unwrap();
+        let j = Journal::new(Limits { capacity: 8, rate: 0.0, burst: 1000.0 });
+        j.write_events_to(&dir.join("events.jsonl"), 4096).unwrap();
+        // The directory's name now leads somewhere else: rotation renames and reopens in the
+        // directory it opened, by descriptor, never by the name.
+        let moved = dir.with_extension("moved");
+        let _ = std::fs::remove_dir_all(&moved);
+        std::fs::rename(&dir, &moved).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+        for i in 0..100 {
+            j.push(refused(i, Reason::Port));
+        }
+        assert!(moved.join("events.jsonl.1").exists() && moved.join("events.jsonl").exists());
+        assert!(!elsewhere.join("events.jsonl.1").exists(), "rotated by name, through the symlink");
+        assert_eq!(std::fs::read_to_string(elsewhere.join("events.jsonl")).unwrap(), "not cordon's\n");
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::remove_dir_all(&moved).unwrap();
+        std::fs::remove_dir_all(&elsewhere).unwrap();
+    }
+
+    #[test]
+    fn an_events_file_in_a_directory_others_can_write_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = events_dir("writable");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let j = Journal::new(Limits { capacity: 8, rate: 0.0, burst: 1000.0 });
+        let e = j.write_events_to(&dir.join("events.jsonl"), 1000).unwrap_err().to_string();
+        assert!(e.contains("mode 0777") && e.contains("only root can write"), "{e}");
+        assert!(!dir.join("events.jsonl").exists());
+        // Owned by another uid, 0755: refused too (giving it away takes root).
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&dir, Some(1000), Some(1000)).unwrap();
+            let e = j.write_events_to(&dir.join("events.jsonl"), 1000).unwrap_err().to_string();
+            assert!(e.contains("uid 1000"), "{e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -2,8 +2,8 @@
 //! (`reload`, `allow`, `deny`) and `suggest`, for root only. Two locks: the socket is
 //! `root:root` mode 0600, so no other uid can connect; and every connection's peer credentials
 //! (SO_PEERCRED) are checked again, uid 0 or refused, so a socket handed to another process or
-//! a mode changed by mistake still lets nothing through. A refused attempt is recorded like a
-//! change. The read-only control socket (`control`) is the agent's; this one never is.
+//! a mode changed by mistake still lets nothing through, and nothing such a peer sends is read.
+//! A refused attempt is recorded like a change. The read-only control socket (`control`) is the agent's; this one never is.
 //!
 //! One request line, one JSON answer: `{"ok": bool, "message": "..."}`, and `text` for
 //! `suggest`.
@@ -20,6 +20,24 @@ use crate::egress::policy::Change;
 use crate::state::control::Live;
 
 const MAX_REQUEST: usize = 512;
+/// The longest runtime grant, `allow --for`: a year, well inside what the expiry's clock can
+/// add to now (a huge duration would overflow it); longer is meant to be a file entry.
+pub const MAX_GRANT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks a grant's duration: above 0 and at most [`MAX_GRANT`].
+pub fn grant_duration(d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        return Err("the duration must be above 0".into());
+    }
+    if d > MAX_GRANT {
+        return Err(format!(
+            "{} is longer than a grant may last (365 days); for longer, add the entry to the allowlist file \
+             and `cordon reload`",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(d)
+}
 /// A change may wait on the kernel and on `ss`; bounded all the same.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -74,7 +92,9 @@ pub fn parse(line: &str) -> Result<Request, String> {
             let entry = Entry::parse(entry)?;
             let for_ = match words.get(2) {
                 Some(secs) => match secs.parse::<u64>() {
-                    Ok(s) if s > 0 => Some(Duration::from_secs(s)),
+                    Ok(s) => {
+                        Some(grant_duration(Duration::from_secs(s)).map_err(|e| format!("`{secs}` seconds: {e}"))?)
+                    }
                     _ => return Err(format!("`{secs}`: the duration must be a whole number of seconds above 0")),
                 },
                 None => None,
@@ -93,19 +113,22 @@ async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Res
     let cred = stream.peer_cred()?;
     let who = who_peer(cred.uid(), cred.pid());
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST as u64)).read_line(&mut line).await?;
-    let request = line.trim().to_string();
     let egress = live.egress.get().cloned();
     let reply = if cred.uid() != 0 {
+        // Refused on the credentials alone: nothing another uid sends is read, parsed or
+        // logged, so the attempt costs root no more than the peer's uid and pid.
+        drop(read);
         let message = format!("permission denied: only root may change the egress policy ({who} asked)");
         if let Some(egress) = &egress {
-            tracing::warn!(who, request, "refused a policy request from a uid other than root");
-            let what = request.chars().take(80).collect();
+            tracing::warn!(who, "refused a policy request from a uid other than root (not read)");
+            let what = "(a request, not read)".into();
             egress.policy.record(Change { at: SystemTime::now(), who, what, ok: false, result: message.clone() });
         }
         serde_json::json!({ "ok": false, "permission_denied": true, "message": message })
     } else {
+        let mut line = String::new();
+        BufReader::new(read.take(MAX_REQUEST as u64)).read_line(&mut line).await?;
+        let request = line.trim().to_string();
         match (egress, parse(&request)) {
             (None, _) => {
                 serde_json::json!({ "ok": false, "message": "egress is not enforced here (network.enforce = false): there is no policy to change" })
@@ -149,7 +172,14 @@ pub(crate) fn request(state_dir: &Path, line: &str) -> std::io::Result<serde_jso
     let mut stream = std::os::unix::net::UnixStream::connect(socket_path(state_dir))?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    stream.write_all(format!("{line}\n").as_bytes())?;
+    // A peer other than root is answered without its request being read, possibly before it
+    // was sent: the answer is still there to read.
+    match stream.write_all(format!("{line}\n").as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset => {
+            return Err(e);
+        }
+        _ => {}
+    }
     let mut reply = String::new();
     std::io::Read::read_to_string(&mut stream, &mut reply)?;
     serde_json::from_str(&reply).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -173,6 +203,9 @@ mod tests {
         assert!(matches!(parse("deny *.example.com").unwrap(), Request::Change(Op::Deny { .. })));
         assert!(parse("allow *.com").unwrap_err().contains("wildcard"));
         assert!(parse("allow x.example.com 0").unwrap_err().contains("above 0"));
+        assert!(parse("allow x.example.com 31536000").is_ok(), "a year is the longest grant");
+        assert!(parse("allow x.example.com 31536001").unwrap_err().contains("365 days"));
+        assert!(parse(&format!("allow x.example.com {}", u64::MAX)).unwrap_err().contains("365 days"), "no overflow");
         assert!(parse("deny x.example.com:443").is_err(), "deny takes a pattern, every port goes");
         assert!(parse("status").unwrap_err().contains("unknown request"));
     }

@@ -15,6 +15,34 @@ pub const BOOT_LOG: &str = "boot.log";
 /// Held exclusively by cordon while it boots; `cordon attach` waits on it.
 pub const BOOT_LOCK: &str = "boot.lock";
 
+/// `text` with every control character but the tab made visible: C0 (ESC included) and DEL in
+/// caret notation (`^[`, `^M`, `^?`), C1 (U+0080..U+009F, which some terminals read as CSI
+/// and OSC too) as `\u{9b}`. Text a tool of the agent wrote can then reach the operator's
+/// terminal (`attach` prints the boot log, `status` the warnings) without an escape sequence
+/// in it: no OSC 52 clipboard write, title change or injected input.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            '\u{7f}' => out.push_str("^?"),
+            c if (c as u32) < 0x20 => {
+                out.push('^');
+                out.push(char::from(c as u8 ^ 0x40));
+            }
+            c if (0x80..=0x9f).contains(&(c as u32)) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// [`printable`], line by line: for cordon's own multi-line text (a configuration error quoting
+/// its line, a hint) that may carry a tool's output.
+pub fn printable_lines(text: &str) -> String {
+    text.split('\n').map(printable).collect::<Vec<_>>().join("\n")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -175,9 +203,11 @@ impl Report {
         let Some(rec) = self.state.stages.last_mut() else { return };
         rec.duration_ms = ms;
         rec.outcome = outcome.clone();
-        rec.detail = detail;
-        rec.error = error;
-        rec.hint = hint;
+        // A detail may quote the agent's repository (a devcontainer.json's commands); `status`
+        // prints these.
+        rec.detail = detail.as_deref().map(printable_lines);
+        rec.error = error.as_deref().map(printable_lines);
+        rec.hint = hint.as_deref().map(printable_lines);
         let name = rec.name.clone();
         let took = ms.map(|m| format!(" ({m:.1} ms)")).unwrap_or_default();
         let line = match outcome {
@@ -217,6 +247,7 @@ impl Report {
 
     /// Marks the current stage failed and the whole boot with it.
     pub fn fail(&mut self, error: String, hint: Option<String>) {
+        let error = printable_lines(&error);
         let stage = self.state.stages.last().map(|s| s.name.clone()).unwrap_or_default();
         self.state.phase = Phase::Failed;
         self.state.reason = Some(format!("boot failed at stage {stage}: {error}"));
@@ -240,11 +271,15 @@ impl Report {
     }
 
     /// A progress line of the running stage, for the boot log only.
+    /// `line` may be a tool's output (the agent's own programs: `claude plugin`, a devcontainer
+    /// command), so its control characters are shown, not sent to the operator's terminal.
     pub fn progress(&mut self, line: &str) {
-        self.log_line(format!("  {line}"));
+        self.log_line(format!("  {}", printable(line)));
     }
 
     pub fn warn(&mut self, warning: String) {
+        // A warning may quote a tool's output (a failed `claude plugin`'s last lines).
+        let warning = printable(&warning);
         tracing::warn!("{warning}");
         self.log_line(format!("warning: {warning}"));
         self.state.warnings.push(warning);
@@ -282,6 +317,8 @@ impl Report {
     }
 
     fn log_line(&mut self, line: String) {
+        // The last layer before the file `attach` prints: a line break is the log's own.
+        let line = printable_lines(&line);
         let stamped = format!("[{:>9.3}s] {line}\n", self.started.elapsed().as_secs_f64());
         if self.dir.is_some() {
             self.append_log(&stamped);
@@ -337,4 +374,37 @@ fn round_ms(ms: f64) -> f64 {
 pub fn read_state(dir: &Path) -> std::io::Result<State> {
     let bytes = fs::read(dir.join(STATE_FILE))?;
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_but_the_tab_are_shown_not_sent() {
+        assert_eq!(printable("a\tb"), "a\tb");
+        assert_eq!(printable("\x1b]52;c;ZXZpbA==\x07"), "^[]52;c;ZXZpbA==^G");
+        assert_eq!(printable("over\rwrite\nline\x7f"), "over^Mwrite^Jline^?");
+        assert_eq!(printable("\u{9b}31m\u{80}\u{a0}é"), "\\u{9b}31m\\u{80}\u{a0}é");
+    }
+
+    #[test]
+    fn a_tools_output_reaches_the_boot_log_and_the_warnings_printable() {
+        let dir = std::env::temp_dir().join(format!("cordon-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Report::new("pid1");
+        r.attach_dir(&dir);
+        r.begin("claude");
+        r.progress("claude plugin install x: \x1b]52;c;ZXZpbA==\x07");
+        r.warn("`claude plugin install x` failed: \x1b[2J\nready in 1 ms".into());
+        r.ok(Some("ran `\x1b]0;title\x07`".into()));
+        assert_eq!(r.state.stages[0].detail.as_deref(), Some("ran `^[]0;title^G`"), "status prints the detail");
+        let log = std::fs::read_to_string(dir.join(BOOT_LOG)).unwrap();
+        assert!(!log.contains('\x1b') && !log.contains('\x07'), "{log:?}");
+        assert!(log.contains("claude plugin install x: ^[]52;c;ZXZpbA==^G"), "{log:?}");
+        assert!(log.lines().all(|l| l.starts_with('[')), "a tool cannot start a log line of its own: {log:?}");
+        assert!(r.state.warnings[0].contains("^[[2J^Jready"), "{:?}", r.state.warnings);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -76,20 +76,30 @@ pub fn open_below(dir: Dir, rel: &Path, create: Option<NewDir>) -> io::Result<Di
 pub fn open_child(dir: &Dir, name: &OsStr, create: Option<NewDir>) -> io::Result<Dir> {
     match openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => stat_dir(fd),
-        Err(nix::errno::Errno::ENOENT) if create.is_some() => {
-            let new = create.expect("checked");
-            match mkdirat(dir.fd.as_fd(), name, Mode::from_bits_truncate(new.mode)) {
-                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                Err(e) => return Err(describe(e, dir, name)),
-            }
-            let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, dir, name))?;
-            nix::unistd::fchown(fd.as_fd(), Some(new.uid.into()), Some(new.gid.into()))?;
-            // mkdirat's mode went through the umask.
-            nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(new.mode))?;
-            stat_dir(fd)
-        }
+        Err(nix::errno::Errno::ENOENT) if create.is_some() => make_child(dir, name, create.expect("checked")),
         Err(e) => Err(describe(e, dir, name)),
     }
+}
+
+/// Creates the directory `name` in `dir` with `new`'s owner and mode, after an open found it
+/// missing.
+fn make_child(dir: &Dir, name: &OsStr, new: NewDir) -> io::Result<Dir> {
+    match mkdirat(dir.fd.as_fd(), name, Mode::from_bits_truncate(new.mode)) {
+        Ok(()) => {}
+        // Someone else made it between our open and our mkdir: open what is there and let the
+        // caller judge its owner. Chowning it would make a directory the agent planted look
+        // like one root made (the check persist's root_dir relies on).
+        Err(nix::errno::Errno::EEXIST) => {
+            let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, dir, name))?;
+            return stat_dir(fd);
+        }
+        Err(e) => return Err(describe(e, dir, name)),
+    }
+    let fd = openat(dir.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| describe(e, dir, name))?;
+    nix::unistd::fchown(fd.as_fd(), Some(new.uid.into()), Some(new.gid.into()))?;
+    // mkdirat's mode went through the umask.
+    nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(new.mode))?;
+    stat_dir(fd)
 }
 
 /// Gives the opened directory to `uid:gid` with `mode`, through its descriptor.
@@ -107,4 +117,33 @@ pub fn bind_dirs(source: &Dir, target: &Dir) -> io::Result<()> {
     let dst = format!("/proc/self/fd/{}", target.fd.as_raw_fd());
     nix::mount::mount(Some(src.as_str()), dst.as_str(), None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_directory_someone_else_made_in_the_race_window_keeps_its_owner() {
+        let me = nix::unistd::geteuid().as_raw();
+        let tmp = std::env::temp_dir().join(format!("cordon-nofollow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("planted")).unwrap();
+        // As root, the planter is another uid; otherwise it is this test's own uid, and the
+        // chown to root that must not happen would fail with EPERM instead.
+        let planter = if me == 0 { 1000 } else { me };
+        std::os::unix::fs::chown(tmp.join("planted"), Some(planter), Some(planter)).unwrap();
+        let parent = open_abs(&tmp).unwrap();
+        // The agent's mkdir landed between open_child's ENOENT and its mkdirat.
+        let roots = NewDir { uid: 0, gid: 0, mode: 0o755 };
+        let dir = make_child(&parent, OsStr::new("planted"), roots).unwrap();
+        assert_eq!(dir.uid, planter, "the caller sees the planter's uid");
+        assert_eq!(std::fs::metadata(tmp.join("planted")).unwrap().uid(), planter, "not chowned to root");
+        // Positive control: a directory nobody made is created with the owner and mode asked.
+        let mine = NewDir { uid: me, gid: nix::unistd::getegid().as_raw(), mode: 0o750 };
+        let made = open_child(&parent, OsStr::new("new"), Some(mine)).unwrap();
+        assert_eq!((made.uid, made.mode), (me, 0o750));
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 }
