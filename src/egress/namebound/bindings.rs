@@ -342,6 +342,11 @@ mod tests {
     }
 
     #[test]
+    fn a_name_with_one_address_costs_a_56_byte_table_slot_and_its_name() {
+        assert!(std::mem::size_of::<(Arc<str>, Slots)>() <= 56, "{}", std::mem::size_of::<(Arc<str>, Slots)>());
+    }
+
+    #[test]
     fn evicting_one_address_of_a_name_keeps_its_others() {
         let bindings = Bindings::new(3);
         let now = Instant::now();
