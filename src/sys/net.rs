@@ -266,9 +266,12 @@ mod tests {
         // Bounded: loopback delivers at once, but give it a few tries.
         for _ in 0..100 {
             match recv_many(server.as_fd(), &mut bufs, 4, &mut got) {
-                Ok(n) => seen.extend(got[..n].iter().enumerate().map(|(i, r)| {
-                    (bufs[i * 4..i * 4 + r.len].to_vec(), r.from, r.truncated)
-                })),
+                Ok(n) => seen.extend(
+                    got[..n]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (bufs[i * 4..i * 4 + r.len].to_vec(), r.from, r.truncated)),
+                ),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => panic!("recvmmsg: {e}"),
             }

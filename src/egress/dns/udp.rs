@@ -42,9 +42,9 @@ pub(crate) async fn serve(socket: UdpSocket, handler: Arc<Handler>) {
     let mut pending: Vec<(usize, usize, SocketAddr)> = Vec::with_capacity(BATCH);
     loop {
         let n = match socket.readable().await {
-            Ok(()) => match socket.try_io(Interest::READABLE, || {
-                sys::net::recv_many(socket.as_fd(), &mut queries, QUERY_MAX, &mut got)
-            }) {
+            Ok(()) => match socket
+                .try_io(Interest::READABLE, || sys::net::recv_many(socket.as_fd(), &mut queries, QUERY_MAX, &mut got))
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {

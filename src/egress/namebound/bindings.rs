@@ -171,9 +171,10 @@ impl Bindings {
     /// The addresses bound to `name` at `now`, in the order they were first answered.
     pub fn addresses_for(&self, name: &str, now: Instant) -> Vec<IpAddr> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.by_name.get(name).map_or_else(Vec::new, |slots| {
-            slots.as_slice().iter().filter(|s| now < s.until).map(|s| s.ip).collect()
-        })
+        inner
+            .by_name
+            .get(name)
+            .map_or_else(Vec::new, |slots| slots.as_slice().iter().filter(|s| now < s.until).map(|s| s.ip).collect())
     }
 
     /// The names bound to `ip` at `now`, sorted (for `status why ADDRESS`). A scan of every
