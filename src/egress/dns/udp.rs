@@ -1,4 +1,4 @@
-//! cordon's own UDP receive loop, one per `SO_REUSEPORT` socket (one per runtime worker).
+//! cordon's own UDP receive loop, one per runtime worker, all reading the one UDP socket.
 //! Denials and cache hits are answered inline, from the loop's own buffers: no task, no channel,
 //! no allocation. Everything else (a miss, an unusual query) becomes a hickory `Request` handled
 //! by the same [`Handler`] in a task of its own, its response encoded with the client's UDP
