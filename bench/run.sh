@@ -108,11 +108,13 @@ reaper=$(cat /proc/"${pids[1]}"/task/*/children | awk '{print $1}')
 supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do if grep -q supervise /proc/"$p"/cmdline; then echo "$p"; fi; done)
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/"$1"/status; }
 # Where a process's resident memory is, from smaps: the binary and libraries (file-backed), the
-# main heap, the other anonymous mappings (glibc's thread arenas and thread stacks).
+# main heap, the other anonymous mappings (glibc's thread arenas, thread stacks, large
+# allocations mmap'd apart); of the files, cordon's own binary; and the thread count.
 rss_parts() {
-  awk '/^[0-9a-f]+-[0-9a-f]+ / {k = ($6 ~ /^\// ? "files" : ($6 == "[heap]" ? "heap" : ($6 == "[stack]" ? "stack" : "anon")))}
-       /^Rss:/ {r[k] += $2}
-       END {printf "files %.1f, heap %.1f, anon (arenas, thread stacks) %.1f, stack %.1f MiB", r["files"]/1024, r["heap"]/1024, r["anon"]/1024, r["stack"]/1024}' /proc/"$1"/smaps
+  awk '/^[0-9a-f]+-[0-9a-f]+ / {k = ($6 ~ /^\// ? "files" : ($6 == "[heap]" ? "heap" : ($6 == "[stack]" ? "stack" : "anon"))); own = ($6 ~ /\/cordon$/)}
+       /^Rss:/ {r[k] += $2; if (own) o += $2}
+       END {printf "files %.1f (cordon binary %.1f), heap %.1f, anon (arenas, thread stacks, large allocations) %.1f, stack %.1f MiB", r["files"]/1024, o/1024, r["heap"]/1024, r["anon"]/1024, r["stack"]/1024}' /proc/"$1"/smaps
+  printf ", %s threads" "$(ls /proc/"$1"/task | wc -l)"
 }
 dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
 

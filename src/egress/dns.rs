@@ -662,9 +662,10 @@ fn merge(known: &mut Vec<(IpAddr, u32)>, fresh: &[(IpAddr, u32)]) {
     }
 }
 
-/// How many UDP sockets share the listen address. hickory-server runs one receive loop per
-/// socket; with SO_REUSEPORT the kernel spreads queries over the sockets by source address, so
-/// receive loops run in parallel on the runtime's worker threads.
+/// How many receive loops read the UDP socket, in parallel on the runtime's worker threads.
+/// They read one socket (duplicated descriptors), so each takes from the same queue: with one
+/// `SO_REUSEPORT` socket each, the kernel's hash of the client's address put all four of a
+/// benchmark's clients on one socket while the other loop idled (docs/benchmarks.md).
 pub(crate) const UDP_SOCKETS: usize = 2;
 
 /// A UDP socket bound to `addr` with SO_REUSEPORT set, so several can share it.
@@ -691,7 +692,7 @@ impl Sockets {
     }
 }
 
-/// Binds TCP and [`UDP_SOCKETS`] UDP sockets on `addr`.
+/// Binds TCP and UDP on `addr`: the UDP socket as [`UDP_SOCKETS`] descriptors, one per loop.
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
     // The TCP listener first and without SO_REUSEPORT: it fails if anyone holds the address,
     // and the UDP sockets after it cannot be joined by another process's socket either, as
@@ -700,7 +701,9 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
     let tcp = std::net::TcpListener::bind(addr)?;
     tcp.set_nonblocking(true)?;
     let addr = tcp.local_addr()?;
-    let udp = (0..UDP_SOCKETS).map(|_| reuseport_udp(addr)).collect::<std::io::Result<_>>()?;
+    let first = reuseport_udp(addr)?;
+    let mut udp = (1..UDP_SOCKETS).map(|_| first.try_clone()).collect::<std::io::Result<Vec<_>>>()?;
+    udp.push(first);
     Ok(Sockets { tcp, udp })
 }
 

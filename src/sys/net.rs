@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -81,6 +81,149 @@ pub(crate) fn original_destination<F: AsFd>(socket: &F, local: SocketAddr) -> io
     }
 }
 
+/// How many datagrams [`recv_many`] and [`send_many`] move in one system call at most.
+pub(crate) const BATCH: usize = 16;
+
+/// One datagram [`recv_many`] received: its length in its buffer and where it came from (None:
+/// an address family other than IPv4 or IPv6). `truncated`: it was longer than its buffer
+/// (`MSG_TRUNC`), and only the buffer's length of it was kept.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Received {
+    pub(crate) len: usize,
+    pub(crate) from: Option<SocketAddr>,
+    pub(crate) truncated: bool,
+}
+
+/// Receives up to [`BATCH`] datagrams waiting on the UDP socket `fd`, without waiting
+/// (recvmmsg(2) with `MSG_DONTWAIT`): datagram `i` into `bufs.chunks_mut(size).nth(i)`, its
+/// length and source into `got[i]`. Returns how many; `WouldBlock` when none is waiting.
+pub(crate) fn recv_many(
+    fd: BorrowedFd<'_>,
+    bufs: &mut [u8],
+    size: usize,
+    got: &mut [Received; BATCH],
+) -> io::Result<usize> {
+    // SAFETY: all-zero is a valid value of these plain C structs (integers and null pointers).
+    let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
+    let mut n = 0;
+    for (chunk, ((iov, hdr), addr)) in
+        bufs.chunks_exact_mut(size.max(1)).zip(iovs.iter_mut().zip(hdrs.iter_mut()).zip(addrs.iter_mut()))
+    {
+        *iov = libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: chunk.len() };
+        hdr.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+        hdr.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdr.msg_hdr.msg_iov = iov;
+        hdr.msg_hdr.msg_iovlen = 1;
+        n += 1;
+    }
+    // SAFETY: the first `n` headers point at `n` distinct, live chunks of `bufs` (exclusively
+    // borrowed for this call) and at `n` sockaddr_storage of the right length, all outliving
+    // the call; the kernel writes at most `iov_len` and `msg_namelen` bytes into them. Nothing
+    // is kept after the call returns.
+    let got_n = unsafe {
+        libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+    };
+    if got_n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let got_n = got_n as usize;
+    for i in 0..got_n {
+        got[i] = Received {
+            len: (hdrs[i].msg_len as usize).min(size),
+            from: from_storage(&addrs[i], hdrs[i].msg_hdr.msg_namelen),
+            truncated: hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        };
+    }
+    Ok(got_n)
+}
+
+/// Sends `msgs` (at most [`BATCH`]: the rest is left) from the UDP socket `fd` in one system
+/// call, without waiting (sendmmsg(2) with `MSG_DONTWAIT`). Returns how many the kernel took,
+/// from the first: fewer than asked means the next one failed or would block (the error, when
+/// none was taken).
+pub(crate) fn send_many(fd: BorrowedFd<'_>, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
+    // SAFETY: all-zero is a valid value of these plain C structs (integers and null pointers).
+    let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
+    let n = msgs.len().min(BATCH);
+    for i in 0..n {
+        let (bytes, dst) = msgs[i];
+        // The kernel only reads through iov_base on a send; the pointer is *mut by C's type.
+        iovs[i] = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
+        hdrs[i].msg_hdr.msg_namelen = to_storage(dst, &mut addrs[i]);
+        hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+        hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: the first `n` headers point at `n` live iovecs over the callers' byte slices
+    // (only read by the kernel on a send) and at `n` filled sockaddr_storage of the stated
+    // lengths, all outliving the call; the kernel writes only `msg_len` of each header.
+    let sent = unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
+}
+
+/// The IPv4 or IPv6 socket address in `storage` (as recvmmsg filled it, `len` bytes).
+fn from_storage(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match i32::from(storage.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which is smaller than
+            // sockaddr_storage, suitably aligned (storage's alignment is the strictest), and
+            // plain data whatever its bytes.
+            let sin = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6 = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Writes `addr` into `storage` as a sockaddr_in or sockaddr_in6; returns its length.
+fn to_storage(addr: SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_in is smaller than sockaddr_storage, suitably aligned, plain data.
+            let sin = unsafe { &mut *(storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr { s_addr: u32::from(*a.ip()).to_be() };
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6 = unsafe { &mut *(storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+            sin6.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +240,52 @@ mod tests {
             Ok(dst) => assert_eq!(dst, local),
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}"),
         }
+    }
+
+    #[test]
+    fn socket_addresses_survive_the_trip_through_sockaddr_storage() {
+        for text in ["192.0.2.1:53", "[2001:db8::1]:5353"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let len = to_storage(addr, &mut storage);
+            assert_eq!(from_storage(&storage, len), Some(addr));
+        }
+    }
+
+    #[test]
+    fn a_batch_of_datagrams_goes_out_and_comes_back_in_one_call_each() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = server.local_addr().unwrap();
+        let msgs: Vec<(&[u8], SocketAddr)> = vec![(b"one", to), (b"two!", to), (b"three", to)];
+        assert_eq!(send_many(client.as_fd(), &msgs).unwrap(), 3);
+        let mut bufs = vec![0u8; 4 * BATCH];
+        let mut got = [Received::default(); BATCH];
+        let mut seen = Vec::new();
+        // Bounded: loopback delivers at once, but give it a few tries.
+        for _ in 0..100 {
+            match recv_many(server.as_fd(), &mut bufs, 4, &mut got) {
+                Ok(n) => seen.extend(
+                    got[..n]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (bufs[i * 4..i * 4 + r.len].to_vec(), r.from, r.truncated)),
+                ),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("recvmmsg: {e}"),
+            }
+            if seen.len() == 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let from = Some(client.local_addr().unwrap());
+        assert_eq!(
+            seen,
+            [(b"one".to_vec(), from, false), (b"two!".to_vec(), from, false), (b"thre".to_vec(), from, true)]
+        );
+        let none = recv_many(server.as_fd(), &mut bufs, 4, &mut got);
+        assert_eq!(none.unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
 }

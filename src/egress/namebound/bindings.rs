@@ -13,25 +13,80 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Far more (name, address) pairs than an agent's allowlisted names resolve to in an admission
-/// lifetime; about 100 bytes each.
+/// lifetime; about 100 bytes each (a table slot, the name once, an eviction queue entry).
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     ip: IpAddr,
     until: Instant,
-    /// The eviction queue entry that stands for this slot; older entries for it are stale.
-    seq: u64,
+    /// The eviction queue entry that stands for this slot; older entries for it are stale. A
+    /// u32 cannot wrap onto a live stale entry: the queue is compacted every `capacity` pushes.
+    seq: u32,
+}
+
+/// A name's addresses. Most names have one, held inline in the table: no allocation per name
+/// beyond the name itself (a `Vec` would reserve four slots on the first push).
+#[derive(Debug, Clone)]
+enum Slots {
+    One(Slot),
+    Many(Vec<Slot>),
+}
+
+impl Slots {
+    fn as_slice(&self) -> &[Slot] {
+        match self {
+            Slots::One(slot) => std::slice::from_ref(slot),
+            Slots::Many(slots) => slots,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Slot] {
+        match self {
+            Slots::One(slot) => std::slice::from_mut(slot),
+            Slots::Many(slots) => slots,
+        }
+    }
+
+    fn push(&mut self, slot: Slot) {
+        match self {
+            Slots::One(first) => *self = Slots::Many(vec![*first, slot]),
+            Slots::Many(slots) => slots.push(slot),
+        }
+    }
+
+    /// Removes the slot at `at`; true when none is left.
+    fn remove(&mut self, at: usize) -> bool {
+        match self {
+            Slots::One(_) => true,
+            Slots::Many(slots) => {
+                slots.swap_remove(at);
+                if let [only] = slots[..] {
+                    *self = Slots::One(only);
+                }
+                slots_empty(self)
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+}
+
+fn slots_empty(slots: &Slots) -> bool {
+    matches!(slots, Slots::Many(v) if v.is_empty())
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_name: HashMap<Arc<str>, Vec<Slot>>,
+    /// The name is allocated once, shared by its table key and its queue entries.
+    by_name: HashMap<Arc<str>, Slots>,
     /// Oldest first: (name, address, seq). Entries whose seq no longer matches a slot are stale
     /// and skipped; the queue is compacted when stale entries pile up.
-    queue: VecDeque<(Arc<str>, IpAddr, u64)>,
+    queue: VecDeque<(Arc<str>, IpAddr, u32)>,
     len: usize,
-    next_seq: u64,
+    next_seq: u32,
 }
 
 /// Name to address bindings from cordon's DNS answers. Shared between the DNS server and the
@@ -62,7 +117,7 @@ impl Bindings {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
         if let Some(slots) = inner.by_name.get_mut(name)
-            && let Some(slot) = slots.iter_mut().find(|slot| slot.ip == ip)
+            && let Some(slot) = slots.as_mut_slice().iter_mut().find(|slot| slot.ip == ip)
         {
             if until <= slot.until {
                 return;
@@ -71,7 +126,7 @@ impl Bindings {
             let extension = until.saturating_duration_since(now);
             slot.until = until;
             if remaining < extension / 2 {
-                inner.next_seq += 1;
+                inner.next_seq = inner.next_seq.wrapping_add(1);
                 slot.seq = inner.next_seq;
                 let key =
                     inner.by_name.get_key_value(name).map(|(key, _)| Arc::clone(key)).expect("the name was just found");
@@ -85,14 +140,20 @@ impl Bindings {
                 break;
             }
         }
-        inner.next_seq += 1;
-        let seq = inner.next_seq;
-        let key: Arc<str> = match inner.by_name.get_key_value(name) {
-            Some((key, _)) => Arc::clone(key),
-            None => Arc::from(name),
+        inner.next_seq = inner.next_seq.wrapping_add(1);
+        let slot = Slot { ip, until, seq: inner.next_seq };
+        let key: Arc<str> = match inner.by_name.get_mut(name) {
+            Some(slots) => {
+                slots.push(slot);
+                inner.by_name.get_key_value(name).map(|(key, _)| Arc::clone(key)).expect("the name was just found")
+            }
+            None => {
+                let key: Arc<str> = Arc::from(name);
+                inner.by_name.insert(Arc::clone(&key), Slots::One(slot));
+                key
+            }
         };
-        inner.by_name.entry(Arc::clone(&key)).or_default().push(Slot { ip, until, seq });
-        inner.queue.push_back((key, ip, seq));
+        inner.queue.push_back((key, ip, slot.seq));
         inner.len += 1;
         self.compact(inner);
     }
@@ -101,7 +162,10 @@ impl Bindings {
     /// and that answer is still within its admission lifetime at `now`.
     pub fn is_bound(&self, name: &str, ip: IpAddr, now: Instant) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.by_name.get(name).is_some_and(|slots| slots.iter().any(|slot| slot.ip == ip && now < slot.until))
+        inner
+            .by_name
+            .get(name)
+            .is_some_and(|slots| slots.as_slice().iter().any(|slot| slot.ip == ip && now < slot.until))
     }
 
     /// The addresses bound to `name` at `now`, in the order they were first answered.
@@ -110,7 +174,7 @@ impl Bindings {
         inner
             .by_name
             .get(name)
-            .map_or_else(Vec::new, |slots| slots.iter().filter(|s| now < s.until).map(|s| s.ip).collect())
+            .map_or_else(Vec::new, |slots| slots.as_slice().iter().filter(|s| now < s.until).map(|s| s.ip).collect())
     }
 
     /// The names bound to `ip` at `now`, sorted (for `status why ADDRESS`). A scan of every
@@ -120,7 +184,7 @@ impl Bindings {
         let mut names: Vec<String> = inner
             .by_name
             .iter()
-            .filter(|(_, slots)| slots.iter().any(|s| s.ip == ip && now < s.until))
+            .filter(|(_, slots)| slots.as_slice().iter().any(|s| s.ip == ip && now < s.until))
             .map(|(name, _)| name.to_string())
             .collect();
         names.sort();
@@ -159,7 +223,7 @@ impl Bindings {
         }
         let by_name = &inner.by_name;
         inner.queue.retain(|(name, ip, seq)| {
-            by_name.get(name).is_some_and(|slots| slots.iter().any(|s| s.ip == *ip && s.seq == *seq))
+            by_name.get(name).is_some_and(|slots| slots.as_slice().iter().any(|s| s.ip == *ip && s.seq == *seq))
         });
     }
 }
@@ -170,11 +234,10 @@ fn evict_oldest(inner: &mut Inner) -> bool {
         let Some(slots) = inner.by_name.get_mut(&name) else {
             continue;
         };
-        let Some(at) = slots.iter().position(|s| s.ip == ip && s.seq == seq) else {
+        let Some(at) = slots.as_slice().iter().position(|s| s.ip == ip && s.seq == seq) else {
             continue;
         };
-        slots.swap_remove(at);
-        if slots.is_empty() {
+        if slots.remove(at) {
             inner.by_name.remove(&name);
         }
         inner.len -= 1;
@@ -280,6 +343,29 @@ mod tests {
     }
 
     #[test]
+    fn a_name_with_one_address_costs_a_56_byte_table_slot_and_its_name() {
+        assert!(std::mem::size_of::<(Arc<str>, Slots)>() <= 56, "{}", std::mem::size_of::<(Arc<str>, Slots)>());
+    }
+
+    #[test]
+    fn evicting_one_address_of_a_name_keeps_its_others() {
+        let bindings = Bindings::new(3);
+        let now = Instant::now();
+        let until = now + Duration::from_secs(60);
+        for last in 1..=3 {
+            bindings.bind("multi.example", ip(&format!("192.0.2.{last}")), until, now);
+        }
+        bindings.bind("other.example", ip("198.51.100.1"), until, now);
+        bindings.bind("third.example", ip("198.51.100.2"), until, now);
+        assert_eq!(bindings.len(), 3);
+        assert_eq!(bindings.addresses_for("multi.example", now), [ip("192.0.2.3")]);
+        bindings.bind("fourth.example", ip("198.51.100.3"), until, now);
+        assert!(!bindings.is_bound("multi.example", ip("192.0.2.3"), now));
+        assert!(bindings.is_bound("third.example", ip("198.51.100.2"), now));
+        assert!(bindings.is_bound("fourth.example", ip("198.51.100.3"), now));
+    }
+
+    #[test]
     fn memory_stays_bounded_under_endless_refreshes_and_new_names() {
         let bindings = Bindings::new(100);
         let mut now = Instant::now();
@@ -291,6 +377,6 @@ mod tests {
         let inner = bindings.inner.lock().unwrap();
         assert_eq!(inner.len, 100);
         assert!(inner.queue.len() <= 2 * 100 + 16 + 1);
-        assert_eq!(inner.by_name.values().map(Vec::len).sum::<usize>(), 100);
+        assert_eq!(inner.by_name.values().map(Slots::len).sum::<usize>(), 100);
     }
 }
