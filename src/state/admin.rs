@@ -114,10 +114,14 @@ async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Res
     let who = who_peer(cred.uid(), cred.pid());
     let (read, mut write) = stream.into_split();
     let egress = live.egress.get().cloned();
-    let reply = if cred.uid() != 0 {
-        // Refused on the credentials alone: nothing another uid sends is read, parsed or
-        // logged, so the attempt costs root no more than the peer's uid and pid.
-        drop(read);
+    let refused = cred.uid() != 0;
+    let mut unread = None;
+    let reply = if refused {
+        // Refused on the credentials alone: nothing another uid sends is parsed or logged, so
+        // the attempt costs root no more than the peer's uid and pid. What it sent is drained
+        // unseen after the answer (below): a socket closed with unread data resets the
+        // connection, and the peer could lose the answer.
+        unread = Some(read);
         let message = format!("permission denied: only root may change the egress policy ({who} asked)");
         if let Some(egress) = &egress {
             tracing::warn!(who, "refused a policy request from a uid other than root (not read)");
@@ -150,7 +154,14 @@ async fn answer(stream: tokio::net::UnixStream, live: Arc<Live>) -> std::io::Res
     };
     write.write_all(reply.to_string().as_bytes()).await?;
     write.write_all(b"\n").await?;
-    write.shutdown().await
+    write.shutdown().await?;
+    if let Some(read) = unread {
+        let mut sink = tokio::io::sink();
+        let mut unseen = read.take(MAX_REQUEST as u64);
+        let drain = tokio::io::copy(&mut unseen, &mut sink);
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    }
+    Ok(())
 }
 
 /// The suggested allowlist from what observe mode recorded and the entries in force.
