@@ -96,11 +96,16 @@ fn long_connection(c: &Cordon, host: &str, marker: &str, secs: u32) -> std::thre
            sleep 0.05; \
          done; echo two >&3; read -t 3 l <&3; echo \"$l\"; echo alive"
     );
+    in_background_as_agent(c, vec!["/bin/bash".into(), "-c".into(), script])
+}
+
+/// `argv` run as the agent inside cordon's namespaces, on a thread: its stdout and stderr.
+fn in_background_as_agent(c: &Cordon, argv: Vec<String>) -> std::thread::JoinHandle<String> {
     let ns = c.ns_init();
     std::thread::spawn(move || {
         let out = std::process::Command::new("nsenter")
-            .args(["-t", &ns.to_string(), "-p", "-m", "-u", "-n", "-S", "4242", "-G", "4242", "--", "/bin/bash", "-c"])
-            .arg(&script)
+            .args(["-t", &ns.to_string(), "-p", "-m", "-u", "-n", "-S", "4242", "-G", "4242", "--"])
+            .args(&argv)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .output()
@@ -217,15 +222,8 @@ fn an_answer_in_flight_during_a_deny_does_not_put_back_what_the_deny_took_away()
 
     // The agent asks for the name; upstream's answer is held on its way back.
     dns.hold(true);
-    let ns = c.ns_init();
-    let asking = std::thread::spawn(move || {
-        let out = std::process::Command::new("nsenter")
-            .args(["-t", &ns.to_string(), "-p", "-m", "-u", "-n", "-S", "4242", "-G", "4242", "--"])
-            .args(["dig", "+tries=1", "+time=8", "@127.0.0.53", "api.example.com", "A"])
-            .output()
-            .expect("nsenter dig");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    });
+    let query = ["dig", "+tries=1", "+time=8", "@127.0.0.53", "api.example.com", "A"];
+    let asking = in_background_as_agent(&c, query.map(String::from).to_vec());
     harness::wait_until("the query to reach upstream", Duration::from_secs(5), || {
         dns.queries().iter().any(|q| q.starts_with("api.example.com")).then_some(())
     });

@@ -539,8 +539,9 @@ impl Handler {
         let (query, len) = wire::parse_query(packet, &mut text)?;
         let name = std::str::from_utf8(&text[..len]).ok()?;
         let allowlist = self.policy.allowlist();
-        // Observe mode's names take the full path, which decides (and records) them once.
-        if allowlist.lookup(name).is_none() && self.policy.observe_quiet(name).is_some() {
+        // Observe mode's names take the full path, which decides (and records) them once; the
+        // mode is checked first, so enforce mode pays no second lookup here.
+        if self.policy.observe_quiet(name).is_some() && allowlist.lookup(name).is_none() {
             return None;
         }
         match self.decide(&allowlist, name, RecordType::from(query.qtype), None) {

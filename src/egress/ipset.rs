@@ -7,7 +7,7 @@ use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::sys::net::NetfilterSocket;
+use crate::sys::net::{NetfilterSocket, netlink_attr as attr};
 
 const NFNL_SUBSYS_IPSET: u16 = 6;
 const IPSET_CMD_ADD: u16 = 9;
@@ -30,15 +30,6 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 /// ipset's own error numbers start here (`IPSET_ERR_PRIVATE`).
 const IPSET_ERR_PRIVATE: i32 = 4096;
-
-/// Appends one netlink attribute (type, payload), padded to 4 bytes.
-fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
 
 /// Builds an add (with a timeout) or delete request for `ip` in `set`.
 pub fn request(command: u16, seq: u32, set: &str, ip: IpAddr, timeout_secs: Option<u32>) -> Vec<u8> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::egress::journal::{Journal, Reason, Refused};
 use crate::egress::namebound::bindings::Bindings;
 use crate::service::Service;
-use crate::sys::net::NetfilterSocket;
+use crate::sys::net::{NetfilterSocket, netlink_attr as attr};
 
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
@@ -47,15 +47,6 @@ pub const GROUP: u16 = 7710;
 /// Bytes of each packet the kernel copies: an IPv6 header (40) with a few extension headers and
 /// the TCP or UDP ports fit; nothing of the payload's data is needed.
 pub const COPY_RANGE: u32 = 128;
-
-/// Appends one netlink attribute (type, payload), padded to 4 bytes.
-fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
 
 /// One configuration request for `group` (`nfgenmsg.res_id`, big-endian) with `attrs`.
 fn config(seq: u32, group: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {

@@ -58,21 +58,7 @@ pub(crate) fn bind(state_dir: &Path) -> std::io::Result<tokio::net::UnixListener
 
 /// Serves requests on `listener` until the service is stopped.
 pub(crate) fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) -> crate::service::Service {
-    crate::service::Service::spawn("admin", move |mut stop| async move {
-        loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => continue,
-                },
-                () = stop.requested() => return,
-            };
-            let live = live.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(TIMEOUT, answer(stream, live)).await;
-            });
-        }
-    })
+    crate::state::control::serve_connections("admin", listener, live, TIMEOUT, answer)
 }
 
 /// A request, parsed: a change, or `suggest`.

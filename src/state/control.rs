@@ -63,7 +63,24 @@ pub(crate) fn grant(state_dir: &Path, gid: u32) -> std::io::Result<()> {
 
 /// Serves requests on `listener` (bound by [`bind`]) until the service is stopped.
 pub(crate) fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) -> crate::service::Service {
-    crate::service::Service::spawn("control", move |mut stop| async move {
+    serve_connections("control", listener, live, TIMEOUT, answer)
+}
+
+/// The service `name`: every connection accepted on `listener` is answered by `answer` in a
+/// task of its own, given at most `timeout`, until the service is stopped. The control and
+/// admin sockets' loop.
+pub(crate) fn serve_connections<F, Fut>(
+    name: &'static str,
+    listener: tokio::net::UnixListener,
+    live: Arc<Live>,
+    timeout: Duration,
+    answer: F,
+) -> crate::service::Service
+where
+    F: Fn(tokio::net::UnixStream, Arc<Live>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    crate::service::Service::spawn(name, move |mut stop| async move {
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -72,9 +89,9 @@ pub(crate) fn serve(listener: tokio::net::UnixListener, live: Arc<Live>) -> crat
                 },
                 () = stop.requested() => return,
             };
-            let live = live.clone();
+            let answered = answer(stream, live.clone());
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(TIMEOUT, answer(stream, live)).await;
+                let _ = tokio::time::timeout(timeout, answered).await;
             });
         }
     })

@@ -56,6 +56,16 @@ impl NetfilterSocket {
     }
 }
 
+/// Appends one netlink attribute (type, payload), padded to 4 bytes (`linux/netlink.h`,
+/// `NLA_ALIGN`): how the ipset and packet-log requests are built.
+pub(crate) fn netlink_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
 /// The original destination of a connection accepted on a REDIRECT target. `local` is the
 /// accepted socket's own address and says which family to ask for. On a connection that was not
 /// redirected the kernel returns the socket's own local address (or ENOENT without conntrack).
