@@ -162,6 +162,14 @@ async fn supervise_with(source: ConfigSource, env: BTreeMap<String, String>, ser
         AgentState { pid: handle.pid().map(|p| p as u32), running: true, restarts: 0, last_exit: None, idle: None };
     report.set_agent(state.clone());
     report.ready();
+    // The boot is over: its code (clap, TOML, mounts, the firewall, the clone) need not stay
+    // mapped. What the services run comes back on first use (sys::memory; docs/benchmarks.md).
+    match sys::memory::release_own_code() {
+        Ok(released) => {
+            tracing::debug!(mappings = released.mappings, kib = released.kib, "gave back the boot's resident code")
+        }
+        Err(e) => tracing::debug!("cannot give back the boot's resident code: {e}"),
+    }
 
     // Idle stop (supervisor.idle_stop; see idle.rs): a sample now and then, shown in `status`.
     let tmux = match &handle {

@@ -3,6 +3,7 @@
 
 pub(crate) mod command;
 pub mod effects;
+pub(crate) mod memory;
 pub(crate) mod net;
 pub mod nofollow;
 
