@@ -15,13 +15,16 @@ use std::time::Instant;
 use compact_str::CompactString;
 
 /// Far more (name, address) pairs than an agent's allowlisted names resolve to in an admission
-/// lifetime; about 100 bytes each (a table slot with the name, an eviction queue entry).
+/// lifetime; about 90 bytes each (a 56-byte table slot with the name, a 32-byte eviction queue
+/// entry) and the tables' spare room.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     ip: IpAddr,
-    until: Instant,
+    /// When it ends, in whole seconds since the table's `epoch`, rounded down (and `now` too,
+    /// when compared): a binding may end up to a second early, never late.
+    until: u32,
     /// The eviction queue entry that stands for this slot; older entries for it are stale. A
     /// u32 cannot wrap onto a live stale entry: the queue is compacted every `capacity` pushes.
     seq: u32,
@@ -86,9 +89,10 @@ struct Inner {
     /// no allocation per name, so 10,000s of bindings leave no small blocks scattered through
     /// the heap between the DNS path's short-lived ones. A longer one is allocated per copy.
     by_name: HashMap<CompactString, Slots>,
-    /// Oldest first: (name, address, seq). Entries whose seq no longer matches a slot are stale
-    /// and skipped; the queue is compacted when stale entries pile up.
-    queue: VecDeque<(CompactString, IpAddr, u32)>,
+    /// Oldest first: (name, seq); the seq alone tells the name's slot. Entries whose seq no
+    /// longer matches a slot are stale and skipped; the queue is compacted when stale entries
+    /// pile up.
+    queue: VecDeque<(CompactString, u32)>,
     len: usize,
     next_seq: u32,
 }
@@ -99,11 +103,18 @@ struct Inner {
 pub struct Bindings {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// What `Slot::until` counts from.
+    epoch: Instant,
 }
 
 impl Bindings {
     pub fn new(capacity: usize) -> Self {
-        Bindings { inner: Mutex::new(Inner::default()), capacity: capacity.max(1) }
+        Bindings { inner: Mutex::new(Inner::default()), capacity: capacity.max(1), epoch: Instant::now() }
+    }
+
+    /// `at` as whole seconds since the epoch, rounded down (saturating: u32 seconds is 136 years).
+    fn secs(&self, at: Instant) -> u32 {
+        u32::try_from(at.saturating_duration_since(self.epoch).as_secs()).unwrap_or(u32::MAX)
     }
 
     /// Records that cordon's DNS answered `name` with `ip`, valid until `until`. Already bound
@@ -118,6 +129,7 @@ impl Bindings {
             canonical = canonicalize(name);
             &canonical
         };
+        let (until, now) = (self.secs(until), self.secs(now));
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
         if let Some(slots) = inner.by_name.get_mut(name)
@@ -126,15 +138,15 @@ impl Bindings {
             if until <= slot.until {
                 return;
             }
-            let remaining = slot.until.saturating_duration_since(now);
-            let extension = until.saturating_duration_since(now);
+            let remaining = slot.until.saturating_sub(now);
+            let extension = until.saturating_sub(now);
             slot.until = until;
             if remaining < extension / 2 {
                 inner.next_seq = inner.next_seq.wrapping_add(1);
                 slot.seq = inner.next_seq;
                 let key =
                     inner.by_name.get_key_value(name).map(|(key, _)| key.clone()).expect("the name was just found");
-                inner.queue.push_back((key, ip, inner.next_seq));
+                inner.queue.push_back((key, inner.next_seq));
                 self.compact(inner);
             }
             return;
@@ -157,7 +169,7 @@ impl Bindings {
                 key
             }
         };
-        inner.queue.push_back((key, ip, slot.seq));
+        inner.queue.push_back((key, slot.seq));
         inner.len += 1;
         self.compact(inner);
     }
@@ -165,6 +177,7 @@ impl Bindings {
     /// Whether cordon's DNS answered `name` (canonical: lowercase, no trailing dot) with `ip`
     /// and that answer is still within its admission lifetime at `now`.
     pub fn is_bound(&self, name: &str, ip: IpAddr, now: Instant) -> bool {
+        let now = self.secs(now);
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner
             .by_name
@@ -174,6 +187,7 @@ impl Bindings {
 
     /// The addresses bound to `name` at `now`, in the order they were first answered.
     pub fn addresses_for(&self, name: &str, now: Instant) -> Vec<IpAddr> {
+        let now = self.secs(now);
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner
             .by_name
@@ -184,6 +198,7 @@ impl Bindings {
     /// The names bound to `ip` at `now`, sorted (for `status why ADDRESS`). A scan of every
     /// binding: for a person's question, never on a connection's path.
     pub fn names_for(&self, ip: IpAddr, now: Instant) -> Vec<String> {
+        let now = self.secs(now);
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<String> = inner
             .by_name
@@ -226,19 +241,19 @@ impl Bindings {
             return;
         }
         let by_name = &inner.by_name;
-        inner.queue.retain(|(name, ip, seq)| {
-            by_name.get(name).is_some_and(|slots| slots.as_slice().iter().any(|s| s.ip == *ip && s.seq == *seq))
+        inner.queue.retain(|(name, seq)| {
+            by_name.get(name).is_some_and(|slots| slots.as_slice().iter().any(|s| s.seq == *seq))
         });
     }
 }
 
 /// Removes the binding at the old end of the queue. False when nothing is left to evict.
 fn evict_oldest(inner: &mut Inner) -> bool {
-    while let Some((name, ip, seq)) = inner.queue.pop_front() {
+    while let Some((name, seq)) = inner.queue.pop_front() {
         let Some(slots) = inner.by_name.get_mut(&name) else {
             continue;
         };
-        let Some(at) = slots.as_slice().iter().position(|s| s.ip == ip && s.seq == seq) else {
+        let Some(at) = slots.as_slice().iter().position(|s| s.seq == seq) else {
             continue;
         };
         if slots.remove(at) {
@@ -315,6 +330,19 @@ mod tests {
     }
 
     #[test]
+    fn a_binding_may_end_a_second_early_never_late() {
+        let bindings = Bindings::new(4);
+        let now = Instant::now();
+        let a = ip("192.0.2.1");
+        let until = now + Duration::from_millis(2500);
+        bindings.bind("a.example", a, until, now);
+        assert!(bindings.is_bound("a.example", a, now + Duration::from_millis(1000)));
+        assert!(!bindings.is_bound("a.example", a, until));
+        assert!(!bindings.is_bound("a.example", a, until + Duration::from_millis(1)));
+        assert!(bindings.addresses_for("a.example", until).is_empty());
+    }
+
+    #[test]
     fn rebinding_extends_and_never_shortens() {
         let bindings = Bindings::new(16);
         let now = Instant::now();
@@ -349,7 +377,9 @@ mod tests {
     #[test]
     fn a_short_name_with_one_address_costs_a_table_slot_and_nothing_else() {
         let size = std::mem::size_of::<(CompactString, Slots)>();
-        assert!(size <= 64, "{size}");
+        assert!(size <= 56, "{size}");
+        let queued = std::mem::size_of::<(CompactString, u32)>();
+        assert!(queued <= 32, "{queued}");
         assert!(!CompactString::from("files.pythonhosted.org").is_heap_allocated());
         assert!(CompactString::from("a123456789.b123456789.com").is_heap_allocated(), "25 bytes are not inline");
     }
