@@ -3,17 +3,29 @@
 # namespaces (nothing leaves this machine). Both forward the same 1,000-entry allowlist to the
 # same synthetic upstream and put the answered addresses into ipset sets; dnsperf sends the
 # same query files to each. Prints a markdown report; see docs/benchmarks.md.
-#   sudo bash bench/run.sh [seconds-per-run] [--perf]   (12 runs of that length plus ~1 minute)
+#   sudo bash bench/run.sh [seconds-per-run] [--perf] [--pin]   (12 runs of that length plus ~1 minute)
 # --perf also records cordon's supervisor (perf record -g) during each of its runs and prints
 # the top of each profile.
+# Each row also gives each server's CPU time (user + system, every thread) per query answered.
+# --pin runs the client and the servers on separate CPUs (taskset): dnsperf on CPU 0 (and any
+# beyond the second), each server, all its threads, on CPU 1, instead of leaving them all to
+# the scheduler.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (namespaces, ipset)" >&2; exit 1; }
 for tool in dnsperf dnsmasq ipset iptables-restore; do
   command -v "$tool" >/dev/null || { echo "bench: needs $tool (apt-get install dnsperf dnsmasq-base ipset iptables)" >&2; exit 1; }
 done
-secs=10; profile=false
-for arg in "$@"; do case $arg in --perf) profile=true ;; *) secs=$arg ;; esac; done
+secs=10; profile=false; pin=false
+for arg in "$@"; do case $arg in --perf) profile=true ;; --pin) pin=true ;; *) secs=$arg ;; esac; done
+if $pin && [ "$(nproc)" -lt 2 ]; then echo "bench: --pin needs 2 CPUs" >&2; exit 1; fi
+if $pin; then
+  command -v taskset >/dev/null || { echo "bench: needs taskset (apt-get install util-linux)" >&2; exit 1; }
+  server_cpu=1; client_cpus=0; [ "$(nproc)" -gt 2 ] && client_cpus="0,2-$(( $(nproc) - 1 ))"
+  client=(taskset -c "$client_cpus")
+else
+  client=()
+fi
 $profile && { command -v perf >/dev/null || { echo "bench: --perf needs perf (apt-get install linux-perf)" >&2; exit 1; }; }
 cargo build --release --quiet --bin cordon --examples
 bin=$PWD/target/release
@@ -80,29 +92,33 @@ for i in $(seq 1 10000); do echo "n$i.bench.test AAAA"; done > "$dir/unique.txt"
 # The flood: 200,000 distinct denied names (each server's denial bookkeeping must stay bounded).
 awk 'BEGIN {for (i = 1; i <= 200000; i++) printf "f%d.flood.test A\n", i}' > "$dir/flood.txt"
 
-measure() { # server queryfile clients -> "qps avg_latency_ms"
-  timeout $((secs + 30)) ip netns exec "$inner" dnsperf -s "$1" -d "$2" -l "$secs" -c "$3" -q $((25 * $3)) 2>&1 |
-    awk '/Queries per second/ {q=$4} /Average Latency/ {l=$4*1000} END {printf "%.0f %.3f", q, l}'
+cpu_ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; } # utime + stime, every thread
+measure() { # server queryfile clients server_pid -> "qps avg_latency_ms cpu_us_per_query"
+  local before out
+  before=$(cpu_ticks "$4")
+  out=$(timeout $((secs + 30)) ip netns exec "$inner" "${client[@]}" dnsperf -s "$1" -d "$2" -l "$secs" -c "$3" -q $((25 * $3)) 2>&1)
+  awk -v t0="$before" -v t1="$(cpu_ticks "$4")" -v hz="$(getconf CLK_TCK)" '/Queries completed/ {n=$3} /Queries per second/ {q=$4} /Average Latency/ {l=$4*1000}
+    END {printf "%.0f %.3f %.1f", q, l, (n > 0 ? (t1 - t0) / hz * 1e6 / n : 0)}' <<<"$out"
 }
 row() { # label queryfile clients: one table row, cordon then dnsmasq on the same file
-  local cq cl dq dl ratio perf_pid data
+  local cq cl cc dq dl dc ratio perf_pid data
   if $profile; then
     data="$dir/perf-$(basename "$2" .txt)-c$3.data"
     perf record -g -o "$data" -p "$supervisor" >/dev/null 2>&1 & perf_pid=$!
   fi
-  read -r cq cl <<<"$(measure 127.0.0.53 "$2" "$3")"
+  read -r cq cl cc <<<"$(measure 127.0.0.53 "$2" "$3" "$supervisor")"
   if $profile; then
     kill -INT "$perf_pid"; wait "$perf_pid" || true
     { echo "== $1, -c $3: cordon's supervisor, self time by object and symbol (top 25)"
       perf report -i "$data" --stdio --no-children -g none --sort dso,sym 2>/dev/null | grep "%" | awk "NR <= 25" || true
     } >> "$dir/perf.txt"
   fi
-  read -r dq dl <<<"$(measure 127.0.0.54 "$2" "$3")"
+  read -r dq dl dc <<<"$(measure 127.0.0.54 "$2" "$3" "$dnsmasq_pid")"
   ratio=$(awk -v a="$cq" -v b="$dq" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')
-  echo "| $1 | -c $3 | $cq | $dq | $ratio | ${cl} ms | ${dl} ms |"
+  echo "| $1 | -c $3 | $cq | $dq | $ratio | ${cl} ms | ${dl} ms | $cc µs | $dc µs |"
 }
 # Warm both caches with the allowed names.
-for s in 127.0.0.53 127.0.0.54; do timeout 60 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/allowed.txt" -n 1 >/dev/null 2>&1; done
+for s in 127.0.0.53 127.0.0.54; do timeout 60 ip netns exec "$inner" "${client[@]}" dnsperf -s "$s" -d "$dir/allowed.txt" -n 1 >/dev/null 2>&1; done
 
 reaper=$(cat /proc/"${pids[1]}"/task/*/children | awk '{print $1}')
 supervisor=$(for p in $(cat /proc/"$reaper"/task/*/children); do if grep -q supervise /proc/"$p"/cmdline; then echo "$p"; fi; done)
@@ -117,18 +133,26 @@ rss_parts() {
   printf ", %s threads" "$(ls /proc/"$1"/task | wc -l)"
 }
 dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
+if $pin; then
+  # Every thread of each server, and those it starts later (they inherit it).
+  taskset -a -p -c "$server_cpu" "$supervisor" >/dev/null
+  taskset -a -p -c "$server_cpu" "$dnsmasq_pid" >/dev/null
+  echo "CPUs: dnsperf on $client_cpus, each server on $server_cpu (--pin)"
+else
+  echo "CPUs: shared by dnsperf and the servers ($(nproc))"
+fi
 
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency |"
-echo "|---|---|---|---|---|---|---|"
+echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency | cordon CPU per query | dnsmasq CPU per query |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for c in 4 8; do
   row "allowed, from cache" "$dir/allowed.txt" "$c"
   row "denied" "$dir/denied.txt" "$c"
 done
 
 # Memory with 1,000 allowlist entries and 10,000 admitted addresses.
-for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/unique.txt" -n 1 -q 50 >/dev/null 2>&1; done
+for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" "${client[@]}" dnsperf -s "$s" -d "$dir/unique.txt" -n 1 -q 50 >/dev/null 2>&1; done
 rss_admitted=$(rss "$supervisor"); dm_rss_admitted=$(rss "$dnsmasq_pid")
 parts_admitted=$(rss_parts "$supervisor")
 admitted=$(ip netns exec "$inner" ipset list cordon6 | grep -c timeout || true)
@@ -137,7 +161,7 @@ dm_admitted=$(ip netns exec "$inner" ipset list dm6 | grep -c timeout || true)
 # The unique-name flood: every query a denied name not seen before (until the file wraps), then
 # one full pass so each server has seen all 200,000.
 for c in 4 8; do row "unique denied names (flood)" "$dir/flood.txt" "$c"; done
-for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" dnsperf -s "$s" -d "$dir/flood.txt" -n 1 -c 4 -q 100 >/dev/null 2>&1; done
+for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" "${client[@]}" dnsperf -s "$s" -d "$dir/flood.txt" -n 1 -c 4 -q 100 >/dev/null 2>&1; done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| memory | cordon (supervisor) | dnsmasq |"
