@@ -74,6 +74,9 @@ fn executable_segments() -> Vec<Segment> {
         // SAFETY: dl_iterate_phdr passes a valid `dl_phdr_info` for the duration of the call,
         // and `data` is the `Vec` below, borrowed by nothing else while it runs.
         let (info, out) = unsafe { (&*info, &mut *data.cast::<Vec<Segment>>()) };
+        if info.dlpi_phdr.is_null() {
+            return 1;
+        }
         // SAFETY: `dlpi_phdr` points at `dlpi_phnum` program headers, per dl_iterate_phdr(3).
         let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
         for h in headers.iter().filter(|h| h.p_type == libc::PT_LOAD || h.p_type == libc::PT_GNU_RELRO) {
@@ -96,15 +99,19 @@ fn executable_segments() -> Vec<Segment> {
 /// or swapped, not locked.
 fn droppable(smaps: &str, exe: &Path, segments: &[Segment], page: usize) -> Vec<(Range<usize>, u64)> {
     let exe = exe.as_os_str().to_string_lossy();
-    let paged = |s: &Segment| s.range.start / page * page..s.range.end.div_ceil(page) * page;
+    // Rounded out to whole pages; a range that cannot be (at the top of the address space)
+    // becomes everything, so it can only exclude more.
+    let paged = |s: &Segment| {
+        s.range.end.div_ceil(page).checked_mul(page).map_or(0..usize::MAX, |end| s.range.start / page * page..end)
+    };
     let in_code = |m: &Range<usize>| {
         segments.iter().filter(|s| !s.writable).map(paged).any(|s| s.start <= m.start && m.end <= s.end)
             && segments.iter().filter(|s| s.writable).map(paged).all(|w| m.end <= w.start || w.end <= m.start)
     };
     let mut found = Vec::new();
-    // The mapping being read, if it is a candidate: its range, Rss, and whether a copied or
-    // locked page has been seen.
-    let mut current: Option<(Range<usize>, u64, bool)> = None;
+    // The mapping being read, if it is a candidate: its range, Rss, whether a copied page has
+    // been seen, and how many of the two fields that say so (Anonymous, Swap) were read.
+    let mut current: Option<(Range<usize>, u64, bool, u8)> = None;
     for line in smaps.lines() {
         if let Some(header) = mapping_header(line) {
             current = header
@@ -115,17 +122,18 @@ fn droppable(smaps: &str, exe: &Path, segments: &[Segment], page: usize) -> Vec<
                         && h.perms.ends_with('p')
                 })
                 .filter(|h| in_code(&h.range))
-                .map(|h| (h.range, 0, false));
+                .map(|h| (h.range, 0, false, 0));
             continue;
         }
-        let Some((range, rss, copied)) = current.as_mut() else { continue };
+        let Some((range, rss, copied, seen)) = current.as_mut() else { continue };
         if let Some(kib) = field_kib(line, "Rss:") {
             *rss = kib;
         } else if let Some(kib) = field_kib(line, "Anonymous:").or_else(|| field_kib(line, "Swap:")) {
             *copied |= kib != 0;
+            *seen += 1;
         } else if let Some(flags) = line.strip_prefix("VmFlags:") {
             // The mapping's last line: complete here.
-            if !*copied && !flags.split_whitespace().any(|f| f == "lo") {
+            if !*copied && *seen == 2 && !flags.split_whitespace().any(|f| f == "lo") {
                 found.push((range.clone(), *rss));
             }
             current = None;
@@ -254,6 +262,9 @@ VmFlags: rd ex mr mw me sd
         assert!(droppable(SMAPS, Path::new("/usr/bin/cordon"), &segments(), 4096).is_empty());
         assert!(droppable(SMAPS, Path::new(EXE), &[], 4096).is_empty());
         assert!(found("garbage\nRss: 4 kB\nAnonymous: 0 kB\nVmFlags: rd\n").is_empty());
+        // Without its Swap line, a mapping's copies are not known to be none.
+        let no_swap = SMAPS.replacen("Swap:                  0 kB\n", "", 1);
+        assert_eq!(found(&no_swap), vec![(0x555670b75000..0x555670ff5000, 4160)]);
         // A mapping whose last line never comes (a truncated read) is not dropped.
         let truncated = "555670b75000-555670ff5000 r-xp 0011a000 fe:00 5799959 /usr/local/bin/cordon\nRss: 4160 kB\nAnonymous: 0 kB\n";
         assert!(found(truncated).is_empty());
