@@ -5,13 +5,13 @@
 //! an address and until when.
 
 use std::collections::HashMap;
-
-use compact_str::CompactString;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+
+use compact_str::CompactString;
 
 use crate::config::Cidr;
 use crate::config::allowlist::Reach;
@@ -100,8 +100,7 @@ type Key = (IpAddr, SetOf);
 /// of them.
 struct Entry {
     /// The name that admitted it, for `status` and a narrowing policy change. Held inline up to
-    /// 24 bytes (most names): no allocation of its own, so 10,000s of admissions leave no small
-    /// blocks scattered through the heap between the DNS path's short-lived ones.
+    /// 24 bytes (most names): no heap block of its own (32 bytes per name as a `Box<str>`).
     name: CompactString,
     /// When it ends, in whole seconds since the admitter's `epoch` (rounded down: a covered
     /// admission is judged by at most a second less than it has, never more).

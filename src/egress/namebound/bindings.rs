@@ -85,9 +85,8 @@ fn slots_empty(slots: &Slots) -> bool {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// A name up to 24 bytes (most) is held inline, in its table slot and its queue entries:
-    /// no allocation per name, so 10,000s of bindings leave no small blocks scattered through
-    /// the heap between the DNS path's short-lived ones. A longer one is allocated per copy.
+    /// A name up to 24 bytes (most) is held inline, in its table slot and its queue entries: no
+    /// heap block per name (48 bytes as an `Arc<str>`). A longer one is allocated per copy.
     by_name: HashMap<CompactString, Slots>,
     /// Oldest first: (name, seq); the seq alone tells the name's slot. Entries whose seq no
     /// longer matches a slot are stale and skipped; the queue is compacted when stale entries
