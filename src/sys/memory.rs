@@ -113,8 +113,10 @@ fn droppable(smaps: &str, exe: &Path, segments: &[Segment], page: usize) -> Vec<
     // been seen, and how many of the two fields that say so (Anonymous, Swap) were read.
     let mut current: Option<(Range<usize>, u64, bool, u8)> = None;
     for line in smaps.lines() {
-        if let Some(header) = mapping_header(line) {
-            current = header
+        // A field line is `Name: value`; anything else starts a mapping, or is not one and
+        // ends the one being read.
+        if !line.split_whitespace().next().is_some_and(|name| name.ends_with(':')) {
+            current = super::parse_mapping(line)
                 .filter(|h| {
                     h.path == exe
                         && h.perms.starts_with('r')
@@ -140,25 +142,6 @@ fn droppable(smaps: &str, exe: &Path, segments: &[Segment], page: usize) -> Vec<
         }
     }
     found
-}
-
-struct Header<'a> {
-    range: Range<usize>,
-    perms: &'a str,
-    path: &'a str,
-}
-
-/// `Some(header)` when `line` starts a mapping (`lo-hi perms offset dev inode [path]`), with
-/// `None` inside when it cannot be read; `None` for a field line.
-fn mapping_header(line: &str) -> Option<Option<Header<'_>>> {
-    let mut parts = line.splitn(6, ' ');
-    let range = parts.next()?;
-    let (lo, hi) = range.split_once('-')?;
-    let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else { return None };
-    let perms = parts.next().filter(|p| p.len() == 4);
-    // offset, device, inode, then the path after the padding (absent for anonymous mappings).
-    let path = parts.nth(3).map(str::trim_start).unwrap_or("");
-    Some(perms.filter(|_| lo < hi).map(|perms| Header { range: lo..hi, perms, path }))
 }
 
 fn field_kib(line: &str, name: &str) -> Option<u64> {

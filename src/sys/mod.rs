@@ -307,13 +307,29 @@ pub fn parse_env_bounds(stat: &str) -> Option<(usize, usize)> {
 
 /// Whether one writable mapping of `/proc/PID/maps` covers [start, end).
 pub fn writable_mapping_covers(maps: &str, start: usize, end: usize) -> bool {
-    maps.lines().any(|line| {
-        let mut parts = line.split_whitespace();
-        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else { return false };
-        let Some((lo, hi)) = range.split_once('-') else { return false };
-        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else { return false };
-        perms.starts_with("rw") && lo <= start && end <= hi
-    })
+    maps.lines()
+        .filter_map(parse_mapping)
+        .any(|m| m.perms.starts_with("rw") && m.range.start <= start && end <= m.range.end)
+}
+
+/// One mapping, as a line of `/proc/PID/maps` (or a mapping's first line in `smaps`) gives it.
+pub(crate) struct Mapping<'a> {
+    pub range: std::ops::Range<usize>,
+    /// `rwxp`-style, four characters.
+    pub perms: &'a str,
+    /// The file, a `[name]`, or empty for an anonymous mapping.
+    pub path: &'a str,
+}
+
+/// Reads `lo-hi perms offset dev inode [path]`; None for any other line.
+pub(crate) fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
+    let mut parts = line.splitn(6, ' ');
+    let (lo, hi) = parts.next()?.split_once('-')?;
+    let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else { return None };
+    let perms = parts.next().filter(|p| p.len() == 4 && lo < hi)?;
+    // offset, device, inode, then the path after the padding (absent for anonymous mappings).
+    let path = parts.nth(3).map(str::trim_start).unwrap_or("");
+    Some(Mapping { range: lo..hi, perms, path })
 }
 
 /// Makes the process non-dumpable (`PR_SET_DUMPABLE` 0, prctl(2)): no core dump of its memory,
