@@ -42,6 +42,8 @@ use crate::egress::policy::Policy;
 use self::cache::{AnswerCache, Hit};
 use self::denials::Denials;
 use self::wire::{EDE_BLOCKED, EDE_TEXT, EDNS_EDE};
+/// Extended DNS error code 0, Other (RFC 8914 §4.1).
+const EDE_OTHER: u16 = 0;
 /// How many distinct denied (name, type) pairs `status` keeps.
 const RECENT_DENIALS: usize = 256;
 /// How many names' last good addresses are kept for serve-stale and the refresh: several times
@@ -53,6 +55,14 @@ const STALE_TTL: u32 = 30;
 /// How long a client waits for upstream before a stale answer is served, when there is one
 /// (RFC 8767 §5, "stale answer client timeout": 1.8 seconds).
 const STALE_CLIENT_TIMEOUT: Duration = Duration::from_millis(1800);
+/// How many queries may wait on upstream at once (dnsmasq's `dns-forward-max` is 150). Each
+/// holds a resolver lookup, its socket and buffers (~25 KB in the DNS bench's setup); one more
+/// is answered at once, from the last good addresses or with SERVFAIL. Without a bound, a flood
+/// of unique allowed names (under a wildcard entry) against a dead upstream grew the supervisor
+/// to 235 MiB in 20 s (docs/benchmarks.md).
+pub(crate) const LOOKUPS_IN_FLIGHT: usize = 128;
+/// The extended DNS error text (code 0, Other) of a query turned away by [`LOOKUPS_IN_FLIGHT`].
+const EDE_BUSY_TEXT: &str = "cordon: too many lookups waiting on upstream, try again";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -71,6 +81,9 @@ pub struct DnsStats {
     pub rebinding_blocked: AtomicU64,
     /// Answers served from the last good addresses while upstream failed (RFC 8767).
     pub stale: AtomicU64,
+    /// Queries turned away because [`LOOKUPS_IN_FLIGHT`] were waiting on upstream (also
+    /// counted in `failed` or `stale`, as they were answered).
+    busy: AtomicU64,
     recent: Mutex<Denials>,
     denial_log: LogBudget,
     /// The last upstream failure, for `status`.
@@ -85,6 +98,7 @@ impl Default for DnsStats {
             failed: AtomicU64::new(0),
             rebinding_blocked: AtomicU64::new(0),
             stale: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
             recent: Mutex::new(Denials::new(RECENT_DENIALS)),
             denial_log: LogBudget::default(),
             last_upstream_error: Mutex::new(None),
@@ -217,6 +231,13 @@ pub(crate) struct Handler {
     pub bindings: Arc<Bindings>,
     /// Allowed answers as sent, for the UDP fast path.
     pub cache: Arc<AnswerCache>,
+    /// Permits for queries waiting on upstream, [`LOOKUPS_IN_FLIGHT`] of them.
+    pub lookups: Arc<tokio::sync::Semaphore>,
+}
+
+/// The permits for [`Handler::lookups`].
+pub(crate) fn lookup_permits() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT))
 }
 
 /// A new answer cache of the default size, for [`Handler::cache`].
@@ -391,6 +412,15 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
+/// Adds an extended DNS error (RFC 8914) to the response's EDNS, when the client sent EDNS.
+fn add_ede(edns: &mut Option<Edns>, code: u16, text: &str) {
+    if let Some(e) = edns.as_mut() {
+        let mut data = code.to_be_bytes().to_vec();
+        data.extend_from_slice(text.as_bytes());
+        e.options_mut().insert(EdnsOption::Unknown(EDNS_EDE, data));
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
@@ -418,16 +448,33 @@ impl RequestHandler for Handler {
 
         let allowlist = self.policy.allowlist();
         let Some(reach) = self.decide(&allowlist, &qname, qtype, Some((request.src(), request.protocol()))) else {
-            if let Some(e) = edns.as_mut() {
-                let mut data = EDE_BLOCKED.to_be_bytes().to_vec();
-                data.extend_from_slice(EDE_TEXT.as_bytes());
-                e.options_mut().insert(EdnsOption::Unknown(EDNS_EDE, data));
-            }
+            add_ede(&mut edns, EDE_BLOCKED, EDE_TEXT);
             md.response_code = ResponseCode::NXDomain;
             let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
             return send(response_handle, request, builder.build_no_records(md)).await;
         };
 
+        // Held until the lookup ends. None free: answered now, never queued.
+        let Ok(_permit) = self.lookups.try_acquire() else {
+            let busy = self.stats.busy.fetch_add(1, Ordering::Relaxed) + 1;
+            if busy.is_power_of_two() {
+                tracing::warn!(
+                    name = %qname,
+                    qtype = %qtype,
+                    count = busy,
+                    "{LOOKUPS_IN_FLIGHT} DNS lookups are waiting on upstream: answering at once, from the last good addresses or with SERVFAIL"
+                );
+            }
+            if let Some(records) = self.serve_stale(&qname, qtype, &allowlist, &reach, "too many lookups in flight") {
+                let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+                return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
+            }
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            add_ede(&mut edns, EDE_OTHER, EDE_BUSY_TEXT);
+            md.response_code = ResponseCode::ServFail;
+            let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+            return send(response_handle, request, builder.build_no_records(md)).await;
+        };
         let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
         let lookup = self.resolver.lookup(Name::from(info.query.name().clone()), qtype);
         tokio::pin!(lookup);

@@ -302,6 +302,7 @@ impl Egress {
             stats: stats.clone(),
             last_good: last_good.clone(),
             cache: dns::answer_cache(),
+            lookups: dns::lookup_permits(),
         };
         let listen = sockets.local_addr().unwrap_or(network.listen);
         let server = Service::spawn("dns", move |stop| dns::serve(sockets, handler, stop));
@@ -568,9 +569,10 @@ mod tests {
         assert!(service.stop(Duration::from_secs(2)).await, "the server stops when asked");
     }
 
-    /// An upstream on 127.0.0.1:0 that holds every query until none has come for 30 ms, then
-    /// answers them all (A: 192.0.2.7, AAAA: none); records the most it held at once.
-    fn holding_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// An upstream on 127.0.0.1:0 that holds every query until it holds at least `hold` and none
+    /// has come for 30 ms, then answers them all (A: 192.0.2.7, AAAA: none); records the most
+    /// it held at once.
+    fn holding_upstream(hold: usize) -> (SocketAddr, Arc<AtomicUsize>) {
         use hickory_server::proto::op::{Message, MessageType};
         use hickory_server::proto::rr::rdata::A;
         use hickory_server::proto::rr::{RData, Record};
@@ -591,6 +593,7 @@ mod tests {
                             seen.fetch_max(held.len(), Ordering::Relaxed);
                         }
                     }
+                    Err(_) if held.len() < hold => {}
                     Err(_) => {
                         for (query, from) in held.drain(..) {
                             let Some(q) = query.queries.first().cloned() else { continue };
@@ -616,7 +619,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refresh_resolves_a_bounded_number_of_names_at_once() {
-        let (upstream, most) = holding_upstream();
+        let (upstream, most) = holding_upstream(0);
         let names = 3 * REFRESH_IN_FLIGHT;
         let text: String = (0..names).map(|i| format!("n{i}.example.com\n")).collect();
         let entries = crate::config::allowlist::parse_file(&text, Path::new("t")).unwrap();
@@ -632,6 +635,58 @@ mod tests {
         let most = most.load(Ordering::Relaxed);
         assert!(most <= 2 * REFRESH_IN_FLIGHT, "{most} queries held at once");
         assert!(most >= REFRESH_IN_FLIGHT, "only {most} queries at once: the refresh ran nearly serially");
+        assert!(service.stop(Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_beyond_the_lookups_in_flight_gets_servfail_at_once_saying_why() {
+        use hickory_server::proto::op::{Edns, Message, Query};
+        let query = |id: u16, name: &str| {
+            let mut m = Message::query();
+            m.metadata.id = id;
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            m.set_edns(Edns::new());
+            m.to_vec().unwrap()
+        };
+        let extra = 8;
+        // Answers nothing until the bound is reached: the extra queries find no permit.
+        let (upstream, most) = holding_upstream(dns::LOOKUPS_IN_FLIGHT);
+        let entries = crate::config::allowlist::parse_file("*.example.com\n", Path::new("t")).unwrap();
+        let sockets = dns::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (egress, service) =
+            Egress::start(&Network::default(), entries, vec![upstream], Box::new(Recorder::default()), sockets);
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let total = dns::LOOKUPS_IN_FLIGHT + extra;
+        for i in 0..total {
+            let q = query(i as u16, &format!("n{i}.example.com."));
+            client.send_to(&q, egress.listen).await.unwrap();
+        }
+        // The EDNS option as sent: EDE (15), its length, code 0 (Other), the text.
+        let text = b"cordon: too many lookups waiting on upstream, try again";
+        let mut ede = vec![0, 15];
+        ede.extend_from_slice(&(2 + text.len() as u16).to_be_bytes());
+        ede.extend_from_slice(&[0, 0]);
+        ede.extend_from_slice(text);
+        let (mut busy, mut answered) = (0, 0);
+        let mut buf = [0u8; 1500];
+        while busy + answered < total {
+            let n = tokio::time::timeout(Duration::from_secs(10), client.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{busy} SERVFAIL and {answered} answers of {total}, then nothing"))
+                .unwrap();
+            match buf[3] & 0x0f {
+                2 => {
+                    assert!(buf[..n].windows(ede.len()).any(|w| w == ede), "EDE 0 with the reason: {:?}", &buf[..n]);
+                    busy += 1;
+                }
+                0 => answered += 1,
+                rcode => panic!("unexpected RCODE {rcode}"),
+            }
+        }
+        assert_eq!((busy, answered), (extra, dns::LOOKUPS_IN_FLIGHT));
+        assert_eq!(most.load(Ordering::Relaxed), dns::LOOKUPS_IN_FLIGHT, "upstream never held more than the bound");
+        assert_eq!(egress.stats.failed.load(Ordering::Relaxed), extra as u64);
         assert!(service.stop(Duration::from_secs(2)).await);
     }
 
