@@ -3,9 +3,12 @@
 # namespaces (nothing leaves this machine). Both forward the same 1,000-entry allowlist to the
 # same synthetic upstream and put the answered addresses into ipset sets; dnsperf sends the
 # same query files to each. Prints a markdown report; see docs/benchmarks.md.
-#   sudo bash bench/run.sh [seconds-per-run] [--perf] [--pin]   (12 runs of that length plus ~1 minute)
-# --perf also records cordon's supervisor (perf record -g) during each of its runs and prints
-# the top of each profile.
+#   sudo bash bench/run.sh [seconds-per-run] [--repeat N] [--perf] [--pin]
+# Each row measures N pairs (default 3), cordon and dnsmasq alternating (which of the two goes
+# first alternates too), and reports each server's median and every pair's ratio: 12 × N
+# dnsperf runs of that length, plus ~1 minute (~7 minutes at the defaults).
+# --perf also records cordon's supervisor (perf record -g) during the first of its runs in each
+# row and prints the top of each profile.
 # Each row also gives each server's CPU time (user + system, every thread) per query answered.
 # --pin runs the client and the servers on separate CPUs (taskset): dnsperf on CPU 0 (and any
 # beyond the second), each server, all its threads, on CPU 1, instead of leaving them all to
@@ -16,8 +19,20 @@ cd "$(dirname "$0")/.."
 for tool in dnsperf dnsmasq ipset iptables-restore; do
   command -v "$tool" >/dev/null || { echo "bench: needs $tool (apt-get install dnsperf dnsmasq-base ipset iptables)" >&2; exit 1; }
 done
-secs=10; profile=false; pin=false
-for arg in "$@"; do case $arg in --perf) profile=true ;; --pin) pin=true ;; *) secs=$arg ;; esac; done
+secs=10; repeat=3; profile=false; pin=false
+while [ $# -gt 0 ]; do
+  case $1 in
+    --perf) profile=true ;;
+    --pin) pin=true ;;
+    --repeat) repeat=${2:-}; shift ;;
+    --repeat=*) repeat=${1#--repeat=} ;;
+    -*) echo "bench: unknown option $1 (usage: bench/run.sh [seconds-per-run] [--repeat N] [--perf] [--pin])" >&2; exit 2 ;;
+    *) secs=$1 ;;
+  esac
+  shift
+done
+[[ $secs =~ ^[1-9][0-9]*$ ]] || { echo "bench: seconds-per-run must be a whole number of seconds, at least 1 (got '$secs')" >&2; exit 2; }
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || { echo "bench: --repeat takes a whole number of pairs, at least 1 (got '$repeat')" >&2; exit 2; }
 if $pin && [ "$(nproc)" -lt 2 ]; then echo "bench: --pin needs 2 CPUs" >&2; exit 1; fi
 if $pin; then
   command -v taskset >/dev/null || { echo "bench: needs taskset (apt-get install util-linux)" >&2; exit 1; }
@@ -100,22 +115,43 @@ measure() { # server queryfile clients server_pid -> "qps avg_latency_ms cpu_us_
   awk -v t0="$before" -v t1="$(cpu_ticks "$4")" -v hz="$(getconf CLK_TCK)" '/Queries completed/ {n=$3} /Queries per second/ {q=$4} /Average Latency/ {l=$4*1000}
     END {printf "%.0f %.3f %.1f", q, l, (n > 0 ? (t1 - t0) / hz * 1e6 / n : 0)}' <<<"$out"
 }
-row() { # label queryfile clients: one table row, cordon then dnsmasq on the same file
-  local cq cl cc dq dl dc ratio perf_pid data
-  if $profile; then
-    data="$dir/perf-$(basename "$2" .txt)-c$3.data"
+measure_cordon() { # queryfile clients profile? -> "qps latency cpu", with a profile when asked
+  local perf_pid data result
+  if $3; then
+    data="$dir/perf-$(basename "$1" .txt)-c$2.data"
     perf record -g -o "$data" -p "$supervisor" >/dev/null 2>&1 & perf_pid=$!
   fi
-  read -r cq cl cc <<<"$(measure 127.0.0.53 "$2" "$3" "$supervisor")"
-  if $profile; then
+  result=$(measure 127.0.0.53 "$1" "$2" "$supervisor")
+  if $3; then
     kill -INT "$perf_pid"; wait "$perf_pid" || true
-    { echo "== $1, -c $3: cordon's supervisor, self time by object and symbol (top 25)"
+    { echo "== $(basename "$1" .txt), -c $2: cordon's supervisor, self time by object and symbol (top 25)"
       perf report -i "$data" --stdio --no-children -g none --sort dso,sym 2>/dev/null | grep "%" | awk "NR <= 25" || true
     } >> "$dir/perf.txt"
   fi
-  read -r dq dl dc <<<"$(measure 127.0.0.54 "$2" "$3" "$dnsmasq_pid")"
-  ratio=$(awk -v a="$cq" -v b="$dq" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')
-  echo "| $1 | -c $3 | $cq | $dq | $ratio | ${cl} ms | ${dl} ms | $cc µs | $dc µs |"
+  echo "$result"
+}
+median() { # printf-format <<< "values": their median (the mean of the middle two for an even count)
+  tr ' ' '\n' | sort -g | awk -v f="$1" '{v[NR] = $1} END {printf f, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'
+}
+row() { # label queryfile clients: one table row, `repeat` pairs of runs on the same file
+  local i c d q l u cq=() cl=() cc=() dq=() dl=() dc=() ratios=()
+  for ((i = 0; i < repeat; i++)); do
+    # Alternate which server goes first, so neither always follows the other's run.
+    if ((i % 2 == 0)); then
+      c=$(measure_cordon "$2" "$3" "$( ((i == 0)) && echo "$profile" || echo false)")
+      d=$(measure 127.0.0.54 "$2" "$3" "$dnsmasq_pid")
+    else
+      d=$(measure 127.0.0.54 "$2" "$3" "$dnsmasq_pid")
+      c=$(measure_cordon "$2" "$3" false)
+    fi
+    read -r q l u <<<"$c"; cq+=("$q"); cl+=("$l"); cc+=("$u")
+    read -r q l u <<<"$d"; dq+=("$q"); dl+=("$l"); dc+=("$u")
+    ratios+=("$(awk -v a="${cq[i]}" -v b="${dq[i]}" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')")
+  done
+  local mcq mdq
+  mcq=$(median %.0f <<<"${cq[*]}"); mdq=$(median %.0f <<<"${dq[*]}")
+  echo "| $1 | -c $3 | $mcq | $mdq | $(awk -v a="$mcq" -v b="$mdq" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}') | ${ratios[*]} |" \
+    "$(median %.3f <<<"${cl[*]}") ms | $(median %.3f <<<"${dl[*]}") ms | $(median %.1f <<<"${cc[*]}") µs | $(median %.1f <<<"${dc[*]}") µs |"
 }
 # Warm both caches with the allowed names.
 for s in 127.0.0.53 127.0.0.54; do timeout 60 ip netns exec "$inner" "${client[@]}" dnsperf -s "$s" -d "$dir/allowed.txt" -n 1 >/dev/null 2>&1; done
@@ -144,8 +180,10 @@ fi
 
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | cordon avg latency | dnsmasq avg latency | cordon CPU per query | dnsmasq CPU per query |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "Each row: the median of $repeat runs per server, $secs s each, the two alternating; the ratio of the medians, then each pair's."
+echo
+echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | each pair | cordon avg latency | dnsmasq avg latency | cordon CPU per query | dnsmasq CPU per query |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for c in 4 8; do
   row "allowed, from cache" "$dir/allowed.txt" "$c"
   row "denied" "$dir/denied.txt" "$c"
