@@ -36,6 +36,14 @@ use crate::service::Service;
 
 /// How long the refresh waits for one lookup.
 const REFRESH_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refresh's renewal must last: the interval, plus the longest the refresh of `names`
+/// names can take (every lookup timing out), after which the next one starts at once.
+fn renewal_floor(interval: Duration, names: usize) -> u32 {
+    let rounds = names.div_ceil(REFRESH_IN_FLIGHT) as u32;
+    let longest = REFRESH_LOOKUP_TIMEOUT.saturating_mul(rounds);
+    u32::try_from(interval.saturating_add(longest).as_secs()).unwrap_or(u32::MAX)
+}
+
 /// How many names the refresh resolves at once. All 1,000 of a large allowlist at once held
 /// ~28 MiB of lookups in flight, and the heap kept that size after (`docs/benchmarks.md`); at
 /// this bound a refresh against an upstream that never answers still ends within
@@ -331,16 +339,17 @@ impl Egress {
 
     /// Renews and re-resolves the exact allowlist names. First every known address is renewed
     /// until the next refresh, at once, so nothing lapses however long the lookups take; then
-    /// every name is re-resolved, concurrently. A name whose lookup fails keeps its known
-    /// addresses: new names fail closed, known ones keep working.
+    /// every name is re-resolved, [`REFRESH_IN_FLIGHT`] at a time. A name whose lookup fails
+    /// keeps its known addresses: new names fail closed, known ones keep working.
     pub async fn refresh(self: &Arc<Self>) -> RefreshReport {
-        // A name refreshed now must stay admitted until the next refresh, whatever its TTL.
-        let floor = u32::try_from(self.refresh_interval.as_secs()).unwrap_or(u32::MAX);
         // Under the admission gate, with the allowlist in force under it: a change cannot
         // narrow the policy between the check and the renewal.
         let gate = self.policy.admission_gate();
         let allowlist = self.policy.allowlist();
         let names: Vec<String> = allowlist.exact_names().map(String::from).collect();
+        // A name refreshed now must stay admitted until the next refresh has renewed it, whatever
+        // its TTL: that starts an interval from now, or when this one ends if it takes longer.
+        let floor = renewal_floor(self.refresh_interval, names.len());
         let known: Vec<(String, Vec<(IpAddr, u32)>)> = {
             let last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
             names.iter().filter_map(|n| last.get(n).map(|a| (n.clone(), a.clone()))).collect()
@@ -569,10 +578,10 @@ mod tests {
         assert!(service.stop(Duration::from_secs(2)).await, "the server stops when asked");
     }
 
-    /// An upstream on 127.0.0.1:0 that holds every query until it holds at least `hold` and none
-    /// has come for 30 ms, then answers them all (A: 192.0.2.7, AAAA: none); records the most
-    /// it held at once.
-    fn holding_upstream(hold: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// An upstream on 127.0.0.1:0 that holds every query until it holds `hold` (or `release` is
+    /// set) and none has come for 30 ms, then answers them all (A: 192.0.2.7, AAAA: none);
+    /// records the most it held at once.
+    fn holding_upstream(hold: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicBool>) {
         use hickory_server::proto::op::{Message, MessageType};
         use hickory_server::proto::rr::rdata::A;
         use hickory_server::proto::rr::{RData, Record};
@@ -580,7 +589,8 @@ mod tests {
         sock.set_read_timeout(Some(Duration::from_millis(30))).unwrap();
         let addr = sock.local_addr().unwrap();
         let most = Arc::new(AtomicUsize::new(0));
-        let seen = most.clone();
+        let release = Arc::new(AtomicBool::new(false));
+        let (seen, released) = (most.clone(), release.clone());
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             let mut held: Vec<(Message, SocketAddr)> = Vec::new();
@@ -593,7 +603,7 @@ mod tests {
                             seen.fetch_max(held.len(), Ordering::Relaxed);
                         }
                     }
-                    Err(_) if held.len() < hold => {}
+                    Err(_) if held.len() < hold && !released.load(Ordering::Relaxed) => {}
                     Err(_) => {
                         for (query, from) in held.drain(..) {
                             let Some(q) = query.queries.first().cloned() else { continue };
@@ -614,12 +624,13 @@ mod tests {
                 }
             }
         });
-        (addr, most)
+        (addr, most, release)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refresh_resolves_a_bounded_number_of_names_at_once() {
-        let (upstream, most) = holding_upstream(0);
+        // Each name is asked A and AAAA: the upstream answers once it holds a full window.
+        let (upstream, most, _) = holding_upstream(2 * REFRESH_IN_FLIGHT);
         let names = 3 * REFRESH_IN_FLIGHT;
         let text: String = (0..names).map(|i| format!("n{i}.example.com\n")).collect();
         let entries = crate::config::allowlist::parse_file(&text, Path::new("t")).unwrap();
@@ -631,10 +642,8 @@ mod tests {
         let report = egress.refresh().await;
         assert_eq!((report.names, report.addresses), (names, names), "every name resolved: {report:?}");
         assert!(report.failed.is_empty(), "{report:?}");
-        // A and AAAA per name: at most twice the bound in flight, and the bound is used.
-        let most = most.load(Ordering::Relaxed);
-        assert!(most <= 2 * REFRESH_IN_FLIGHT, "{most} queries held at once");
-        assert!(most >= REFRESH_IN_FLIGHT, "only {most} queries at once: the refresh ran nearly serially");
+        // Three full windows, never more (unbounded, it held all 192 queries at once).
+        assert_eq!(most.load(Ordering::Relaxed), 2 * REFRESH_IN_FLIGHT, "queries held at once");
         assert!(service.stop(Duration::from_secs(2)).await);
     }
 
@@ -650,8 +659,8 @@ mod tests {
             m.to_vec().unwrap()
         };
         let extra = 8;
-        // Answers nothing until the bound is reached: the extra queries find no permit.
-        let (upstream, most) = holding_upstream(dns::LOOKUPS_IN_FLIGHT);
+        // Answers nothing until told: the extra queries find no permit free.
+        let (upstream, most, release) = holding_upstream(usize::MAX);
         let entries = crate::config::allowlist::parse_file("*.example.com\n", Path::new("t")).unwrap();
         let sockets = dns::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let (egress, service) =
@@ -679,6 +688,9 @@ mod tests {
                 2 => {
                     assert!(buf[..n].windows(ede.len()).any(|w| w == ede), "EDE 0 with the reason: {:?}", &buf[..n]);
                     busy += 1;
+                    if busy == extra {
+                        release.store(true, Ordering::Relaxed);
+                    }
                 }
                 0 => answered += 1,
                 rcode => panic!("unexpected RCODE {rcode}"),
@@ -688,6 +700,17 @@ mod tests {
         assert_eq!(most.load(Ordering::Relaxed), dns::LOOKUPS_IN_FLIGHT, "upstream never held more than the bound");
         assert_eq!(egress.stats.failed.load(Ordering::Relaxed), extra as u64);
         assert!(service.stop(Duration::from_secs(2)).await);
+    }
+
+    #[test]
+    fn a_renewal_outlasts_the_longest_refresh_after_the_interval() {
+        let interval = Duration::from_secs(300);
+        assert_eq!(renewal_floor(interval, 0), 300);
+        assert_eq!(renewal_floor(interval, 1), 305, "one round of lookups that all time out");
+        assert_eq!(renewal_floor(interval, REFRESH_IN_FLIGHT), 305);
+        assert_eq!(renewal_floor(interval, REFRESH_IN_FLIGHT + 1), 310);
+        assert_eq!(renewal_floor(interval, 1000), 300 + 5 * 32, "1,000 names: 32 rounds");
+        assert_eq!(renewal_floor(Duration::MAX, 1), u32::MAX);
     }
 
     const DOCKER: &str = "# Generated by Docker Engine.\nnameserver 127.0.0.11\nsearch corp.example\noptions ndots:0\n";
