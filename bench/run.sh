@@ -6,7 +6,7 @@
 #   sudo bash bench/run.sh [seconds-per-run] [--repeat N] [--perf] [--pin]
 # Each row measures N pairs (default 3), cordon and dnsmasq alternating (which of the two goes
 # first alternates too), and reports each server's median and every pair's ratio: 12 × N
-# dnsperf runs of that length, plus ~1 minute (~7 minutes at the defaults).
+# dnsperf runs of that length, plus ~1 minute (~8 minutes at the defaults).
 # --perf also records cordon's supervisor (perf record -g) during the first of its runs in each
 # row and prints the top of each profile.
 # Each row also gives each server's CPU time (user + system, every thread) per query answered.
@@ -133,6 +133,7 @@ measure_cordon() { # queryfile clients profile? -> "qps latency cpu", with a pro
 median() { # printf-format <<< "values": their median (the mean of the middle two for an even count)
   tr ' ' '\n' | sort -g | awk -v f="$1" '{v[NR] = $1} END {printf f, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'
 }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}'; } # a/b, two decimals
 row() { # label queryfile clients: one table row, `repeat` pairs of runs on the same file
   local i c d q l u cq=() cl=() cc=() dq=() dl=() dc=() ratios=()
   for ((i = 0; i < repeat; i++)); do
@@ -146,11 +147,11 @@ row() { # label queryfile clients: one table row, `repeat` pairs of runs on the 
     fi
     read -r q l u <<<"$c"; cq+=("$q"); cl+=("$l"); cc+=("$u")
     read -r q l u <<<"$d"; dq+=("$q"); dl+=("$l"); dc+=("$u")
-    ratios+=("$(awk -v a="${cq[i]}" -v b="${dq[i]}" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')")
+    ratios+=("$(ratio "${cq[i]}" "${dq[i]}")")
   done
   local mcq mdq
   mcq=$(median %.0f <<<"${cq[*]}"); mdq=$(median %.0f <<<"${dq[*]}")
-  echo "| $1 | -c $3 | $mcq | $mdq | $(awk -v a="$mcq" -v b="$mdq" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}') | ${ratios[*]} |" \
+  echo "| $1 | -c $3 | $mcq | $mdq | $(ratio "$mcq" "$mdq") | ${ratios[*]} |" \
     "$(median %.3f <<<"${cl[*]}") ms | $(median %.3f <<<"${dl[*]}") ms | $(median %.1f <<<"${cc[*]}") µs | $(median %.1f <<<"${dc[*]}") µs |"
 }
 # Warm both caches with the allowed names.

@@ -36,6 +36,12 @@ use crate::service::Service;
 
 /// How long the refresh waits for one lookup.
 const REFRESH_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many names the refresh resolves at once. All 1,000 of a large allowlist at once held
+/// ~28 MiB of lookups in flight, and the heap kept that size after (`docs/benchmarks.md`); at
+/// this bound a refresh against an upstream that never answers still ends within
+/// 1,000 / 32 × 5 s, well inside the default interval.
+const REFRESH_IN_FLIGHT: usize = 32;
+
 /// How long a refresh's renewal must last: the interval, plus the longest the refresh of `names`
 /// names can take (every lookup timing out), after which the next one starts at once.
 fn renewal_floor(interval: Duration, names: usize) -> u32 {
@@ -43,12 +49,6 @@ fn renewal_floor(interval: Duration, names: usize) -> u32 {
     let longest = REFRESH_LOOKUP_TIMEOUT.saturating_mul(rounds);
     u32::try_from(interval.saturating_add(longest).as_secs()).unwrap_or(u32::MAX)
 }
-
-/// How many names the refresh resolves at once. All 1,000 of a large allowlist at once held
-/// ~28 MiB of lookups in flight, and the heap kept that size after (`docs/benchmarks.md`); at
-/// this bound a refresh against an upstream that never answers still ends within
-/// 1,000 / 32 × 5 s, well inside the default interval.
-const REFRESH_IN_FLIGHT: usize = 32;
 
 /// The nameservers of a resolv.conf text, in order.
 pub fn parse_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
@@ -514,9 +514,7 @@ mod tests {
     /// An upstream on 127.0.0.1:0 that answers every A query with 192.0.2.7 and records the
     /// names it was asked.
     fn fake_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-        use hickory_server::proto::op::{Message, MessageType};
-        use hickory_server::proto::rr::rdata::A;
-        use hickory_server::proto::rr::{RData, Record};
+        use hickory_server::proto::op::Message;
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = sock.local_addr().unwrap();
         let asked = Arc::new(Mutex::new(Vec::new()));
@@ -525,19 +523,28 @@ mod tests {
             let mut buf = [0u8; 1500];
             while let Ok((n, from)) = sock.recv_from(&mut buf) {
                 let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
-                let Some(q) = query.queries.first().cloned() else { continue };
+                let Some(q) = query.queries.first() else { continue };
                 seen.lock().unwrap().push(q.name().to_ascii());
-                let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
-                reply.metadata.message_type = MessageType::Response;
-                reply.metadata.recursion_available = true;
-                if q.query_type() == RecordType::A {
-                    reply.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A::new(192, 0, 2, 7))));
-                }
-                reply.add_query(q);
-                let _ = sock.send_to(&reply.to_vec().unwrap(), from);
+                let _ = sock.send_to(&fake_answer(&query), from);
             }
         });
         (addr, asked)
+    }
+
+    /// The fake upstreams' answer to `query` (it has a question): A 192.0.2.7, no AAAA.
+    fn fake_answer(query: &hickory_server::proto::op::Message) -> Vec<u8> {
+        use hickory_server::proto::op::{Message, MessageType};
+        use hickory_server::proto::rr::rdata::A;
+        use hickory_server::proto::rr::{RData, Record};
+        let q = query.queries[0].clone();
+        let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+        reply.metadata.message_type = MessageType::Response;
+        reply.metadata.recursion_available = true;
+        if q.query_type() == RecordType::A {
+            reply.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A::new(192, 0, 2, 7))));
+        }
+        reply.add_query(q);
+        reply.to_vec().unwrap()
     }
 
     /// One A query to `server`; the response.
@@ -582,9 +589,7 @@ mod tests {
     /// set) and none has come for 30 ms, then answers them all (A: 192.0.2.7, AAAA: none);
     /// records the most it held at once.
     fn holding_upstream(hold: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicBool>) {
-        use hickory_server::proto::op::{Message, MessageType};
-        use hickory_server::proto::rr::rdata::A;
-        use hickory_server::proto::rr::{RData, Record};
+        use hickory_server::proto::op::Message;
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(30))).unwrap();
         let addr = sock.local_addr().unwrap();
@@ -598,7 +603,9 @@ mod tests {
             while std::time::Instant::now() < deadline {
                 match sock.recv_from(&mut buf) {
                     Ok((n, from)) => {
-                        if let Ok(query) = Message::from_vec(&buf[..n]) {
+                        if let Ok(query) = Message::from_vec(&buf[..n])
+                            && !query.queries.is_empty()
+                        {
                             held.push((query, from));
                             seen.fetch_max(held.len(), Ordering::Relaxed);
                         }
@@ -606,19 +613,7 @@ mod tests {
                     Err(_) if held.len() < hold && !released.load(Ordering::Relaxed) => {}
                     Err(_) => {
                         for (query, from) in held.drain(..) {
-                            let Some(q) = query.queries.first().cloned() else { continue };
-                            let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
-                            reply.metadata.message_type = MessageType::Response;
-                            reply.metadata.recursion_available = true;
-                            if q.query_type() == RecordType::A {
-                                reply.add_answer(Record::from_rdata(
-                                    q.name().clone(),
-                                    60,
-                                    RData::A(A::new(192, 0, 2, 7)),
-                                ));
-                            }
-                            reply.add_query(q);
-                            let _ = sock.send_to(&reply.to_vec().unwrap(), from);
+                            let _ = sock.send_to(&fake_answer(&query), from);
                         }
                     }
                 }
