@@ -268,6 +268,12 @@ fn upstream_down_keeps_known_names_working_and_fails_new_ones_cleanly() {
     assert_eq!(refresh["addresses"], 1, "the last known address was kept: {refresh}");
     assert!(v["dns"]["upstream_last_error"]["message"].is_string(), "{v}");
     assert!(v["dns"]["queries"]["stale"].as_u64().unwrap() >= 1);
+    assert_eq!(v["dns"]["queries"]["busy"], 0, "{v}");
+    // A stale answer says so (RFC 8914 EDE 3), with why.
+    let out = dig(&c, "+time=10 @127.0.0.53 known.example.com A");
+    assert_eq!(status_of(&out), "NOERROR", "{out}");
+    assert!(out.contains("192.0.2.50"), "{out}");
+    assert!(out.contains("EDE: 3 (Stale Answer)") && out.contains("answered from the last good addresses"), "{out}");
     let out = dig(&c, "+time=10 @127.0.0.53 new.example.org A");
     assert_eq!(status_of(&out), "SERVFAIL", "a new name fails cleanly while upstream is down: {out}");
 }

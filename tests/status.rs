@@ -61,7 +61,7 @@ fn ready_status_reports_every_section_and_the_json_schema_holds_field_by_field()
     let dns = &v["dns"];
     assert_eq!(dns["listen"], "127.0.0.53:53");
     assert_eq!(dns["upstreams"][0], "192.0.2.1:53");
-    for counter in ["allowed", "denied", "failed", "stale", "rebinding_blocked"] {
+    for counter in ["allowed", "denied", "failed", "stale", "rebinding_blocked", "busy"] {
         assert!(dns["queries"][counter].as_u64().is_some(), "dns.queries.{counter}");
     }
     assert!(dns["queries"]["allowed"].as_u64().unwrap() >= 1);

@@ -44,6 +44,9 @@ use self::denials::Denials;
 use self::wire::{EDE_BLOCKED, EDE_TEXT, EDNS_EDE};
 /// Extended DNS error code 0, Other (RFC 8914 §4.1).
 const EDE_OTHER: u16 = 0;
+/// Extended DNS error code 3, Stale Answer (RFC 8914 §4.4): on every serve-stale answer, with
+/// why upstream did not answer in its text.
+const EDE_STALE: u16 = 3;
 /// How many distinct denied (name, type) pairs `status` keeps.
 const RECENT_DENIALS: usize = 256;
 /// How many names' last good addresses are kept for serve-stale and the refresh: several times
@@ -83,9 +86,12 @@ pub struct DnsStats {
     pub stale: AtomicU64,
     /// Queries turned away because [`LOOKUPS_IN_FLIGHT`] were waiting on upstream (also
     /// counted in `failed` or `stale`, as they were answered).
-    busy: AtomicU64,
+    pub busy: AtomicU64,
     recent: Mutex<Denials>,
     denial_log: LogBudget,
+    /// Lines about upstream failures answered stale or with SERVFAIL: one per query would
+    /// flood the log while upstream is down.
+    upstream_log: LogBudget,
     /// The last upstream failure, for `status`.
     pub last_upstream_error: Mutex<Option<(SystemTime, String)>>,
 }
@@ -101,6 +107,7 @@ impl Default for DnsStats {
             busy: AtomicU64::new(0),
             recent: Mutex::new(Denials::new(RECENT_DENIALS)),
             denial_log: LogBudget::default(),
+            upstream_log: LogBudget::default(),
             last_upstream_error: Mutex::new(None),
         }
     }
@@ -412,6 +419,36 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
+/// Why an answer is served stale.
+#[derive(Debug, Clone, Copy)]
+enum Stale<'a> {
+    /// [`LOOKUPS_IN_FLIGHT`] lookups were already waiting on upstream.
+    Busy,
+    /// No answer within [`STALE_CLIENT_TIMEOUT`].
+    Slow,
+    /// The lookup failed, with this error.
+    Failed(&'a str),
+}
+
+impl Stale<'_> {
+    /// For the client, in the EDE text: short, no upstream detail.
+    fn reason(self) -> &'static str {
+        match self {
+            Stale::Busy => "too many lookups waiting on upstream",
+            Stale::Slow => "upstream is slow",
+            Stale::Failed(_) => "upstream lookup failed",
+        }
+    }
+
+    /// For the log.
+    fn log(self) -> String {
+        match self {
+            Stale::Failed(e) => format!("upstream lookup failed ({e})"),
+            other => other.reason().to_string(),
+        }
+    }
+}
+
 /// Adds an extended DNS error (RFC 8914) to the response's EDNS, when the client sent EDNS.
 fn add_ede(edns: &mut Option<Edns>, code: u16, text: &str) {
     if let Some(e) = edns.as_mut() {
@@ -465,7 +502,7 @@ impl RequestHandler for Handler {
                     "{LOOKUPS_IN_FLIGHT} DNS lookups are waiting on upstream: answering at once, from the last good addresses or with SERVFAIL"
                 );
             }
-            if let Some(records) = self.serve_stale(&qname, qtype, &allowlist, &reach, "too many lookups in flight") {
+            if let Some(records) = self.serve_stale(&qname, qtype, &allowlist, &reach, Stale::Busy, &mut edns) {
                 let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
                 return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
             }
@@ -475,19 +512,20 @@ impl RequestHandler for Handler {
             let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
             return send(response_handle, request, builder.build_no_records(md)).await;
         };
-        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
         let lookup = self.resolver.lookup(Name::from(info.query.name().clone()), qtype);
         tokio::pin!(lookup);
         let result = match tokio::time::timeout(STALE_CLIENT_TIMEOUT, &mut lookup).await {
             Ok(result) => result,
             Err(_) => {
-                if let Some(records) = self.serve_stale(&qname, qtype, &allowlist, &reach, "upstream is slow") {
+                if let Some(records) = self.serve_stale(&qname, qtype, &allowlist, &reach, Stale::Slow, &mut edns) {
                     self.stats.upstream_failed(format!("{qname} {qtype}: no answer within {STALE_CLIENT_TIMEOUT:?}"));
+                    let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
                     return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
                 lookup.await
             }
         };
+        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
         match result {
             Ok(lookup) => {
                 let admitted = admit_in_force(
@@ -536,13 +574,18 @@ impl RequestHandler for Handler {
                 self.stats.upstream_failed(format!("{qname} {qtype}: {e}"));
                 // Upstream failed: answer from the last good addresses when there are some
                 // (serve-stale), so names that worked keep working; new names fail closed.
+                let failed = e.to_string();
                 if let Some(records) =
-                    self.serve_stale(&qname, qtype, &allowlist, &reach, &format!("upstream lookup failed ({e})"))
+                    self.serve_stale(&qname, qtype, &allowlist, &reach, Stale::Failed(&failed), &mut edns)
                 {
+                    let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
                     return send(response_handle, request, builder.build(md, records.iter(), [], [], [])).await;
                 }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(name = %qname, qtype = %qtype, "upstream lookup failed: {e}");
+                if let Some(skipped) = self.stats.upstream_log.take(monotonic_second()) {
+                    tracing::warn!(name = %qname, qtype = %qtype, skipped, "upstream lookup failed: {failed}");
+                }
+                let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
                 send(response_handle, request, builder.error_msg(&request.metadata, ResponseCode::ServFail)).await
             }
         }
@@ -666,22 +709,28 @@ impl Handler {
     }
 
     /// Serve-stale (RFC 8767): the answer for `qname` and `qtype` from its last good addresses,
-    /// admitted again, when the upstream cannot answer (`why`, for the log). None when the
-    /// name has no last good addresses (it fails closed) or when their admission failed (the
-    /// answer must not be released). Counted in `stale`.
+    /// admitted again, when the upstream cannot answer (`why`). None when the name has no last
+    /// good addresses (it fails closed) or when their admission failed (the answer must not be
+    /// released). Otherwise counted in `stale`, logged within the upstream lines' budget, and
+    /// `edns` (when the client sent EDNS) carries EDE 3, Stale Answer, saying why.
+    #[allow(clippy::too_many_arguments)]
     fn serve_stale(
         &self,
         qname: &str,
         qtype: RecordType,
         decided_with: &Arc<crate::config::allowlist::Allowlist>,
         reach: &crate::config::allowlist::Reach,
-        why: &str,
+        why: Stale<'_>,
+        edns: &mut Option<Edns>,
     ) -> Option<Vec<Record>> {
         let stale = self.stale_records(qname, qtype)?;
         let (policy, admitter, bindings, stats) = (&self.policy, &self.admitter, &self.bindings, &self.stats);
         let filtered = admit_in_force(policy, admitter, bindings, stats, decided_with, qname, reach, &stale).ok()??;
         self.stats.stale.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(name = %qname, qtype = %qtype, "{why}; serving the last good addresses");
+        if let Some(skipped) = self.stats.upstream_log.take(monotonic_second()) {
+            tracing::warn!(name = %qname, qtype = %qtype, skipped, "{}; serving the last good addresses", why.log());
+        }
+        add_ede(edns, EDE_STALE, &format!("cordon: {}; answered from the last good addresses", why.reason()));
         Some(filtered.records)
     }
 

@@ -643,57 +643,78 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_query_beyond_the_lookups_in_flight_gets_servfail_at_once_saying_why() {
-        use hickory_server::proto::op::{Edns, Message, Query};
-        let query = |id: u16, name: &str| {
+    async fn a_query_beyond_the_lookups_in_flight_is_answered_at_once_stale_or_servfail_saying_why() {
+        use hickory_server::proto::op::{Edns, Message, Query, ResponseCode};
+        let query = |id: u16, name: &str, edns: bool| {
             let mut m = Message::query();
             m.metadata.id = id;
             m.metadata.recursion_desired = true;
             m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-            m.set_edns(Edns::new());
+            if edns {
+                m.set_edns(Edns::new());
+            }
             m.to_vec().unwrap()
         };
+        // The EDNS option as sent: EDE (15), its length, the code, the text.
+        let ede = |code: u16, text: &str| {
+            let mut o = vec![0, 15];
+            o.extend_from_slice(&(2 + text.len() as u16).to_be_bytes());
+            o.extend_from_slice(&code.to_be_bytes());
+            o.extend_from_slice(text.as_bytes());
+            o
+        };
         let extra = 8;
-        // Answers nothing until told: the extra queries find no permit free.
+        // Answers when told to (`release`), else holds every query: the extra ones find no
+        // permit free.
         let (upstream, most, release) = holding_upstream(usize::MAX);
         let entries = crate::config::allowlist::parse_file("*.example.com\n", Path::new("t")).unwrap();
         let sockets = dns::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let (egress, service) =
             Egress::start(&Network::default(), entries, vec![upstream], Box::new(Recorder::default()), sockets);
         let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 1500];
+        let mut receive = async || {
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), client.recv(&mut buf)).await.expect("an answer").unwrap();
+            buf[..n].to_vec()
+        };
+
+        // A name with last good addresses, asked without EDNS: its cached answer does not
+        // serve the EDNS query below, which takes the full path.
+        release.store(true, Ordering::Relaxed);
+        client.send_to(&query(1, "known.example.com.", false), egress.listen).await.unwrap();
+        assert_eq!(receive().await[3] & 0x0f, 0, "answered while upstream answers");
+        release.store(false, Ordering::Relaxed);
+
         let total = dns::LOOKUPS_IN_FLIGHT + extra;
         for i in 0..total {
-            let q = query(i as u16, &format!("n{i}.example.com."));
-            client.send_to(&q, egress.listen).await.unwrap();
+            client.send_to(&query(100 + i as u16, &format!("n{i}.example.com."), true), egress.listen).await.unwrap();
         }
-        // The EDNS option as sent: EDE (15), its length, code 0 (Other), the text.
-        let text = b"cordon: too many lookups waiting on upstream, try again";
-        let mut ede = vec![0, 15];
-        ede.extend_from_slice(&(2 + text.len() as u16).to_be_bytes());
-        ede.extend_from_slice(&[0, 0]);
-        ede.extend_from_slice(text);
-        let (mut busy, mut answered) = (0, 0);
-        let mut buf = [0u8; 1500];
-        while busy + answered < total {
-            let n = tokio::time::timeout(Duration::from_secs(10), client.recv(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("{busy} SERVFAIL and {answered} answers of {total}, then nothing"))
-                .unwrap();
-            match buf[3] & 0x0f {
-                2 => {
-                    assert!(buf[..n].windows(ede.len()).any(|w| w == ede), "EDE 0 with the reason: {:?}", &buf[..n]);
-                    busy += 1;
-                    if busy == extra {
-                        release.store(true, Ordering::Relaxed);
-                    }
-                }
-                0 => answered += 1,
-                rcode => panic!("unexpected RCODE {rcode}"),
-            }
+        let servfail = ede(0, "cordon: too many lookups waiting on upstream, try again");
+        for _ in 0..extra {
+            let r = receive().await;
+            assert_eq!(r[3] & 0x0f, 2, "only the queries beyond the bound are answered now: {r:?}");
+            assert!(r.windows(servfail.len()).any(|w| w == servfail), "EDE 0 with the reason: {r:?}");
         }
-        assert_eq!((busy, answered), (extra, dns::LOOKUPS_IN_FLIGHT));
+        // Every permit is held: the known name is answered at once from its last good
+        // addresses, saying so.
+        client.send_to(&query(2, "known.example.com.", true), egress.listen).await.unwrap();
+        let stale = Message::from_vec(&receive().await).unwrap();
+        assert_eq!((stale.metadata.id, stale.metadata.response_code), (2, ResponseCode::NoError));
+        let answers: Vec<(String, u32)> = stale.answers.iter().map(|r| (r.data.to_string(), r.ttl)).collect();
+        assert_eq!(answers, [("192.0.2.7".to_string(), 30)], "the last good address, with the stale TTL");
+        let stale_ede = ede(3, "cordon: too many lookups waiting on upstream; answered from the last good addresses");
+        let bytes = stale.to_vec().unwrap();
+        assert!(bytes.windows(stale_ede.len()).any(|w| w == stale_ede), "EDE 3 with the reason: {stale:?}");
+
+        release.store(true, Ordering::Relaxed);
+        for _ in 0..dns::LOOKUPS_IN_FLIGHT {
+            assert_eq!(receive().await[3] & 0x0f, 0, "the held queries are answered once upstream does");
+        }
         assert_eq!(most.load(Ordering::Relaxed), dns::LOOKUPS_IN_FLIGHT, "upstream never held more than the bound");
-        assert_eq!(egress.stats.failed.load(Ordering::Relaxed), extra as u64);
+        let stats = &egress.stats;
+        let counts = [&stats.busy, &stats.failed, &stats.stale].map(|c| c.load(Ordering::Relaxed));
+        assert_eq!(counts, [extra as u64 + 1, extra as u64, 1], "busy, failed, stale");
         assert!(service.stop(Duration::from_secs(2)).await);
     }
 

@@ -151,6 +151,7 @@ fn dns_status(egress: &Egress) -> status::DnsStatus {
             failed: s.failed.load(Relaxed),
             stale: s.stale.load(Relaxed),
             rebinding_blocked: s.rebinding_blocked.load(Relaxed),
+            busy: s.busy.load(Relaxed),
         },
         recent_denials: s
             .recent_denials()

@@ -134,6 +134,7 @@ pub(crate) struct EgressReading {
     pub failed: u64,
     pub stale: u64,
     pub rebinding_blocked: u64,
+    pub busy: u64,
     pub admissions: u64,
     pub admitted_ipv4: usize,
     pub admitted_ipv6: usize,
@@ -223,6 +224,13 @@ pub(crate) fn families(r: &Reading) -> Vec<Family> {
                 "Addresses removed from answers because they may never be admitted (rebinding protection)",
             )
             .count(&[], e.rebinding_blocked),
+        );
+        out.push(
+            Family::counter(
+                "cordon_dns_upstream_busy",
+                "DNS queries answered at once, stale or with SERVFAIL, because 128 lookups were already waiting on upstream",
+            )
+            .count(&[], e.busy),
         );
         out.push(
             Family::counter(
@@ -393,6 +401,7 @@ pub(crate) fn read(live: &Live) -> Reading {
             failed: s.failed.load(Relaxed),
             stale: s.stale.load(Relaxed),
             rebinding_blocked: s.rebinding_blocked.load(Relaxed),
+            busy: s.busy.load(Relaxed),
             admissions: egress.admitter.additions(),
             admitted_ipv4: v4.len(),
             admitted_ipv6: v6.len(),
@@ -536,6 +545,7 @@ mod tests {
                 failed: 1,
                 stale: 0,
                 rebinding_blocked: 4,
+                busy: 6,
                 admissions: 12,
                 admitted_ipv4: 5,
                 admitted_ipv6: 2,
@@ -577,6 +587,8 @@ mod tests {
             "cordon_dns_queries_total{outcome=\"failed\"} 1",
             "cordon_dns_queries_total{outcome=\"stale\"} 0",
             "cordon_dns_rebinding_blocked_addresses_total 4",
+            "# TYPE cordon_dns_upstream_busy counter",
+            "cordon_dns_upstream_busy_total 6",
             "cordon_egress_admissions_total 12",
             "cordon_egress_admitted_addresses{family=\"ipv4\"} 5.0",
             "cordon_egress_admitted_addresses{family=\"ipv6\"} 2.0",

@@ -76,6 +76,10 @@ pub(crate) struct QueryCounts {
     pub failed: u64,
     pub stale: u64,
     pub rebinding_blocked: u64,
+    /// Of those answered, queries answered at once (stale or SERVFAIL) because
+    /// `LOOKUPS_IN_FLIGHT` lookups were already waiting on upstream.
+    #[serde(default)]
+    pub busy: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -494,8 +498,17 @@ fn render_dns(o: &mut String, d: &DnsStatus, paint: Paint) {
     let q = &d.queries;
     let _ = writeln!(
         o,
-        "        {} allowed, {} denied, {} failed, {} stale, {} rebinding blocked",
-        q.allowed, q.denied, q.failed, q.stale, q.rebinding_blocked
+        "        {} allowed, {} denied, {} failed, {} stale, {} rebinding blocked{}",
+        q.allowed,
+        q.denied,
+        q.failed,
+        q.stale,
+        q.rebinding_blocked,
+        if q.busy == 0 {
+            String::new()
+        } else {
+            paint.on("33", &format!("; {} answered at once, upstream busy", q.busy))
+        }
     );
     if !d.recent_denials.is_empty() {
         let _ = writeln!(o, "        recently denied (explain one: cordon status why NAME):");
@@ -881,7 +894,7 @@ mod tests {
                 listen: "127.0.0.53:53".into(),
                 upstreams: vec!["192.0.2.1:53".into()],
                 upstream_last_error: None,
-                queries: QueryCounts { allowed: 2, denied: 3, failed: 0, stale: 0, rebinding_blocked: 1 },
+                queries: QueryCounts { allowed: 2, denied: 3, failed: 0, stale: 0, rebinding_blocked: 1, busy: 0 },
                 recent_denials: vec![DenialStatus {
                     name: "evil.example.".into(),
                     qtype: "A".into(),
@@ -943,6 +956,28 @@ files:  root read-only (verified)
 warning: something to look at
 "
         );
+    }
+
+    #[test]
+    fn queries_answered_at_once_because_upstream_was_busy_are_shown_only_when_there_were_some() {
+        let mut doc = ready_doc();
+        let dns = doc.dns.as_mut().unwrap();
+        dns.queries.busy = 5;
+        dns.queries.failed = 4;
+        dns.queries.stale = 1;
+        let screen = render_human(&doc, false);
+        assert!(
+            screen.contains(
+                "2 allowed, 3 denied, 4 failed, 1 stale, 1 rebinding blocked; 5 answered at once, upstream busy\n"
+            ),
+            "{screen}"
+        );
+        // A status document from before the field reads as none.
+        let json = serde_json::to_value(&doc.dns.as_ref().unwrap().queries).unwrap();
+        let mut old = json.as_object().unwrap().clone();
+        old.remove("busy");
+        let read: QueryCounts = serde_json::from_value(serde_json::Value::Object(old)).unwrap();
+        assert_eq!(read.busy, 0);
     }
 
     #[test]
