@@ -371,6 +371,8 @@ impl Egress {
 
         let mut waiting = names.iter().cloned();
         let mut lookups = tokio::task::JoinSet::new();
+        // Each lookup's name by its task, so a lookup that panicked is reported failed too.
+        let mut in_flight = std::collections::HashMap::new();
         let mut addresses = 0;
         let mut changed = 0;
         let mut failed = Vec::new();
@@ -379,13 +381,19 @@ impl Egress {
                 && let Some(name) = waiting.next()
             {
                 let egress = self.clone();
-                lookups.spawn(async move {
-                    let result = egress.resolve(&name, floor).await;
-                    (name, result)
-                });
+                let task = name.clone();
+                let id = lookups.spawn(async move { egress.resolve(&task, floor).await }).id();
+                in_flight.insert(id, name);
             }
-            let Some(joined) = lookups.join_next().await else { break };
-            let Ok((name, result)) = joined else { continue };
+            let Some(joined) = lookups.join_next_with_id().await else { break };
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, result),
+                Err(e) => {
+                    tracing::error!("a refresh lookup ended without an answer: {e}");
+                    (e.id(), Err(()))
+                }
+            };
+            let Some(name) = in_flight.remove(&id) else { continue };
             let mut last = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
             match result {
                 Ok(fresh) => {
