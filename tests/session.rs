@@ -240,3 +240,37 @@ fn an_attached_client_keeps_an_idle_agent_up_and_cordon_stops_once_it_detaches()
     assert!(detached.elapsed() >= Duration::from_secs(2), "stopped {:?} after the detach", detached.elapsed());
     assert!(c.stderr().contains("idle for 3s: stopping"), "{}", c.stderr());
 }
+
+#[test]
+fn an_idle_session_is_watched_with_one_tmux_command_every_two_seconds_and_a_closed_shell_comes_back() {
+    let sb = Sandbox::new("pane-watch");
+    // Every tmux command run in the namespaces is logged, by a shim over tmux.
+    let shim = "set -e\nreal=$(command -v tmux)\ncp \"$real\" /run/tmux.real\n\
+                printf '#!/bin/sh\\necho \"$*\" >> /run/tmux-calls.log\\nexec /run/tmux.real \"$@\"\\n' > /run/tmux-shim\n\
+                chmod 755 /run/tmux-shim\n: > /run/tmux-calls.log\nchmod 666 /run/tmux-calls.log\n\
+                mount --bind /run/tmux-shim \"$real\"\n";
+    let mut c = sb.launch(&sb.write_config(&tmux_config()), &[], Mode::Pid1, shim);
+    c.wait_phase(Phase::Ready, BOOT);
+    let calls = |c: &Cordon| -> Vec<String> {
+        String::from_utf8_lossy(&c.exec("cat /run/tmux-calls.log").stdout).lines().map(String::from).collect()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let before = calls(&c).len();
+    std::thread::sleep(Duration::from_secs(6));
+    let after = calls(&c);
+    let watching = &after[before..];
+    // 6 s at one command per 2 s: 3, or 4 on the boundary (three every 250 ms before: 72).
+    let first = &watching[..watching.len().min(6)];
+    assert!((2..=4).contains(&watching.len()), "{} tmux commands in 6 s, the first: {first:?}", watching.len());
+    assert!(watching.iter().all(|l| l.contains("list-panes")), "{watching:?}");
+
+    // The shell pane, closed with `exit`, is respawned with a new shell.
+    let panes = tmux(&c, &sb, "list-panes -t agent -F '#{pane_id} #{pane_pid}'");
+    let shell: Vec<&str> = panes.lines().nth(1).expect("the shell pane").split(' ').collect();
+    tmux(&c, &sb, &format!("send-keys -t '{}' exit Enter", shell[0]));
+    harness::wait_until("the shell pane respawned", Duration::from_secs(10), || {
+        let now = tmux(&c, &sb, &format!("display -p -t '{}' '#{{pane_dead}} #{{pane_pid}}'", shell[0]));
+        (now.starts_with("0 ") && !now.ends_with(&format!(" {}", shell[1]))).then_some(())
+    });
+    stop(c);
+}

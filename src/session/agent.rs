@@ -158,8 +158,14 @@ pub(crate) enum AgentHandle {
     Tmux { tmux: crate::session::tmux::Tmux, pane: String },
 }
 
-/// How often the agent pane is looked at.
+/// How often the agent's end is looked for: the status file its pane wrapper writes, and
+/// whether the wrapper still runs (`/proc`). Neither starts a process.
 const PANE_POLL: Duration = Duration::from_millis(250);
+/// Every how many [`PANE_POLL`]s tmux itself is asked about the session (2 s): whether it is
+/// still there, the agent pane's process, and which shell panes died and are to be respawned.
+/// Each ask is one `tmux list-panes`, a process of its own. Three tmux commands every 250 ms
+/// kept an idle 2-CPU machine 4.6% busy (docs/benchmarks.md, "An idle container").
+const SESSION_POLL_EVERY: u32 = 8;
 
 impl AgentHandle {
     /// Waits until the agent exits; its status in shell convention. Call only while it runs.
@@ -181,35 +187,44 @@ impl AgentHandle {
                 // tmux's own view of the pane is unreliable (it can report a live pane dead, and
                 // miss a dead one's status), so the agent's end is the status file its pane
                 // wrapper writes; the wrapper's own death without one (SIGKILL) ends it too.
+                let mut wrapper: Option<i32> = None;
                 let mut wrapper_gone = 0;
+                let mut tick = 0u32;
                 loop {
                     tokio::time::sleep(PANE_POLL).await;
                     if let Some(code) = crate::session::tmux::recorded_status(&tmux.state_dir) {
                         return code;
                     }
-                    let (t, p) = (tmux.clone(), pane.clone());
-                    let looked = tokio::task::spawn_blocking(move || {
-                        // A shell pane closed with `exit` comes back, so the session keeps its shell.
-                        for dead in t.dead_shell_panes(&p) {
-                            let shell = vec![t.user.shell.display().to_string(), "-l".into()];
-                            let _ = t.respawn_raw(&dead, Path::new("."), &shell);
-                        }
-                        (t.pane(&p), t.has_session())
-                    })
-                    .await;
-                    match looked {
-                        Ok((_, false)) => {
-                            tracing::error!("the agent's tmux session is gone");
-                            return crate::session::tmux::recorded_status(&tmux.state_dir).unwrap_or(1);
-                        }
-                        Ok((Ok(state), true)) if state.pid.is_none_or(|pid| !crate::sys::alive(pid)) => {
-                            wrapper_gone += 1;
-                            if wrapper_gone >= 8 {
-                                tracing::warn!("the agent pane's process is gone without a recorded exit status");
-                                return 1;
+                    tick = tick.wrapping_add(1);
+                    if tick % SESSION_POLL_EVERY == 1 {
+                        let (t, p) = (tmux.clone(), pane.clone());
+                        let looked = tokio::task::spawn_blocking(move || {
+                            let panes = t.panes()?;
+                            // A shell pane closed with `exit` comes back, so the session keeps its shell.
+                            for (id, _) in panes.iter().filter(|(id, state)| *id != p && state.dead) {
+                                let shell = vec![t.user.shell.display().to_string(), "-l".into()];
+                                let _ = t.respawn_raw(id, Path::new("."), &shell);
                             }
+                            Ok::<_, String>(panes.into_iter().find(|(id, _)| *id == p).and_then(|(_, s)| s.pid))
+                        })
+                        .await;
+                        match looked {
+                            Ok(Err(e)) => {
+                                tracing::error!("the agent's tmux session is gone ({e})");
+                                return crate::session::tmux::recorded_status(&tmux.state_dir).unwrap_or(1);
+                            }
+                            Ok(Ok(pid)) => wrapper = pid,
+                            Err(e) => tracing::warn!("cannot look at the agent's tmux session: {e}"),
                         }
-                        _ => wrapper_gone = 0,
+                    }
+                    if wrapper.is_none_or(|pid| !crate::sys::alive(pid)) {
+                        wrapper_gone += 1;
+                        if wrapper_gone >= 8 {
+                            tracing::warn!("the agent pane's process is gone without a recorded exit status");
+                            return 1;
+                        }
+                    } else {
+                        wrapper_gone = 0;
                     }
                 }
             }

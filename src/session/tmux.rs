@@ -124,6 +124,17 @@ pub fn parse_pane(line: &str) -> Option<PaneState> {
     Some(PaneState { dead, pid: f.next().and_then(|p| p.parse().ok()) })
 }
 
+/// Parses `list-panes` lines of `#{pane_id} #{pane_dead} #{pane_pid}`; lines that do not
+/// parse are left out.
+pub fn parse_panes(out: &str) -> Vec<(String, PaneState)> {
+    out.lines()
+        .filter_map(|l| {
+            let (id, rest) = l.trim().split_once(' ')?;
+            Some((id.to_string(), parse_pane(rest)?))
+        })
+        .collect()
+}
+
 /// The agent's tmux server.
 #[derive(Debug, Clone)]
 pub struct Tmux {
@@ -264,17 +275,11 @@ impl Tmux {
         self.run(&args).map(|_| ())
     }
 
-    /// Panes other than the agent's that died (the shell pane after `exit`), to respawn.
-    pub fn dead_shell_panes(&self, agent_pane: &str) -> Vec<String> {
-        self.run(&["list-panes", "-s", "-t", &self.session, "-F", "#{pane_id} #{pane_dead}"])
-            .map(|out| {
-                out.lines()
-                    .filter_map(|l| l.split_once(' '))
-                    .filter(|(id, dead)| *id != agent_pane && *dead == "1")
-                    .map(|(id, _)| id.to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Every pane of the agent's session, in one tmux command: Err when the session (or its
+    /// server) is gone.
+    pub fn panes(&self) -> Result<Vec<(String, PaneState)>, String> {
+        let out = self.run(&["list-panes", "-s", "-t", &self.session, "-F", "#{pane_id} #{pane_dead} #{pane_pid}"])?;
+        Ok(parse_panes(&out))
     }
 
     pub fn has_session(&self) -> bool {
@@ -305,6 +310,16 @@ mod tests {
         assert_eq!(parse_pane("0 42"), Some(PaneState { dead: false, pid: Some(42) }));
         assert_eq!(parse_pane("1 42\n"), Some(PaneState { dead: true, pid: Some(42) }));
         assert_eq!(parse_pane(""), None);
+        let panes = parse_panes("%0 0 41\n%1 1 57\nnonsense\n%2 0\n");
+        let live = |pid| PaneState { dead: false, pid };
+        assert_eq!(
+            panes,
+            [
+                ("%0".to_string(), live(Some(41))),
+                ("%1".to_string(), PaneState { dead: true, pid: Some(57) }),
+                ("%2".to_string(), live(None)),
+            ]
+        );
     }
 
     #[test]
