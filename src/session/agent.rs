@@ -96,7 +96,7 @@ pub(crate) fn start(
             user.name,
             user.uid
         );
-        let handle = AgentHandle::Tmux { tmux: tmux.clone(), pane };
+        let handle = AgentHandle::Tmux { tmux: tmux.clone(), pane, watch: PaneWatch::default() };
         Ok(((spec, handle, Some(tmux)), detail))
     } else {
         let child = spawn(&first).map_err(|e| start_error(StartError::from_exec(&program, &e)))?;
@@ -155,17 +155,38 @@ impl RestartPolicy {
 /// the agent's tmux session.
 pub(crate) enum AgentHandle {
     Direct(Option<tokio::process::Child>),
-    Tmux { tmux: crate::session::tmux::Tmux, pane: String },
+    Tmux { tmux: crate::session::tmux::Tmux, pane: String, watch: PaneWatch },
+}
+
+/// What the watch of the agent pane knows between calls of [`AgentHandle::wait`]. The
+/// supervisor's `select!` drops a waiting call whenever something else happens (an idle
+/// sample, a forwarded signal) and calls again: kept here, the watch carries on where it was.
+#[derive(Debug, Default)]
+pub(crate) struct PaneWatch {
+    /// The pane wrapper's pid, from the last look at tmux; None: the pane was not there.
+    wrapper: Option<i32>,
+    /// Ticks in a row that found the wrapper not running.
+    misses: u32,
+    /// Looks at tmux in a row that failed.
+    failures: u32,
+    /// When tmux is asked next; None: at the next tick.
+    next_look: Option<std::time::Instant>,
 }
 
 /// How often the agent's end is looked for: the status file its pane wrapper writes, and
 /// whether the wrapper still runs (`/proc`). Neither starts a process.
 const PANE_POLL: Duration = Duration::from_millis(250);
-/// Every how many [`PANE_POLL`]s tmux itself is asked about the session (2 s): whether it is
-/// still there, the agent pane's process, and which shell panes died and are to be respawned.
-/// Each ask is one `tmux list-panes`, a process of its own. Three tmux commands every 250 ms
-/// kept an idle 2-CPU machine 4.6% busy (docs/benchmarks.md, "An idle container").
-const SESSION_POLL_EVERY: u32 = 8;
+/// How often tmux itself is asked about the session: whether it is still there, the agent
+/// pane's process, and which shell panes died and are to be respawned. Each ask is one
+/// `tmux list-panes`, a process of its own. Three tmux commands every 250 ms kept an idle
+/// 2-CPU machine 4.6% busy (docs/benchmarks.md, "An idle container").
+const SESSION_POLL: Duration = Duration::from_secs(2);
+/// Ticks of [`PANE_POLL`] without the wrapper running, and no status recorded, after which the
+/// agent counts as ended (status 1): 2 s.
+const WRAPPER_MISSES: u32 = 8;
+/// Failed asks in a row (a [`PANE_POLL`] apart) after which the session counts as gone: one
+/// failure may be a fork refused for a moment.
+const LOOK_FAILURES: u32 = 2;
 
 impl AgentHandle {
     /// Waits until the agent exits; its status in shell convention. Call only while it runs.
@@ -183,20 +204,18 @@ impl AgentHandle {
                 *slot = None;
                 code
             }
-            AgentHandle::Tmux { tmux, pane } => {
+            AgentHandle::Tmux { tmux, pane, watch } => {
                 // tmux's own view of the pane is unreliable (it can report a live pane dead, and
                 // miss a dead one's status), so the agent's end is the status file its pane
                 // wrapper writes; the wrapper's own death without one (SIGKILL) ends it too.
-                let mut wrapper: Option<i32> = None;
-                let mut wrapper_gone = 0;
-                let mut tick = 0u32;
                 loop {
                     tokio::time::sleep(PANE_POLL).await;
                     if let Some(code) = crate::session::tmux::recorded_status(&tmux.state_dir) {
                         return code;
                     }
-                    tick = tick.wrapping_add(1);
-                    if tick % SESSION_POLL_EVERY == 1 {
+                    if watch.next_look.is_none_or(|at| std::time::Instant::now() >= at) {
+                        // A call dropped while tmux answers asks again at its first tick: the
+                        // wrapper is counted missing only from what a finished look found.
                         let (t, p) = (tmux.clone(), pane.clone());
                         let looked = tokio::task::spawn_blocking(move || {
                             let panes = t.panes()?;
@@ -208,23 +227,39 @@ impl AgentHandle {
                             Ok::<_, String>(panes.into_iter().find(|(id, _)| *id == p).and_then(|(_, s)| s.pid))
                         })
                         .await;
-                        match looked {
-                            Ok(Err(e)) => {
+                        let failed = match looked {
+                            Ok(Ok(pid)) => {
+                                watch.wrapper = pid;
+                                watch.failures = 0;
+                                watch.next_look = Some(std::time::Instant::now() + SESSION_POLL);
+                                None
+                            }
+                            Ok(Err(e)) => Some(e),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        if let Some(e) = failed {
+                            watch.failures += 1;
+                            if watch.failures >= LOOK_FAILURES {
                                 tracing::error!("the agent's tmux session is gone ({e})");
                                 return crate::session::tmux::recorded_status(&tmux.state_dir).unwrap_or(1);
                             }
-                            Ok(Ok(pid)) => wrapper = pid,
-                            Err(e) => tracing::warn!("cannot look at the agent's tmux session: {e}"),
+                            // Asked again at the next tick; a failed ask is no sign of the wrapper.
+                            continue;
                         }
                     }
-                    if wrapper.is_none_or(|pid| !crate::sys::alive(pid)) {
-                        wrapper_gone += 1;
-                        if wrapper_gone >= 8 {
-                            tracing::warn!("the agent pane's process is gone without a recorded exit status");
+                    if watch.wrapper.is_none_or(|pid| !crate::sys::alive(pid)) {
+                        watch.misses += 1;
+                        if watch.misses >= WRAPPER_MISSES {
+                            match watch.wrapper {
+                                None => tracing::warn!("the agent pane is gone without a recorded exit status"),
+                                Some(_) => {
+                                    tracing::warn!("the agent pane's process is gone without a recorded exit status")
+                                }
+                            }
                             return 1;
                         }
                     } else {
-                        wrapper_gone = 0;
+                        watch.misses = 0;
                     }
                 }
             }
@@ -238,7 +273,11 @@ impl AgentHandle {
                 *slot = Some(spawn(spec).map_err(|e| StartError::from_exec(&spec.argv[0], &e).message)?);
                 Ok(())
             }
-            AgentHandle::Tmux { tmux, pane } => tmux.respawn(pane, &spec.workdir, &spec.argv),
+            AgentHandle::Tmux { tmux, pane, watch } => {
+                // A new wrapper: the watch starts over, asking tmux for it at the first tick.
+                *watch = PaneWatch::default();
+                tmux.respawn(pane, &spec.workdir, &spec.argv)
+            }
         }
     }
 
@@ -255,7 +294,7 @@ impl AgentHandle {
     pub(crate) fn pid(&self) -> Option<i32> {
         match self {
             AgentHandle::Direct(slot) => slot.as_ref().and_then(|c| c.id()).map(|p| p as i32),
-            AgentHandle::Tmux { tmux, pane } => tmux.pane(pane).ok().filter(|s| !s.dead).and_then(|s| s.pid),
+            AgentHandle::Tmux { tmux, pane, .. } => tmux.pane(pane).ok().filter(|s| !s.dead).and_then(|s| s.pid),
         }
     }
 
