@@ -157,11 +157,12 @@ impl DnsStats {
     }
 }
 
-/// How many denial lines the log gets per second at most, across all names: a flood of unique
-/// denied names (each one's first denial is logged) must not turn into a flood of log writes.
-const DENIAL_LOG_PER_SECOND: u64 = 20;
+/// How many lines of a kind (denials; upstream failures) the log gets per second at most,
+/// across all names: a flood of unique denied names (each one's first denial is logged), or of
+/// queries while upstream is down, must not turn into a flood of log writes.
+const LOG_LINES_PER_SECOND: u64 = 20;
 
-/// The per-second budget of denial log lines, lock-free.
+/// A per-second budget of log lines (denials; upstream failures), lock-free.
 #[derive(Debug, Default)]
 struct LogBudget {
     /// The second (since the first denial) the count is for.
@@ -177,7 +178,7 @@ impl LogBudget {
         if self.second.swap(second, Ordering::Relaxed) != second {
             self.used.store(0, Ordering::Relaxed);
         }
-        if self.used.fetch_add(1, Ordering::Relaxed) < DENIAL_LOG_PER_SECOND {
+        if self.used.fetch_add(1, Ordering::Relaxed) < LOG_LINES_PER_SECOND {
             Some(self.skipped.swap(0, Ordering::Relaxed))
         } else {
             self.skipped.fetch_add(1, Ordering::Relaxed);
@@ -595,7 +596,7 @@ impl RequestHandler for Handler {
 impl Handler {
     /// The one place a query's name is decided: what it may reach (observe mode: also what the
     /// allowlist refuses, recorded), or None when it is not in the allowlist in force (the denial is counted, and logged at its 1st, 2nd, 4th, ...
-    /// occurrence, within [`DENIAL_LOG_PER_SECOND`] lines a second; `skipped` in a line counts
+    /// occurrence, within [`LOG_LINES_PER_SECOND`] lines a second; `skipped` in a line counts
     /// those left out before it). Both the UDP fast path and the hickory path ask here.
     fn decide(
         &self,
@@ -960,8 +961,8 @@ mod tests {
     fn denial_lines_are_capped_per_second_and_the_next_line_counts_the_ones_left_out() {
         let budget = LogBudget::default();
         let written = (0..100).filter(|_| budget.take(7).is_some()).count();
-        assert_eq!(written as u64, DENIAL_LOG_PER_SECOND);
-        assert_eq!(budget.take(8), Some(100 - DENIAL_LOG_PER_SECOND), "a new second, a new budget");
+        assert_eq!(written as u64, LOG_LINES_PER_SECOND);
+        assert_eq!(budget.take(8), Some(100 - LOG_LINES_PER_SECOND), "a new second, a new budget");
         assert_eq!(budget.take(8), Some(0));
     }
 

@@ -389,7 +389,9 @@ impl Egress {
             let (id, result) = match joined {
                 Ok((id, result)) => (id, result),
                 Err(e) => {
-                    tracing::error!("a refresh lookup ended without an answer: {e}");
+                    if let Some(name) = in_flight.get(&e.id()) {
+                        tracing::error!(name, "the refresh's lookup ended without an answer: {e}");
+                    }
                     (e.id(), Err(()))
                 }
             };
