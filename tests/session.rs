@@ -308,3 +308,25 @@ fn a_killed_pane_wrapper_ends_the_agent_though_idle_samples_keep_interrupting_th
     assert!(killed.elapsed() < Duration::from_secs(8));
     stop(c);
 }
+
+#[test]
+fn the_agents_exit_is_seen_at_once_while_tmux_hangs_on_the_watchs_question() {
+    let sb = Sandbox::new("pane-hang");
+    // A shim over tmux whose `list-panes` (the watch's only question) hangs until its deadline.
+    let shim = "set -e\nreal=$(command -v tmux)\ncp \"$real\" /run/tmux.real\n\
+                printf '#!/bin/sh\\ncase \"$*\" in *list-panes*) exec sleep 60;; esac\\nexec /run/tmux.real \"$@\"\\n' > /run/tmux-shim\n\
+                chmod 755 /run/tmux-shim\nmount --bind /run/tmux-shim \"$real\"\n";
+    let cfg = TestConfig {
+        agent_command: "sleep 2; exit 7".into(),
+        on_exit: "shutdown",
+        tmux: true,
+        ..TestConfig::default()
+    };
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, shim);
+    c.wait_phase(Phase::Ready, BOOT);
+    let ready = std::time::Instant::now();
+    // The status file is read every 250 ms whatever tmux does: the exit within ~2.3 s, not
+    // after the hung question's 10 s deadline.
+    assert_eq!(c.wait_exit(Duration::from_secs(8)).code(), Some(7), "{}", c.stderr());
+    assert!(ready.elapsed() < Duration::from_secs(6), "seen after {:?}", ready.elapsed());
+}

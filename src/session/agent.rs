@@ -165,12 +165,17 @@ pub(crate) enum AgentHandle {
 pub(crate) struct PaneWatch {
     /// The pane wrapper's pid, from the last look at tmux; None: the pane was not there.
     wrapper: Option<i32>,
+    /// Whether a look has finished since the watch started: no miss is counted before.
+    seen: bool,
     /// Ticks in a row that found the wrapper not running.
     misses: u32,
     /// Looks at tmux in a row that failed.
     failures: u32,
     /// When tmux is asked next; None: at the next tick.
     next_look: Option<std::time::Instant>,
+    /// The look at tmux under way, beside the ticks: a tmux that hangs (up to its deadline of
+    /// 10 s a command) does not hold up the status file or the wrapper's check.
+    look: Option<tokio::task::JoinHandle<Result<Option<i32>, String>>>,
 }
 
 /// How often the agent's end is looked for: the status file its pane wrapper writes, and
@@ -184,8 +189,8 @@ const SESSION_POLL: Duration = Duration::from_secs(2);
 /// Ticks of [`PANE_POLL`] without the wrapper running, and no status recorded, after which the
 /// agent counts as ended (status 1): 2 s.
 const WRAPPER_MISSES: u32 = 8;
-/// Failed asks in a row (a [`PANE_POLL`] apart) after which the session counts as gone: one
-/// failure may be a fork refused for a moment.
+/// Failed asks in a row (the second at once after the first) after which the session counts
+/// as gone: one failure may be a fork refused for a moment.
 const LOOK_FAILURES: u32 = 2;
 
 impl AgentHandle {
@@ -213,39 +218,39 @@ impl AgentHandle {
                     if let Some(code) = crate::session::tmux::recorded_status(&tmux.state_dir) {
                         return code;
                     }
-                    if watch.next_look.is_none_or(|at| std::time::Instant::now() >= at) {
-                        // A call dropped while tmux answers asks again at its first tick: the
-                        // wrapper is counted missing only from what a finished look found.
+                    if let Some(look) = watch.look.take_if(|l| l.is_finished()) {
+                        match look.await.map_err(|e| e.to_string()).and_then(|looked| looked) {
+                            Ok(pid) => {
+                                watch.wrapper = pid;
+                                watch.seen = true;
+                                watch.failures = 0;
+                                watch.next_look = Some(std::time::Instant::now() + SESSION_POLL);
+                            }
+                            Err(e) => {
+                                watch.failures += 1;
+                                if watch.failures >= LOOK_FAILURES {
+                                    tracing::error!("the agent's tmux session is gone ({e})");
+                                    return crate::session::tmux::recorded_status(&tmux.state_dir).unwrap_or(1);
+                                }
+                                // Asked again at once; a failed ask is no sign of the wrapper.
+                                watch.next_look = None;
+                            }
+                        }
+                    }
+                    if watch.look.is_none() && watch.next_look.is_none_or(|at| std::time::Instant::now() >= at) {
                         let (t, p) = (tmux.clone(), pane.clone());
-                        let looked = tokio::task::spawn_blocking(move || {
+                        watch.look = Some(tokio::task::spawn_blocking(move || {
                             let panes = t.panes()?;
                             // A shell pane closed with `exit` comes back, so the session keeps its shell.
                             for (id, _) in panes.iter().filter(|(id, state)| *id != p && state.dead) {
                                 let shell = vec![t.user.shell.display().to_string(), "-l".into()];
                                 let _ = t.respawn_raw(id, Path::new("."), &shell);
                             }
-                            Ok::<_, String>(panes.into_iter().find(|(id, _)| *id == p).and_then(|(_, s)| s.pid))
-                        })
-                        .await;
-                        let failed = match looked {
-                            Ok(Ok(pid)) => {
-                                watch.wrapper = pid;
-                                watch.failures = 0;
-                                watch.next_look = Some(std::time::Instant::now() + SESSION_POLL);
-                                None
-                            }
-                            Ok(Err(e)) => Some(e),
-                            Err(e) => Some(e.to_string()),
-                        };
-                        if let Some(e) = failed {
-                            watch.failures += 1;
-                            if watch.failures >= LOOK_FAILURES {
-                                tracing::error!("the agent's tmux session is gone ({e})");
-                                return crate::session::tmux::recorded_status(&tmux.state_dir).unwrap_or(1);
-                            }
-                            // Asked again at the next tick; a failed ask is no sign of the wrapper.
-                            continue;
-                        }
+                            Ok(panes.into_iter().find(|(id, _)| *id == p).and_then(|(_, s)| s.pid))
+                        }));
+                    }
+                    if !watch.seen {
+                        continue;
                     }
                     if watch.wrapper.is_none_or(|pid| !crate::sys::alive(pid)) {
                         watch.misses += 1;
