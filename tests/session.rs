@@ -48,6 +48,16 @@ fn clients(c: &Cordon, sb: &Sandbox) -> Vec<String> {
     out.lines().map(String::from).collect()
 }
 
+/// Shell for `Sandbox::launch`'s `before`: tmux replaced, in cordon's mount namespace, by a
+/// script that runs `line` (with the command's arguments in `$*`), then the real tmux.
+fn tmux_shim(line: &str) -> String {
+    let script = format!("#!/bin/sh\n{line}\nexec /run/tmux.real \"$@\"\n");
+    format!(
+        "set -e\nreal=$(command -v tmux)\ncp \"$real\" /run/tmux.real\ncat > /run/tmux-shim <<'SHIM'\n{script}SHIM\n\
+         chmod 755 /run/tmux-shim\nmount --bind /run/tmux-shim \"$real\"\n"
+    )
+}
+
 fn stop(mut c: Cordon) {
     c.kill(c.reaper(), nix::sys::signal::Signal::SIGTERM);
     c.wait_exit(BOOT);
@@ -245,11 +255,11 @@ fn an_attached_client_keeps_an_idle_agent_up_and_cordon_stops_once_it_detaches()
 fn an_idle_session_is_watched_with_one_tmux_command_every_two_seconds_and_a_closed_shell_comes_back() {
     let sb = Sandbox::new("pane-watch");
     // Every tmux command run in the namespaces is logged, by a shim over tmux.
-    let shim = "set -e\nreal=$(command -v tmux)\ncp \"$real\" /run/tmux.real\n\
-                printf '#!/bin/sh\\necho \"$*\" >> /run/tmux-calls.log\\nexec /run/tmux.real \"$@\"\\n' > /run/tmux-shim\n\
-                chmod 755 /run/tmux-shim\n: > /run/tmux-calls.log\nchmod 666 /run/tmux-calls.log\n\
-                mount --bind /run/tmux-shim \"$real\"\n";
-    let mut c = sb.launch(&sb.write_config(&tmux_config()), &[], Mode::Pid1, shim);
+    let shim = format!(
+        ": > /run/tmux-calls.log\nchmod 666 /run/tmux-calls.log\n{}",
+        tmux_shim("echo \"$*\" >> /run/tmux-calls.log")
+    );
+    let mut c = sb.launch(&sb.write_config(&tmux_config()), &[], Mode::Pid1, &shim);
     c.wait_phase(Phase::Ready, BOOT);
     let calls = |c: &Cordon| -> Vec<String> {
         String::from_utf8_lossy(&c.exec("cat /run/tmux-calls.log").stdout).lines().map(String::from).collect()
@@ -313,16 +323,14 @@ fn a_killed_pane_wrapper_ends_the_agent_though_idle_samples_keep_interrupting_th
 fn the_agents_exit_is_seen_at_once_while_tmux_hangs_on_the_watchs_question() {
     let sb = Sandbox::new("pane-hang");
     // A shim over tmux whose `list-panes` (the watch's only question) hangs until its deadline.
-    let shim = "set -e\nreal=$(command -v tmux)\ncp \"$real\" /run/tmux.real\n\
-                printf '#!/bin/sh\\ncase \"$*\" in *list-panes*) exec sleep 60;; esac\\nexec /run/tmux.real \"$@\"\\n' > /run/tmux-shim\n\
-                chmod 755 /run/tmux-shim\nmount --bind /run/tmux-shim \"$real\"\n";
+    let shim = tmux_shim("case \"$*\" in *list-panes*) exec sleep 60;; esac");
     let cfg = TestConfig {
         agent_command: "sleep 2; exit 7".into(),
         on_exit: "shutdown",
         tmux: true,
         ..TestConfig::default()
     };
-    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, shim);
+    let mut c = sb.launch(&sb.write_config(&cfg), &[], Mode::Pid1, &shim);
     c.wait_phase(Phase::Ready, BOOT);
     let ready = std::time::Instant::now();
     // The status file is read every 250 ms whatever tmux does: the exit within ~2.3 s, not
