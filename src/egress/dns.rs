@@ -765,27 +765,11 @@ fn merge(known: &mut Vec<(IpAddr, u32)>, fresh: &[(IpAddr, u32)]) {
     }
 }
 
-/// How many receive loops read the UDP socket, in parallel on the runtime's worker threads.
-/// They read one socket (duplicated descriptors), so each takes from the same queue: with one
-/// `SO_REUSEPORT` socket each, the kernel's hash of the client's address put all four of a
-/// benchmark's clients on one socket while the other loop idled (docs/benchmarks.md).
-pub(crate) const UDP_SOCKETS: usize = 2;
-
-/// A UDP socket bound to `addr` with SO_REUSEPORT set, so several can share it.
-fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt};
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
-    setsockopt(&fd, sockopt::ReusePort, &true)?;
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
-    Ok(std::net::UdpSocket::from(fd))
-}
-
 /// The DNS server's sockets, bound by the caller ([`bind`]; a test binds port 0) and handed to
 /// [`serve`].
 pub struct Sockets {
     pub tcp: std::net::TcpListener,
-    pub udp: Vec<std::net::UdpSocket>,
+    pub udp: std::net::UdpSocket,
 }
 
 impl Sockets {
@@ -795,18 +779,13 @@ impl Sockets {
     }
 }
 
-/// Binds TCP and UDP on `addr`: the UDP socket as [`UDP_SOCKETS`] descriptors, one per loop.
+/// Binds TCP and UDP on `addr`, both non-blocking. For port 0, UDP takes the port the kernel
+/// gave TCP.
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
-    // The TCP listener first and without SO_REUSEPORT: it fails if anyone holds the address,
-    // and the UDP sockets after it cannot be joined by another process's socket either, as
-    // theirs would need SO_REUSEPORT under the same uid (root). For port 0, the UDP sockets
-    // take the port the kernel gave the TCP listener.
     let tcp = std::net::TcpListener::bind(addr)?;
     tcp.set_nonblocking(true)?;
-    let addr = tcp.local_addr()?;
-    let first = reuseport_udp(addr)?;
-    let mut udp = (1..UDP_SOCKETS).map(|_| first.try_clone()).collect::<std::io::Result<Vec<_>>>()?;
-    udp.push(first);
+    let udp = std::net::UdpSocket::bind(tcp.local_addr()?)?;
+    udp.set_nonblocking(true)?;
     Ok(Sockets { tcp, udp })
 }
 
@@ -821,22 +800,26 @@ impl RequestHandler for Shared {
 }
 
 /// Serves `handler` on `sockets` until `stop` is requested, then shuts down gracefully: UDP in
-/// cordon's own loops (one per socket, see `udp`), TCP in hickory-server.
+/// cordon's own loop on a thread of its own (see `udp`), TCP in hickory-server.
 pub(crate) async fn serve(sockets: Sockets, handler: Handler, mut stop: crate::service::StopRequest) {
     let handler = Arc::new(handler);
     let mut server = Server::new(Shared(handler.clone()));
-    let mut loops = tokio::task::JoinSet::new();
     let registered = (|| {
-        for udp in sockets.udp {
-            loops.spawn(udp::serve(tokio::net::UdpSocket::from_std(udp)?, handler.clone()));
-        }
+        let udp = StopOnDrop(udp::Stop::new()?);
+        let (stop, handler, runtime) = (udp.0.clone(), handler.clone(), tokio::runtime::Handle::current());
+        // Named by its port, as `ps -L` and /proc show it: "dns-udp-53".
+        let name = format!("dns-udp-{}", sockets.udp.local_addr()?.port());
+        std::thread::Builder::new().name(name).spawn(move || udp::serve(sockets.udp, handler, runtime, stop))?;
         server.register_listener(tokio::net::TcpListener::from_std(sockets.tcp)?, Duration::from_secs(5), 64);
-        std::io::Result::Ok(())
+        std::io::Result::Ok(udp)
     })();
-    if let Err(e) = registered {
-        tracing::error!("the DNS server cannot use its sockets: {e}");
-        return;
-    }
+    let _udp = match registered {
+        Ok(udp) => udp,
+        Err(e) => {
+            tracing::error!("the DNS server cannot use its sockets: {e}");
+            return;
+        }
+    };
     tokio::select! {
         result = server.block_until_done() => {
             if let Err(e) = result {
@@ -844,11 +827,19 @@ pub(crate) async fn serve(sockets: Sockets, handler: Handler, mut stop: crate::s
             }
         }
         () = stop.requested() => {
-            loops.abort_all();
             if let Err(e) = server.shutdown_gracefully().await {
                 tracing::warn!("the DNS server did not shut down cleanly: {e}");
             }
         }
+    }
+}
+
+/// Stops the UDP loop when the server ends, however it ends.
+struct StopOnDrop(Arc<udp::Stop>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 

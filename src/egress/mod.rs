@@ -595,6 +595,80 @@ mod tests {
         assert!(service.stop(Duration::from_secs(2)).await, "the server stops when asked");
     }
 
+    /// The counters of one thread of this process: (user + system ticks, voluntary context
+    /// switches), from /proc.
+    fn thread_counters(tid: &str) -> (u64, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        let switches = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")).unwrap();
+        (ticks, switches.trim().parse().unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_udp_loop_sleeps_when_idle_wakes_for_a_query_and_ends_with_the_server() {
+        use hickory_server::proto::op::ResponseCode;
+        let entries = crate::config::allowlist::parse_file("api.example.com\n", Path::new("t")).unwrap();
+        let sockets = dns::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let server = sockets.local_addr().unwrap();
+        let (upstream, _) = fake_upstream();
+        let (_, service) =
+            Egress::start(&Network::default(), entries, vec![upstream], Box::new(Recorder::default()), sockets);
+        // The loop's thread, by its name (other tests' servers run in this process too).
+        let name = format!("dns-udp-{}", server.port());
+        let find = || {
+            std::fs::read_dir("/proc/self/task").unwrap().flatten().find_map(|task| {
+                let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                (comm.trim_end() == name).then(|| task.file_name().into_string().unwrap())
+            })
+        };
+        // The server starts in a task of its own: give it a moment.
+        let mut tid = None;
+        for _ in 0..200 {
+            tid = find();
+            if tid.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let tid = tid.expect("the UDP loop runs on a thread named by its port");
+
+        // A burst, so the loop finds a queue and naps: sent at once, answered all.
+        let burst = 64;
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for id in 0..burst {
+            let mut query = hickory_server::proto::op::Message::query();
+            query.metadata.id = id;
+            let name = Name::from_ascii(format!("n{id}.exfil.example.net.")).unwrap();
+            query.add_query(hickory_server::proto::op::Query::query(name, RecordType::A));
+            client.send_to(&query.to_vec().unwrap(), server).await.unwrap();
+        }
+        let mut buf = [0u8; 1500];
+        for _ in 0..burst {
+            tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf)).await.expect("an answer").unwrap();
+            assert_eq!(buf[3] & 0x0f, 3, "NXDOMAIN");
+        }
+        // The queue gone, the loop waits in poll(2): a second later it has not run. Napping
+        // on, it would have switched tens of thousands of times.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (ticks, switches) = thread_counters(&tid);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (ticks_after, switches_after) = thread_counters(&tid);
+        assert!(switches_after - switches <= 2, "idle, the loop woke {} times", switches_after - switches);
+        assert!(ticks_after - ticks <= 1, "idle, the loop ran {} ticks", ticks_after - ticks);
+
+        // A query wakes it at once.
+        assert_eq!(ask(server, "exfil.example.net.").await.metadata.response_code, ResponseCode::NXDomain);
+
+        assert!(service.stop(Duration::from_secs(2)).await);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while find().is_some() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(find(), None, "the loop's thread ends with the server");
+    }
+
     /// An upstream on 127.0.0.1:0 that holds every query until it holds `hold` (or `release` is
     /// set) and none has come for 30 ms, then answers them all (A: 192.0.2.7, AAAA: none);
     /// records the most it held at once.
