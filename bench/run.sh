@@ -6,10 +6,12 @@
 #   sudo bash bench/run.sh [seconds-per-run] [--repeat N] [--perf] [--pin]
 # Each row measures N pairs (default 3), cordon and dnsmasq alternating (which of the two goes
 # first alternates too), and reports each server's median and every pair's ratio: 12 × N
-# dnsperf runs of that length, plus ~1 minute (~8 minutes at the defaults).
+# dnsperf runs of that length, 6 more at fixed rates, plus ~1 minute (~9 minutes at the defaults).
 # --perf also records cordon's supervisor (perf record -g) during the first of its runs in each
 # row and prints the top of each profile.
 # Each row also gives each server's CPU time (user + system, every thread) per query answered.
+# Then allowed names at fixed rates (500, 2,000 and 10,000 q/s, dnsperf -Q): each server's CPU,
+# as a share of one core, and average latency, one run each per rate.
 # --pin runs the client and the servers on separate CPUs (taskset): dnsperf on CPU 0 (and any
 # beyond the second), each server, all its threads, on CPU 1, instead of leaving them all to
 # the scheduler.
@@ -130,6 +132,13 @@ measure_cordon() { # queryfile clients profile? -> "qps latency cpu", with a pro
   fi
   echo "$result"
 }
+at_rate() { # server queryfile rate server_pid -> "cpu_percent_of_a_core avg_latency_ms"
+  local before out
+  before=$(cpu_ticks "$4")
+  out=$(timeout $((secs + 30)) ip netns exec "$inner" "${client[@]}" dnsperf -s "$1" -d "$2" -l "$secs" -c 4 -Q "$3" 2>&1)
+  awk -v t0="$before" -v t1="$(cpu_ticks "$4")" -v hz="$(getconf CLK_TCK)" -v s="$secs" '/Average Latency/ {l=$4*1000}
+    END {printf "%.1f %.3f", (t1 - t0) / hz / s * 100, l}' <<<"$out"
+}
 median() { # printf-format <<< "values": their median (the mean of the middle two for an even count)
   tr ' ' '\n' | sort -g | awk -v f="$1" '{v[NR] = $1} END {printf f, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'
 }
@@ -201,16 +210,34 @@ dm_admitted=$(ip netns exec "$inner" ipset list dm6 | grep -c timeout || true)
 # one full pass so each server has seen all 200,000.
 for c in 4 8; do row "unique denied names (flood)" "$dir/flood.txt" "$c"; done
 for s in 127.0.0.53 127.0.0.54; do timeout 120 ip netns exec "$inner" "${client[@]}" dnsperf -s "$s" -d "$dir/flood.txt" -n 1 -c 4 -q 100 >/dev/null 2>&1; done
+rss_flood=$(rss "$supervisor"); dm_rss_flood=$(rss "$dnsmasq_pid"); parts_flood=$(rss_parts "$supervisor")
+
+# The load an agent puts on its resolver: far below either server's ceiling. What does each
+# server cost there? One run per rate each, the order alternating.
+echo
+echo "| allowed, from cache, -c 4, at a fixed rate | cordon CPU | dnsmasq CPU | cordon avg latency | dnsmasq avg latency |"
+echo "|---|---|---|---|---|"
+i=0
+for rate in 500 2000 10000; do
+  if ((i++ % 2 == 0)); then
+    c=$(at_rate 127.0.0.53 "$dir/allowed.txt" "$rate" "$supervisor"); d=$(at_rate 127.0.0.54 "$dir/allowed.txt" "$rate" "$dnsmasq_pid")
+  else
+    d=$(at_rate 127.0.0.54 "$dir/allowed.txt" "$rate" "$dnsmasq_pid"); c=$(at_rate 127.0.0.53 "$dir/allowed.txt" "$rate" "$supervisor")
+  fi
+  read -r cu cl <<<"$c"; read -r du dl <<<"$d"
+  echo "| $rate q/s | $cu% of a core | $du% of a core | $cl ms | $dl ms |"
+done
+
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| memory | cordon (supervisor) | dnsmasq |"
 echo "|---|---|---|"
 echo "| RSS after 10,000 admitted addresses | $rss_admitted MiB | $dm_rss_admitted MiB |"
-echo "| RSS after 200,000 more unique denied names | $(rss "$supervisor") MiB | $(rss "$dnsmasq_pid") MiB |"
+echo "| RSS after 200,000 more unique denied names | $rss_flood MiB | $dm_rss_flood MiB |"
 echo "| addresses in the ipset | $admitted | $dm_admitted |"
 echo
 echo "cordon's RSS after the admitted addresses: $parts_admitted"
-echo "cordon's RSS after the flood: $(rss_parts "$supervisor")"
+echo "cordon's RSS after the flood: $parts_flood"
 if $profile; then echo; echo '```'; cat "$dir/perf.txt"; echo '```'; fi
 echo
 "$bin/examples/admission_bench"
