@@ -41,7 +41,7 @@ use crate::sys::net::{BATCH, Received};
 /// UDP and are dropped.
 const QUERY_MAX: usize = 4096;
 
-/// How long the loop naps when it finds the socket empty. At 80,000 queries a second (the
+/// How long the loop naps after a read that found a queue. At 80,000 queries a second (the
 /// bench's rate on 2 cores) a nap collects two or three; it is also the most it adds to an
 /// answer's latency under load.
 const NAP: Duration = Duration::from_micros(30);
