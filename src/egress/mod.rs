@@ -596,7 +596,8 @@ mod tests {
     }
 
     /// The counters of one thread of this process: (user + system ticks, voluntary context
-    /// switches), from /proc.
+    /// switches), from /proc. Not `supervise::idle::cpu_ms`, which adds the children's time:
+    /// other tests reap children in this process meanwhile.
     fn thread_counters(tid: &str) -> (u64, u64) {
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
         let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();

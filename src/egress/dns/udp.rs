@@ -215,9 +215,9 @@ fn answerable(src: SocketAddr) -> bool {
 }
 
 /// Sends one answer from the full path: at once, or after waiting for room in the socket's
-/// buffer (up to a tenth of a second, on the runtime's timer), or not at all.
+/// buffer (up to `SEND_WAIT_MS`, a millisecond at a time on the runtime's timer), or not at all.
 async fn send(socket: &std::net::UdpSocket, bytes: &[u8], dst: SocketAddr) {
-    for _ in 0..100 {
+    for _ in 0..SEND_WAIT_MS {
         match socket.send_to(bytes, dst) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::time::sleep(Duration::from_millis(1)).await,
             Err(e) => {
