@@ -5,8 +5,12 @@
 # same query files to each. Prints a markdown report; see docs/benchmarks.md.
 #   sudo bash bench/run.sh [seconds-per-run] [--repeat N] [--perf] [--pin]
 # Each row measures N pairs (default 3), cordon and dnsmasq alternating (which of the two goes
-# first alternates too), and reports each server's median and every pair's ratio: 12 × N
-# dnsperf runs of that length, 6 more at fixed rates, plus ~1 minute (~9 minutes at the defaults).
+# first alternates too), and reports each server's median and every pair's ratio. Each round
+# also measures the floor (examples/bench_floor, between the two): a server that does no DNS
+# work, only the system calls and the kernel's path for each datagram, paced as cordon's loop
+# is; its queries/s against dnsmasq's is the most any server could show in that run on that
+# machine with that client. 18 × N dnsperf runs of that length, 6 more at fixed rates, plus
+# ~1 minute (~12 minutes at the defaults).
 # --perf also records cordon's supervisor (perf record -g) during the first of its runs in each
 # row and prints the top of each profile.
 # Each row also gives each server's CPU time (user + system, every thread) per query answered.
@@ -95,10 +99,13 @@ ip netns exec "$inner" unshare --pid --fork --mount --mount-proc --propagation p
   "mount -t tmpfs tmpfs /run && mount --bind $dir/passwd /etc/passwd && mount --bind $dir/group /etc/group && mount --bind $dir/resolv.conf /etc/resolv.conf && exec $bin/cordon init --config $dir/cordon.toml" \
   >/dev/null 2> "$dir/cordon.log" & pids+=($!)
 ip netns exec "$inner" dnsmasq --keep-in-foreground --conf-file="$dir/dnsmasq.conf" >/dev/null 2> "$dir/dnsmasq.log" & pids+=($!)
+# The floor: answers every query with no records but its question (dnsperf's), nothing else.
+ip netns exec "$inner" "$bin/examples/bench_floor" 127.0.0.55:53 >/dev/null 2> "$dir/floor.log" & pids+=($!)
 
 for _ in $(seq 100); do
   ip netns exec "$inner" dig +short +time=1 +tries=1 @127.0.0.53 a1.allowed.test >/dev/null 2>&1 \
-    && ip netns exec "$inner" dig +short +time=1 +tries=1 @127.0.0.54 a1.allowed.test >/dev/null 2>&1 && break
+    && ip netns exec "$inner" dig +short +time=1 +tries=1 @127.0.0.54 a1.allowed.test >/dev/null 2>&1 \
+    && ip netns exec "$inner" dig +short +noedns +time=1 +tries=1 @127.0.0.55 a1.allowed.test >/dev/null 2>&1 && break
   sleep 0.2
 done
 grep -q "ready" "$dir/cordon.log" || { echo "bench: cordon did not become ready:" >&2; cat "$dir/cordon.log" >&2; exit 1; }
@@ -144,24 +151,28 @@ median() { # printf-format <<< "values": their median (the mean of the middle tw
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}'; } # a/b, two decimals
 row() { # label queryfile clients: one table row, `repeat` pairs of runs on the same file
-  local i c d q l u cq=() cl=() cc=() dq=() dl=() dc=() ratios=()
+  local i c d f q l u cq=() cl=() cc=() dq=() dl=() dc=() fq=() fc=() ratios=()
   for ((i = 0; i < repeat; i++)); do
-    # Alternate which server goes first, so neither always follows the other's run.
+    # Alternate which server goes first, so neither always follows the other's run; the floor
+    # runs between them.
     if ((i % 2 == 0)); then
       c=$(measure_cordon "$2" "$3" "$( ((i == 0)) && echo "$profile" || echo false)")
+      f=$(measure 127.0.0.55 "$2" "$3" "$floor_pid")
       d=$(measure 127.0.0.54 "$2" "$3" "$dnsmasq_pid")
     else
       d=$(measure 127.0.0.54 "$2" "$3" "$dnsmasq_pid")
+      f=$(measure 127.0.0.55 "$2" "$3" "$floor_pid")
       c=$(measure_cordon "$2" "$3" false)
     fi
     read -r q l u <<<"$c"; cq+=("$q"); cl+=("$l"); cc+=("$u")
     read -r q l u <<<"$d"; dq+=("$q"); dl+=("$l"); dc+=("$u")
+    read -r q l u <<<"$f"; fq+=("$q"); fc+=("$u")
     ratios+=("$(ratio "${cq[i]}" "${dq[i]}")")
   done
-  local mcq mdq
-  mcq=$(median %.0f <<<"${cq[*]}"); mdq=$(median %.0f <<<"${dq[*]}")
-  echo "| $1 | -c $3 | $mcq | $mdq | $(ratio "$mcq" "$mdq") | ${ratios[*]} |" \
-    "$(median %.3f <<<"${cl[*]}") ms | $(median %.3f <<<"${dl[*]}") ms | $(median %.1f <<<"${cc[*]}") µs | $(median %.1f <<<"${dc[*]}") µs |"
+  local mcq mdq mfq
+  mcq=$(median %.0f <<<"${cq[*]}"); mdq=$(median %.0f <<<"${dq[*]}"); mfq=$(median %.0f <<<"${fq[*]}")
+  echo "| $1 | -c $3 | $mcq | $mdq | $(ratio "$mcq" "$mdq") | ${ratios[*]} | $mfq | $(ratio "$mfq" "$mdq") | $(ratio "$mcq" "$mfq") |" \
+    "$(median %.3f <<<"${cl[*]}") ms | $(median %.3f <<<"${dl[*]}") ms | $(median %.1f <<<"${cc[*]}") µs | $(median %.1f <<<"${dc[*]}") µs | $(median %.1f <<<"${fc[*]}") µs |"
 }
 # Warm both caches with the allowed names.
 for s in 127.0.0.53 127.0.0.54; do timeout 60 ip netns exec "$inner" "${client[@]}" dnsperf -s "$s" -d "$dir/allowed.txt" -n 1 >/dev/null 2>&1; done
@@ -179,10 +190,12 @@ rss_parts() {
   printf ", %s threads" "$(ls /proc/"$1"/task | wc -l)"
 }
 dnsmasq_pid=$(pgrep -f "conf-file=$dir/dnsmasq.conf" | head -1)
+floor_pid=$(pgrep -f "bench_floor 127.0.0.55:53" | head -1)
 if $pin; then
   # Every thread of each server, and those it starts later (they inherit it).
   taskset -a -p -c "$server_cpu" "$supervisor" >/dev/null
   taskset -a -p -c "$server_cpu" "$dnsmasq_pid" >/dev/null
+  taskset -a -p -c "$server_cpu" "$floor_pid" >/dev/null
   echo "CPUs: dnsperf on $client_cpus, each server on $server_cpu (--pin)"
 else
   echo "CPUs: shared by dnsperf and the servers ($(nproc))"
@@ -191,9 +204,10 @@ fi
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "Each row: the median of $repeat runs per server, $secs s each, the two alternating; the ratio of the medians, then each pair's."
+echo "The floor (between them in each round): a server that does no DNS work, the most any server could show here."
 echo
-echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | each pair | cordon avg latency | dnsmasq avg latency | cordon CPU per query | dnsmasq CPU per query |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| query set | clients | cordon q/s | dnsmasq q/s | ratio | each pair | floor q/s | floor / dnsmasq | cordon / floor | cordon avg latency | dnsmasq avg latency | cordon CPU per query | dnsmasq CPU per query | floor CPU per query |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for c in 4 8; do
   row "allowed, from cache" "$dir/allowed.txt" "$c"
   row "denied" "$dir/denied.txt" "$c"
