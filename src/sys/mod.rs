@@ -4,7 +4,7 @@
 pub(crate) mod command;
 pub mod effects;
 pub(crate) mod memory;
-pub(crate) mod net;
+pub mod net;
 pub mod nofollow;
 
 use std::collections::{HashMap, HashSet};

@@ -92,27 +92,22 @@ pub(crate) fn original_destination<F: AsFd>(socket: &F, local: SocketAddr) -> io
 }
 
 /// How many datagrams [`recv_many`] and [`send_many`] move in one system call at most.
-pub(crate) const BATCH: usize = 16;
+pub const BATCH: usize = 16;
 
 /// One datagram [`recv_many`] received: its length in its buffer and where it came from (None:
 /// an address family other than IPv4 or IPv6). `truncated`: it was longer than its buffer
 /// (`MSG_TRUNC`), and only the buffer's length of it was kept.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Received {
-    pub(crate) len: usize,
-    pub(crate) from: Option<SocketAddr>,
-    pub(crate) truncated: bool,
+pub struct Received {
+    pub len: usize,
+    pub from: Option<SocketAddr>,
+    pub truncated: bool,
 }
 
 /// Receives up to [`BATCH`] datagrams waiting on the UDP socket `fd`, without waiting
 /// (recvmmsg(2) with `MSG_DONTWAIT`): datagram `i` into `bufs.chunks_mut(size).nth(i)`, its
 /// length and source into `got[i]`. Returns how many; `WouldBlock` when none is waiting.
-pub(crate) fn recv_many(
-    fd: BorrowedFd<'_>,
-    bufs: &mut [u8],
-    size: usize,
-    got: &mut [Received; BATCH],
-) -> io::Result<usize> {
+pub fn recv_many(fd: BorrowedFd<'_>, bufs: &mut [u8], size: usize, got: &mut [Received; BATCH]) -> io::Result<usize> {
     // SAFETY: all-zero is a valid value of these plain C structs (integers and null pointers).
     let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -154,7 +149,7 @@ pub(crate) fn recv_many(
 /// call, without waiting (sendmmsg(2) with `MSG_DONTWAIT`). Returns how many the kernel took,
 /// from the first: fewer than asked means the next one failed or would block (the error, when
 /// none was taken).
-pub(crate) fn send_many(fd: BorrowedFd<'_>, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
+pub fn send_many(fd: BorrowedFd<'_>, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
     // SAFETY: all-zero is a valid value of these plain C structs (integers and null pointers).
     let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
     // SAFETY: as above.

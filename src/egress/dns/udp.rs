@@ -203,6 +203,7 @@ fn flush(socket: &std::net::UdpSocket, answers: &[u8], pending: &mut Vec<(usize,
     }
     pending.clear();
 }
+
 const UNSPECIFIED: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
 
 /// Whether a response can go to `src`: not port 0, not the unspecified or broadcast address.
